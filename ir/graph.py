@@ -1,0 +1,180 @@
+"""The g4c graph IR: a `Graph` is an ordered list of `Node`s; each node applies one op from the closed
+op set (`g4c.ir.ops`) to earlier nodes and has a `TensorType` with possibly symbolic dims.
+
+Modelled on torch.fx: nodes keep their inputs (defs); uses are queried (`graph.users(node)`), node
+order is a topological order (the verifier checks it), and the reference `Interpreter` is the
+executable definition of every op.
+
+Symbolic dims are strings: `T` (new tokens in this call), `P` (past tokens already in the KV cache)
+and sums such as `P+T` (the keys a layer attends to). Decode graphs use the literal `T = 1`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+Dim = int | str
+SYMBOLS = ("T", "P")
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple[Dim, ...]
+    dtype: str = "float32"
+
+    def __str__(self) -> str:
+        short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
+        return f"{short.get(self.dtype, self.dtype)}[{', '.join(str(d) for d in self.shape)}]"
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+def dim_value(dim: Dim, env: dict[str, int]) -> int:
+    """Evaluate a dim (`3`, `"T"`, `"P+T"`) with symbol values from `env`."""
+    if isinstance(dim, int):
+        return dim
+    return sum(int(term) if term.isdigit() else env[term] for term in dim.split("+"))
+
+
+def dim_add(a: Dim, b: Dim) -> Dim:
+    """Symbolic a + b, kept in a canonical (sorted) form so equal sums compare equal."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a + b
+    terms = [t for d in (a, b) for t in str(d).split("+")]
+    const = sum(int(t) for t in terms if t.isdigit())
+    symbols = sorted(t for t in terms if not t.isdigit())
+    return "+".join(symbols + ([str(const)] if const else []))
+
+
+def shape_value(shape: tuple[Dim, ...], env: dict[str, int]) -> tuple[int, ...]:
+    return tuple(dim_value(d, env) for d in shape)
+
+
+@dataclass(eq=False)
+class Node:
+    """One op application. `inputs` are earlier nodes; `attrs` are compile-time constants."""
+
+    name: str
+    op: str
+    inputs: tuple["Node", ...]
+    attrs: dict[str, Any]
+    type: TensorType
+
+    def __repr__(self) -> str:
+        return f"%{self.name}"
+
+
+@dataclass
+class Graph:
+    """An ordered, topologically sorted list of nodes plus the graph's outputs."""
+
+    name: str
+    nodes: list[Node] = field(default_factory=list)
+    outputs: dict[str, Node] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    _names: set[str] = field(default_factory=set, repr=False)
+
+    # ---- construction --------------------------------------------------------------------------
+    def _unique(self, hint: str) -> str:
+        name, n = hint, 1
+        while name in self._names:
+            name, n = f"{hint}_{n}", n + 1
+        self._names.add(name)
+        return name
+
+    def add(self, op: str, inputs: tuple[Node, ...], attrs: dict[str, Any], type_: TensorType,
+            name: str | None = None) -> Node:
+        node = Node(self._unique(name or op), op, tuple(inputs), dict(attrs), type_)
+        self.nodes.append(node)
+        return node
+
+    def input(self, name: str, shape: tuple[Dim, ...], dtype: str) -> Node:
+        return self.add("input", (), {"name": name}, TensorType(tuple(shape), dtype), name=name)
+
+    def param(self, weight: str, shape: tuple[int, ...], dtype: str) -> Node:
+        """A weight, referenced by its canonical checkpoint name; one node per weight."""
+        for node in self.nodes:
+            if node.op == "param" and node.attrs["name"] == weight:
+                return node
+        return self.add("param", (), {"name": weight}, TensorType(tuple(shape), dtype),
+                        name=weight.replace(".weight", "").replace(".", "_"))
+
+    def call(self, op: str, *inputs: Node, name: str | None = None, **attrs: Any) -> Node:
+        """Append `op(inputs, attrs)`; its type comes from the op's shape rule."""
+        from g4c.ir.ops import infer_type
+
+        return self.add(op, inputs, attrs, infer_type(op, inputs, attrs), name=name)
+
+    def output(self, name: str, node: Node) -> None:
+        self.outputs[name] = node
+
+    # ---- queries -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def inputs(self) -> list[Node]:
+        return [n for n in self.nodes if n.op == "input"]
+
+    @property
+    def params(self) -> list[Node]:
+        return [n for n in self.nodes if n.op == "param"]
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def users(self, node: Node) -> list[Node]:
+        """Nodes that read `node` (its uses)."""
+        return [n for n in self.nodes if any(i is node for i in n.inputs)]
+
+    def use_def(self) -> dict[Node, list[Node]]:
+        """Every node → the nodes that use it, in one pass."""
+        uses: dict[Node, list[Node]] = {n: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                uses[i].append(n)
+        return uses
+
+    def to_networkx(self):
+        """The dataflow graph as a `networkx.DiGraph` (node names as keys, op/type/attrs as data)."""
+        import networkx as nx
+
+        g = nx.DiGraph(name=self.name)
+        for n in self.nodes:
+            g.add_node(n.name, op=n.op, type=str(n.type), attrs=n.attrs)
+            for i in n.inputs:
+                g.add_edge(i.name, n.name)
+        return g
+
+    def topological_order(self) -> list[Node]:
+        """A topological order computed by networkx (the stored order is one too, when verified)."""
+        import networkx as nx
+
+        by_name = {n.name: n for n in self.nodes}
+        return [by_name[name] for name in nx.lexicographical_topological_sort(
+            self.to_networkx(), key=lambda name: self.nodes.index(by_name[name]))]
+
+    # ---- rewriting (for passes) ----------------------------------------------------------------
+    def replace_all_uses(self, old: Node, new: Node) -> None:
+        for n in self.nodes:
+            if any(i is old for i in n.inputs):
+                n.inputs = tuple(new if i is old else i for i in n.inputs)
+        for key, out in self.outputs.items():
+            if out is old:
+                self.outputs[key] = new
+
+    def erase(self, node: Node) -> None:
+        if self.users(node) or node in self.outputs.values():
+            raise ValueError(f"cannot erase {node!r}: it still has uses")
+        self.nodes.remove(node)
+        self._names.discard(node.name)
