@@ -1,0 +1,248 @@
+"""The `g4c` command line. MODEL is a checkpoint directory (config.json + *.safetensors) or a preset
+name (e2b, e4b, 12b, 26b-a4b, 31b, tiny-*) with `--random-weights --seed S`.
+
+Examples:
+  g4c init-random tiny-e -o /tmp/tiny-e --seed 1
+  g4c inspect e2b
+  g4c logits /tmp/tiny-e --tokens 2,17,99 -o out.npy
+  g4c generate e2b --random-weights --layers 4 --tokens 2,17,99 --max-new-tokens 8
+  g4c graph tiny-moe -o moe.dot
+
+User errors print one line on stderr and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from g4c.errors import G4CError
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+out = Console()
+err = Console(stderr=True)
+
+RandomOpt = typer.Option(False, "--random-weights", help="Use seeded random weights (presets have no files).")
+SeedOpt = typer.Option(0, "--seed", help="Seed for random weights and for sampling.")
+LayersOpt = typer.Option(None, "--layers", help="Cut the model to N layers (keeps the layer pattern and KV-shared tail).")
+BackendOpt = typer.Option("reference", "--backend", help="Execution backend: reference (numpy interpreter).")
+BACKENDS = ("reference",)
+
+
+def _model(model: str, random_weights: bool, seed: int, layers: Optional[int]):
+    from g4c.model import load_model
+
+    return load_model(model, random_weights=random_weights, seed=seed, num_layers=layers)
+
+
+def _config(model: str, layers: Optional[int]):
+    """Config only (no weights needed): a directory's config.json or a preset."""
+    from g4c.config import load_config
+    from g4c.presets import PRESETS, preset_config
+
+    path = Path(model)
+    if path.is_dir():
+        cfg = load_config(path)
+        return cfg.with_layers(layers) if layers else cfg
+    if model.lower() in PRESETS:
+        return preset_config(model, layers)
+    raise G4CError(f"no checkpoint directory or preset named {model!r} (presets: {', '.join(PRESETS)})")
+
+
+def _session(model: str, backend: str, random_weights: bool, seed: int, layers: Optional[int]):
+    if backend not in BACKENDS:
+        raise G4CError(f"unknown backend {backend!r}: available backends are {', '.join(BACKENDS)}")
+    from g4c.reference import ReferenceSession
+
+    loaded = _model(model, random_weights, seed, layers)
+    return loaded, ReferenceSession(loaded.cfg, loaded.weights)
+
+
+def parse_tokens(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise G4CError(f"--tokens must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise G4CError("--tokens is empty")
+    return ids
+
+
+@app.command()
+def inspect(model: str = typer.Argument(..., help="Checkpoint directory or preset."),
+            layers: Optional[int] = LayersOpt,
+            dtype: Optional[str] = typer.Option(None, "--dtype", help="Bytes at this dtype (default: the config's).")):
+    """Layers by type, KV producers/consumers, parameter counts and bytes.
+
+    Example: g4c inspect e2b"""
+    from g4c.dtypes import canonical_dtype
+    from g4c.summary import (DTYPE_BYTES, human_bytes, human_count, kv_bytes_per_token, layer_rows,
+                             parameter_totals)
+
+    cfg = _config(model, layers)
+    dt = canonical_dtype(dtype) if dtype else (cfg.dtype if cfg.dtype in DTYPE_BYTES else "float32")
+    table = Table(title=f"{model}: {cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}")
+    for col in ("layer", "attention", "head_dim", "kv heads", "window", "KV cache", "mlp", "params"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("layer", "head_dim", "kv heads", "mlp", "params") else "left")
+    for r in layer_rows(cfg):
+        table.add_row(str(r.index), r.kind, str(r.head_dim), str(r.kv_heads), str(r.window or "–"), r.kv_role,
+                      str(r.mlp), human_count(r.params))
+    out.print(table)
+    totals = parameter_totals(cfg)
+    per = DTYPE_BYTES[dt]
+    kinds = {k: sum(1 for s in cfg.layers if s.kind == k) for k in ("sliding", "global")}
+    shared = sum(1 for s in cfg.layers if s.kv_mode == "reuse")
+    out.print(f"layers: {kinds['sliding']} sliding (window {cfg.sliding_window}), {kinds['global']} global; "
+              f"{shared} reuse another layer's KV")
+    if cfg.enable_moe_block:
+        out.print(f"MoE: {cfg.num_experts} experts, top-{cfg.top_k_experts}, expert width {cfg.moe_intermediate_size}")
+    out.print(f"parameters: {human_count(totals['total'])} total = {human_bytes(totals['total'] * per)} in {dt}")
+    out.print(f"  embedding {human_count(totals['embedding'])} (tied LM head: {cfg.tie_word_embeddings}), "
+              f"PLE table {human_count(totals['ple_table'])} ({human_bytes(totals['ple_table'] * per)}, host-side gather), "
+              f"layers {human_count(totals['layers'])}" + (f", experts {human_count(totals['experts'])}" if totals['experts'] else ""))
+    out.print(f"KV cache: {human_bytes(kv_bytes_per_token(cfg, dt))} per token in {dt} "
+              f"(naive full-length for every layer)")
+
+
+@app.command()
+def graph(model: str = typer.Argument(..., help="Checkpoint directory or preset."),
+          output: Path = typer.Option(..., "-o", "--output", help="Output file."),
+          fmt: str = typer.Option("dot", "--format", help="dot, svg, png (need graphviz) or text (the IR text form)."),
+          mode: str = typer.Option("prefill", "--mode", help="prefill (T tokens after P) or decode (T = 1)."),
+          no_params: bool = typer.Option(False, "--no-params", help="Leave weight nodes out of the picture."),
+          layers: Optional[int] = LayersOpt):
+    """Write the model's IR graph as DOT (or SVG/PNG, or text).
+
+    Example: g4c graph tiny-e -o tiny-e.dot"""
+    from g4c.frontend import MODES, build_graph
+    from g4c.ir import format_graph, verify, write_dot
+
+    if mode not in MODES:
+        raise G4CError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    g = build_graph(_config(model, layers), mode)
+    verify(g)
+    if fmt == "text":
+        output.write_text(format_graph(g) + "\n")
+    else:
+        write_dot(g, output, fmt, include_params=not no_params)
+    out.print(f"wrote {output} ({len(g)} nodes, {len(g.params)} weights)")
+
+
+@app.command()
+def logits(model: str = typer.Argument(..., help="Checkpoint directory or preset."),
+           tokens: str = typer.Option(..., "--tokens", help="Comma-separated token ids, e.g. 2,17,99."),
+           output: Path = typer.Option(..., "-o", "--output", help="Where to save float32 logits [T, vocab] (.npy)."),
+           backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
+           layers: Optional[int] = LayersOpt):
+    """Float32 logits [T, vocab] of the prompt, saved as .npy.
+
+    Example: g4c logits tiny-e --random-weights --tokens 2,17,99 -o out.npy"""
+    _, session = _session(model, backend, random_weights, seed, layers)
+    result = session.prefill(parse_tokens(tokens), all_logits=True).astype(np.float32)
+    np.save(output, result)
+    out.print(f"wrote {output}: logits {list(result.shape)}, last-token argmax {int(np.argmax(result[-1]))}")
+
+
+@app.command()
+def generate(model: str = typer.Argument(..., help="Checkpoint directory or preset."),
+             tokens: Optional[str] = typer.Option(None, "--tokens", help="Prompt token ids, comma-separated."),
+             prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (needs tokenizer.json in MODEL)."),
+             max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="How many tokens to generate."),
+             temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+             top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely (0 = all)."),
+             top_p: float = typer.Option(1.0, "--top-p", help="Nucleus mass (1 = off)."),
+             stop: str = typer.Option("eos", "--stop", help="Stop tokens: 'eos' (the config's), 'none', or ids."),
+             backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
+             layers: Optional[int] = LayersOpt):
+    """Continue a prompt; the new token ids are the last line of stdout, comma-separated.
+
+    Example: g4c generate tiny-e --random-weights --tokens 2,17,99 --max-new-tokens 8"""
+    from g4c.runtime import Sampler
+
+    if (tokens is None) == (prompt is None):
+        raise G4CError("give exactly one of --tokens or --prompt")
+    loaded, session = _session(model, backend, random_weights, seed, layers)
+    tokenizer = None
+    if prompt is not None:
+        tokenizer = _tokenizer(loaded)
+        ids = tokenizer.encode(prompt).ids
+    else:
+        ids = parse_tokens(tokens)
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    new = session.generate(ids, max_new_tokens, sampler, stop_tokens=_stop_tokens(stop, loaded.cfg))
+    if tokenizer is not None:
+        out.print(tokenizer.decode(new), markup=False, highlight=False)
+    print(",".join(map(str, new)))
+
+
+def _tokenizer(loaded):
+    from tokenizers import Tokenizer
+
+    if loaded.tokenizer_path is None:
+        raise G4CError(f"--prompt needs a tokenizer.json in the model directory; {loaded.name} has none "
+                       "(use --tokens)")
+    return Tokenizer.from_file(str(loaded.tokenizer_path))
+
+
+def _stop_tokens(spec: str, cfg) -> list[int]:
+    if spec == "none":
+        return []
+    if spec == "eos":
+        eos = cfg.eos_token_id
+        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return parse_tokens(spec)
+
+
+@app.command("init-random")
+def init_random(preset: str = typer.Argument(..., help="Preset name (or a directory with a config.json)."),
+                output: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to create."),
+                layers: Optional[int] = LayersOpt,
+                seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+                dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+                overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory.")):
+    """Write a random HF-format checkpoint (config.json + safetensors) transformers can load.
+
+    Example: g4c init-random e2b --layers 4 -o /tmp/e2b-4l --dtype bf16"""
+    from rich.progress import Progress
+
+    from g4c.checkpoint import write_random_checkpoint
+    from g4c.dtypes import canonical_dtype
+
+    cfg = _config(preset, layers)
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("writing tensors", total=None)
+        path = write_random_checkpoint(cfg, output, seed=seed, dtype=canonical_dtype(dtype), overwrite=overwrite,
+                                       progress=lambda done, total: progress.update(task, completed=done, total=total))
+    out.print(f"wrote {path} ({cfg.num_hidden_layers} layers, {canonical_dtype(dtype)}, seed {seed})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app; user errors become one line on stderr and exit status 1."""
+    try:
+        app(args=argv, standalone_mode=False, prog_name="g4c")
+    except G4CError as exc:
+        print(f"g4c: error: {exc}", file=sys.stderr)
+        return 1
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        print("g4c: aborted", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

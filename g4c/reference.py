@@ -1,0 +1,54 @@
+"""The reference backend: runs the frontend graph with the numpy interpreter (fp32).
+
+Slow but exact; it is what every pass, kernel and compiled artifact is compared against."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from g4c.config import ModelConfig
+from g4c.frontend import build_graph
+from g4c.ir import Graph, Interpreter, KVState, verify
+from g4c.runtime.session import Session
+from g4c.weights import Weights
+
+
+class ReferenceSession(Session):
+    """`prefill`/`decode`/`generate` on the reference interpreter with a growing KV state."""
+
+    def __init__(self, cfg: ModelConfig, weights: Weights):
+        self.cfg, self.weights = cfg, weights
+        self.vocab_size = cfg.vocab_size
+        self.max_context = cfg.max_position_embeddings
+        self.state = KVState()
+        self._graphs: dict[tuple[str, int | None], Graph] = {}
+
+    @property
+    def position(self) -> int:  # type: ignore[override]
+        return self.state.length
+
+    def graph(self, mode: str, logits_to_keep: int | None) -> Graph:
+        key = (mode, logits_to_keep)
+        if key not in self._graphs:
+            g = build_graph(self.cfg, mode, logits_to_keep)
+            verify(g)
+            self._graphs[key] = g
+        return self._graphs[key]
+
+    def _run(self, graph: Graph, ids: np.ndarray) -> np.ndarray:
+        positions = np.arange(self.state.length, self.state.length + ids.size, dtype=np.int64)
+        return Interpreter(graph, self.weights.f32).run(self.state, ids=ids, positions=positions)["logits"]
+
+    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        ids = self.check_tokens(tokens)
+        logits = self._run(self.graph("prefill", None if all_logits else 1), ids)
+        return logits if all_logits else logits[-1]
+
+    def decode(self, token: int) -> np.ndarray:
+        ids = self.check_tokens([token])
+        return self._run(self.graph("decode", None), ids)[0]
+
+    def reset(self) -> None:
+        self.state.reset()
