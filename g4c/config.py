@@ -346,7 +346,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig
         if not isinstance(text, dict):
             raise ConfigError(f"text_config: {model_type!r} config in {source} has no text_config object")
         text = dict(text)
-        text.setdefault("model_type", WRAPPER_MODEL_TYPES[model_type])
+        inner = text.setdefault("model_type", WRAPPER_MODEL_TYPES[model_type])
+        if inner != WRAPPER_MODEL_TYPES[model_type]:
+            raise ConfigError(f"text_config.model_type: {inner!r} inside a {model_type!r} config "
+                              f"(expected {WRAPPER_MODEL_TYPES[model_type]!r})")
         if "tie_word_embeddings" in raw:
             text.setdefault("tie_word_embeddings", raw["tie_word_embeddings"])
         raw = text
