@@ -146,6 +146,11 @@ class ModelConfig:
         return self.hidden_size_per_layer_input > 0
 
     @property
+    def input_vocab_size(self) -> int:
+        """Token ids must be below this: both the embedding and the PLE table are indexed by them."""
+        return min(self.vocab_size, self.vocab_size_per_layer_input) if self.has_ple else self.vocab_size
+
+    @property
     def kv_sharing_modes(self) -> list[KVMode]:
         """Same rule as transformers: the last `num_kv_shared_layers` layers "reuse"; the last
         earlier layer of each type "store"s (is the donor)."""

@@ -20,7 +20,7 @@ class ReferenceSession(Session):
 
     def __init__(self, cfg: ModelConfig, weights: Weights):
         self.cfg, self.weights = cfg, weights
-        self.vocab_size = cfg.vocab_size
+        self.vocab_size = cfg.input_vocab_size
         self.max_context = cfg.max_position_embeddings
         self.state = KVState()
         self._graphs: dict[tuple[str, int | None], Graph] = {}

@@ -78,8 +78,10 @@ def load_reference(directory: Path):
 
 
 def reference_logits(model, ids: list[int]) -> np.ndarray:
+    # output_hidden_states disables transformers' KV-shared-layer slicing, which crashes on models with
+    # KV sharing but no PLE (`per_layer_inputs[:, ...]` on None in `_maybe_slice_kv_shared_inputs`).
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
+        return model(torch.tensor([ids]), output_hidden_states=True).logits[0].float().numpy()
 
 
 def reference_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
