@@ -217,11 +217,12 @@ def init_random(preset: str = typer.Argument(..., help="Preset name (or a direct
     from g4c.dtypes import canonical_dtype
 
     cfg = _config(preset, layers)
-    with Progress(console=err, transient=True) as progress:
+    dtype = canonical_dtype(dtype)
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task("writing tensors", total=None)
-        path = write_random_checkpoint(cfg, output, seed=seed, dtype=canonical_dtype(dtype), overwrite=overwrite,
+        path = write_random_checkpoint(cfg, output, seed=seed, dtype=dtype, overwrite=overwrite,
                                        progress=lambda done, total: progress.update(task, completed=done, total=total))
-    out.print(f"wrote {path} ({cfg.num_hidden_layers} layers, {canonical_dtype(dtype)}, seed {seed})")
+    out.print(f"wrote {path} ({cfg.num_hidden_layers} layers, {dtype}, seed {seed})")
 
 
 def main(argv: list[str] | None = None) -> int:

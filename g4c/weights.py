@@ -173,8 +173,8 @@ class RandomWeights:
     """Seeded random weights for a config: tensor `name` depends only on (seed, name), so any subset
     can be regenerated lazily and identically (presets, benchmarks, `g4c init-random`).
 
-    Matrices ~ N(0, 0.02²); norm scales, `layer_scalar`, router scales ~ 1 + U(-0.25, 0.25) so that
-    tests see non-trivial values everywhere."""
+    Matrices ~ uniform with std 0.02; norm scales, `layer_scalar`, router scales ~ 1 + U(-0.25, 0.25)
+    so that tests see non-trivial values everywhere."""
 
     def __init__(self, cfg: ModelConfig, seed: int = 0, dtype: str = "float32"):
         self.cfg, self.seed, self._dtype = cfg, seed, canonical_dtype(dtype)
@@ -192,11 +192,14 @@ class RandomWeights:
     def get(self, name: str) -> np.ndarray:
         shape = self._shapes[name]
         rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        values = rng.random(size=shape, dtype=np.float32)  # uniform: 3x faster than normal for big tables
+        values -= np.float32(0.5)
         if len(shape) == 1:
-            values = 1.0 + rng.uniform(-0.25, 0.25, size=shape)
+            values *= np.float32(0.5)
+            values += np.float32(1.0)
         else:
-            values = rng.standard_normal(size=shape, dtype=np.float32) * np.float32(0.02)
-        return values.astype(numpy_dtype(self._dtype))
+            values *= np.float32(2 * 0.02 * 3**0.5)  # std 0.02
+        return values.astype(numpy_dtype(self._dtype), copy=False)
 
 
 class Weights:

@@ -1,0 +1,131 @@
+"""The `g4c` command line: each command on real checkpoints, and one-line errors with exit status 1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import PROMPT
+from hf_reference import reference_greedy, reference_logits
+
+from g4c.cli import main
+
+
+def g4c(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "g4c.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_logits_matches_transformers(checkpoints, references, tmp_path):
+    out = tmp_path / "out.npy"
+    assert main(["logits", str(checkpoints["moe"]), "--tokens", ",".join(map(str, PROMPT)), "-o", str(out),
+                 "--backend", "reference"]) == 0
+    logits = np.load(out)
+    assert logits.dtype == np.float32 and logits.shape == (len(PROMPT), 280)
+    assert np.abs(logits - reference_logits(references["moe"], PROMPT)).max() <= 1e-4
+
+
+def test_generate_prints_new_ids_last(checkpoints, references):
+    result = g4c("generate", str(checkpoints["e"]), "--tokens", "2,17,99,5,8,1,44", "--max-new-tokens", "10",
+                 "--stop", "none")
+    assert result.returncode == 0, result.stderr
+    new = [int(t) for t in result.stdout.strip().splitlines()[-1].split(",")]
+    assert new == reference_greedy(references["e"], [2, 17, 99, 5, 8, 1, 44], 10)
+
+
+def test_sampling_is_seeded(capsys):
+    args = ["generate", "tiny-dense", "--random-weights", "--tokens", "3,4,5", "--max-new-tokens", "6",
+            "--temperature", "1.5", "--top-k", "50", "--top-p", "0.9", "--stop", "none"]
+    runs = []
+    for seed in ("7", "7", "8"):
+        assert main([*args, "--seed", seed]) == 0
+        runs.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_generate_with_prompt_uses_tokenizer(checkpoints, tmp_path, capsys):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(checkpoints["dense"], model_dir)
+    vocab = {f"w{i}": i for i in range(260)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(model_dir / "tokenizer.json"))
+    assert main(["generate", str(model_dir), "--prompt", "w5 w9 w11", "--max-new-tokens", "4", "--stop", "none"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    ids = [int(t) for t in lines[-1].split(",")]
+    assert lines[-2].split() == [f"w{i}" for i in ids]
+
+
+def test_inspect_and_graph(tmp_path, capsys):
+    assert main(["inspect", "e2b"]) == 0
+    text = capsys.readouterr().out
+    assert "28 sliding (window 512), 7 global; 20 reuse another layer's KV" in text
+    assert "reuse ← 13" in text and "store → " in text
+    dot = tmp_path / "g.dot"
+    assert main(["graph", "tiny-moe", "-o", str(dot)]) == 0
+    assert "digraph" in dot.read_text().splitlines()[0] and "moe_experts" in dot.read_text()
+    txt = tmp_path / "g.txt"
+    assert main(["graph", "tiny-e", "--mode", "decode", "--format", "text", "-o", str(txt)]) == 0
+    assert "graph gemma4_decode(%ids: i64[1], %positions: i64[1])" in txt.read_text()
+
+
+def test_init_random_then_logits(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    result = g4c("init-random", "tiny-e", "-o", str(ckpt), "--seed", "3", "--dtype", "bf16")
+    assert result.returncode == 0, result.stderr
+    assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()
+    from_dir, from_preset = tmp_path / "a.npy", tmp_path / "b.npy"
+    assert main(["logits", str(ckpt), "--tokens", "1,2,3", "-o", str(from_dir)]) == 0
+    # the preset with the same seed/dtype regenerates identical weights without a checkpoint
+    from g4c.model import load_model
+    from g4c.reference import ReferenceSession
+
+    loaded = load_model("tiny-e", random_weights=True, seed=3, dtype="bfloat16")
+    np.testing.assert_array_equal(ReferenceSession(loaded.cfg, loaded.weights).prefill([1, 2, 3], True),
+                                  np.load(from_dir))
+    again = g4c("init-random", "tiny-e", "-o", str(ckpt))
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["logits", "/no/such/dir", "--tokens", "1", "-o", "x.npy"], "no checkpoint directory or preset named"),
+    (["logits", "gemma-7b", "--tokens", "1", "-o", "x.npy"], "no checkpoint directory or preset named 'gemma-7b'"),
+    (["logits", "tiny-e", "--tokens", "1", "-o", "x.npy"], "add --random-weights"),
+    (["logits", "tiny-e", "--random-weights", "--tokens", "1,99999", "-o", "x.npy"], "token id 99999 is outside"),
+    (["logits", "tiny-e", "--random-weights", "--tokens", "1,x", "-o", "x.npy"], "--tokens must be comma-separated"),
+    (["logits", "tiny-e", "--random-weights", "--tokens", "1", "-o", "x.npy", "--backend", "cuda"], "unknown backend"),
+    (["generate", "tiny-e", "--random-weights", "--tokens", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["generate", "tiny-e", "--random-weights", "--prompt", "hi"], "needs a tokenizer.json"),
+    (["init-random", "tiny-e", "-o", "x", "--dtype", "int8"], "unsupported dtype"),
+    (["inspect", "e2b", "--layers", "99"], "--layers must be in 1..35"),
+])
+def test_user_errors_are_one_line_with_exit_1(args, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "g4c.cli", *args], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_in_checkpoint_is_one_line(checkpoints, tmp_path):
+    import json
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoints["dense"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["num_key_value_heads"] = 3
+    (bad / "config.json").write_text(json.dumps(cfg))
+    result = g4c("logits", str(bad), "--tokens", "1", "-o", str(tmp_path / "x.npy"))
+    assert result.returncode == 1 and "num_key_value_heads" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_help_shows_examples():
+    result = g4c("generate", "--help")
+    assert result.returncode == 0 and "Example: g4c generate" in result.stdout
