@@ -1,8 +1,16 @@
 """Built-in model presets: the published Gemma 4 text decoders and tiny test models.
 
-Published numbers: transformers `models/gemma4/convert_gemma4_weights.py` (`_VARIANTS`) and
-`configuration_gemma4.py` defaults, cross-checked with ollama `x/models/gemma4/gemma4_test.go` and the
-published `google/gemma-4-*` config.json files; see `../shared/gemma4-architecture.md` for the table.
+Sources of the published numbers (checked 2026-11-23):
+- transformers `src/transformers/models/gemma4/convert_gemma4_weights.py`: `_VARIANTS["gemma-4-e2b"]`,
+  `["gemma-4-e4b"]`, `["gemma-4-26b-a4b"]`, `["gemma-4-31b"]`, `_ROPE_PARAMS`, `_GEMMA_4_E2B_LAYER_TYPES`
+  (4 sliding + 1 full, x7); fields the converter leaves unset take `Gemma4TextConfig` defaults
+  (head_dim 256, global_head_dim 512, sliding_window 512, max_position_embeddings 131072);
+- transformers `src/transformers/models/gemma4_unified/convert_gemma4_unified_weights.py`:
+  `_VARIANTS["gemma-4-12b"]`, `_GEMMA_4_12B_LAYER_TYPES` (5 sliding + 1 full, x8). Its
+  max_position_embeddings is not set there (class default 131072); 262144 follows the model card's
+  256K context;
+- cross-checked with ollama `x/models/gemma4/gemma4_test.go` (`TestParseTextConfig*`) and
+  `../shared/gemma4-architecture.md`.
 All share: vocab 262144 (PLE vocab 262144), tied embeddings, final softcap 30, eps 1e-6,
 gelu_pytorch_tanh, sliding RoPE theta 1e4 / global RoPE proportional theta 1e6 with factor 0.25,
 head_dim 256 / global_head_dim 512, last layer global.
@@ -44,17 +52,19 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     "12b": {**_COMMON, "model_type": "gemma4_unified_text", "hidden_size": 3840, "num_hidden_layers": 48,
             "num_attention_heads": 16, "num_key_value_heads": 8, "num_global_key_value_heads": 1,
             "attention_k_eq_v": True, "intermediate_size": 15360, "sliding_window": 1024,
-            "layer_types": _pattern(48, 6), "max_position_embeddings": 262_144},
+            "layer_types": _pattern(48, 6), "max_position_embeddings": 262_144,
+            "use_bidirectional_attention": "vision"},
     "26b-a4b": {**_COMMON, "model_type": "gemma4_text", "hidden_size": 2816, "num_hidden_layers": 30,
                 "num_attention_heads": 16, "num_key_value_heads": 8, "num_global_key_value_heads": 2,
                 "attention_k_eq_v": True, "intermediate_size": 2112, "enable_moe_block": True,
                 "num_experts": 128, "top_k_experts": 8, "moe_intermediate_size": 704, "sliding_window": 1024,
                 "layer_types": _pattern(30, 6), "hidden_size_per_layer_input": 0,
-                "max_position_embeddings": 262_144},
+                "max_position_embeddings": 262_144, "use_bidirectional_attention": "vision"},
     "31b": {**_COMMON, "model_type": "gemma4_text", "hidden_size": 5376, "num_hidden_layers": 60,
             "num_attention_heads": 32, "num_key_value_heads": 16, "num_global_key_value_heads": 4,
             "attention_k_eq_v": True, "intermediate_size": 21504, "sliding_window": 1024,
-            "layer_types": _pattern(60, 6), "hidden_size_per_layer_input": 0, "max_position_embeddings": 262_144},
+            "layer_types": _pattern(60, 6), "hidden_size_per_layer_input": 0, "max_position_embeddings": 262_144,
+            "use_bidirectional_attention": "vision"},
 }
 
 _TINY: dict[str, Any] = {"vocab_size": 512, "hidden_size": 64, "num_attention_heads": 4, "head_dim": 16,

@@ -139,10 +139,8 @@ class Checkpoint:
                 stored[key] = (path, tuple(view.get_shape()), _st_dtype(view.get_dtype(), key))
         prefix = next((p for p in TEXT_PREFIXES if any(k.startswith(p) for k in stored)), "")
         for key, (path, shape, dtype) in stored.items():
-            name = key[len(prefix):] if key.startswith(prefix) else None
-            if key == "lm_head.weight":
-                name = key
-            if name is None or (prefix == "model.language_model." and not key.startswith(prefix)):
+            name = key if key == "lm_head.weight" else key[len(prefix):] if key.startswith(prefix) else None
+            if name is None:
                 continue  # vision/audio towers and other non-text tensors of a multimodal checkpoint
             self._location[name] = (path, key)
             self._info[name] = (shape, dtype)

@@ -74,6 +74,13 @@ def test_inspect_and_graph(tmp_path, capsys):
     assert "graph gemma4_decode(%ids: i64[1], %positions: i64[1])" in txt.read_text()
 
 
+@pytest.mark.skipif(__import__("shutil").which("dot") is None, reason="graphviz `dot` not installed")
+def test_graph_svg_with_graphviz(tmp_path):
+    svg = tmp_path / "g.svg"
+    assert main(["graph", "tiny-dense", "--format", "svg", "--no-params", "-o", str(svg)]) == 0
+    assert "<svg" in svg.read_text() and "l4_attn" in svg.read_text()
+
+
 def test_init_random_then_logits(tmp_path):
     ckpt = tmp_path / "ckpt"
     result = g4c("init-random", "tiny-e", "-o", str(ckpt), "--seed", "3", "--dtype", "bf16")
