@@ -27,7 +27,8 @@ def test_full_size_layers_match_transformers(preset, layers, prompt_len, tmp_pat
     path = write_random_checkpoint(preset_config(preset, layers), tmp_path / preset, seed=1, dtype="bfloat16")
     prompt = np.random.default_rng(0).integers(0, 262_144, size=prompt_len).tolist()
     torch_fp32 = reference_logits(load_reference(path), prompt)
-    fp64 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="eager").eval()
+    fp64 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="eager",
+                                                experts_implementation="eager").eval()
     exact = reference_logits(fp64, prompt).astype(np.float64)
     del fp64
     loaded = load_model(str(path))
