@@ -87,9 +87,13 @@ class Graph:
         return name
 
     def add(self, op: str, inputs: tuple[Node, ...], attrs: dict[str, Any], type_: TensorType,
-            name: str | None = None) -> Node:
+            name: str | None = None, before: Node | None = None) -> Node:
+        """Append a node (or insert it just before `before`, as rewrites need)."""
         node = Node(self._unique(name or op), op, tuple(inputs), dict(attrs), type_)
-        self.nodes.append(node)
+        if before is None:
+            self.nodes.append(node)
+        else:
+            self.nodes.insert(self.nodes.index(before), node)
         return node
 
     def input(self, name: str, shape: tuple[Dim, ...], dtype: str) -> Node:
@@ -103,11 +107,12 @@ class Graph:
         return self.add("param", (), {"name": weight}, TensorType(tuple(shape), dtype),
                         name=weight.replace(".weight", "").replace(".", "_"))
 
-    def call(self, op: str, *inputs: Node, name: str | None = None, **attrs: Any) -> Node:
-        """Append `op(inputs, attrs)`; its type comes from the op's shape rule."""
+    def call(self, op: str, *inputs: Node, name: str | None = None, before: Node | None = None,
+             **attrs: Any) -> Node:
+        """Append (or insert before `before`) `op(inputs, attrs)`; its type comes from the op's shape rule."""
         from g4c.ir.ops import infer_type
 
-        return self.add(op, inputs, attrs, infer_type(op, inputs, attrs), name=name)
+        return self.add(op, inputs, attrs, infer_type(op, inputs, attrs), name=name, before=before)
 
     def output(self, name: str, node: Node) -> None:
         self.outputs[name] = node
@@ -165,6 +170,27 @@ class Graph:
             self.to_networkx(), key=lambda name: self.nodes.index(by_name[name]))]
 
     # ---- rewriting (for passes) ----------------------------------------------------------------
+    def copy(self) -> "Graph":
+        """A deep copy (new Node objects, same names/attrs), so a pass can rewrite without touching
+        the original."""
+        import copy as _copy
+
+        mapping: dict[int, Node] = {}
+        clone = Graph(self.name, meta=_copy.deepcopy(self.meta))
+        for n in self.nodes:
+            new = Node(n.name, n.op, tuple(mapping[id(i)] for i in n.inputs), _copy.deepcopy(n.attrs), n.type)
+            mapping[id(n)] = new
+            clone.nodes.append(new)
+            clone._names.add(n.name)
+        clone.outputs = {k: mapping[id(v)] for k, v in self.outputs.items()}
+        return clone
+
+    def retype(self, node: Node) -> None:
+        """Recompute `node.type` from its op's shape rule (after its inputs changed)."""
+        from g4c.ir.ops import infer_type
+
+        node.type = infer_type(node.op, node.inputs, node.attrs)
+
     def replace_all_uses(self, old: Node, new: Node) -> None:
         for n in self.nodes:
             if any(i is old for i in n.inputs):

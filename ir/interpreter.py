@@ -23,17 +23,20 @@ WeightGetter = Callable[[str], np.ndarray]
 
 @dataclass
 class KVState:
-    """Per-slot cached tensors [S, H, D] (float32). All slots hold the same number of positions."""
+    """Per-slot cached tensors [S, H, D] (float32). `length` positions have been processed; a slot
+    holds positions `starts[slot] .. starts[slot] + S - 1` (a ring buffer keeps only the newest)."""
 
     slots: dict[str, np.ndarray] = field(default_factory=dict)
     length: int = 0
+    starts: dict[str, int] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.slots.clear()
+        self.starts.clear()
         self.length = 0
 
     def copy(self) -> "KVState":
-        return KVState({k: v.copy() for k, v in self.slots.items()}, self.length)
+        return KVState({k: v.copy() for k, v in self.slots.items()}, self.length, dict(self.starts))
 
     @property
     def nbytes(self) -> int:
@@ -48,6 +51,9 @@ class Interpreter:
     def __init__(self, graph: Graph, weights: WeightGetter):
         self.graph = graph
         self.weights = weights
+        self.capacity = {n.attrs[key]: n.attrs["slots"] for n in graph.nodes
+                         if n.op == "fused_attention" and n.attrs.get("cache") == "ring"
+                         for key in ("k_slot", "v_slot")}
 
     def run(self, state: KVState | None = None, return_all: bool = False,
             **inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -63,7 +69,9 @@ class Interpreter:
             if value.shape != expected:
                 raise RuntimeError(f"%{node.name} ({node.op}) produced shape {value.shape}, type says {expected}")
             values[node] = value
-        state.slots.update(pending)
+        for slot, (start, rows) in pending.items():
+            drop = max(0, rows.shape[0] - self.capacity.get(slot, rows.shape[0]))  # ring buffers keep the newest
+            state.slots[slot], state.starts[slot] = rows[drop:], start + drop
         state.length = env["P"] + env["T"]
         if return_all:
             return {n.name: v for n, v in values.items()}
@@ -85,6 +93,8 @@ class Interpreter:
         args = [values[i] for i in node.inputs]
         if node.op == "kv_cache":
             return _kv_cache(args[0], node.attrs["slot"], state, pending)
+        if node.op == "fused_attention":
+            return fused_attention(args, node.attrs, _SlotView(state, pending))
         if node.op == "reshape":
             return args[0].reshape(shape_value(tuple(node.attrs["shape"]), env))
         return KERNELS[node.op](*args, **node.attrs)
@@ -120,8 +130,8 @@ def rope(x: np.ndarray, positions: np.ndarray, *, rope_type: str, theta: float,
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, *, scaling: float,
-              window: int | None) -> np.ndarray:
-    """Causal GQA attention; query i sits at positions[i], key j at position j."""
+              window: int | None, key_start: int = 0) -> np.ndarray:
+    """Causal GQA attention; query i sits at positions[i], key j at position key_start + j."""
     t, hq, d = q.shape
     s, hk, _ = k.shape
     group = hq // hk  # query head h reads KV head h // group (transformers' repeat_kv)
@@ -129,7 +139,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray
     vh = np.repeat(v, group, axis=1).transpose(1, 0, 2)  # [Hq, S, D]
     scores = np.matmul(q.transpose(1, 0, 2), kh) * np.float32(scaling)  # [Hq, T, S]
     qpos = np.asarray(positions)[:, None]
-    kpos = np.arange(s)[None, :]
+    kpos = key_start + np.arange(s)[None, :]
     visible = kpos <= qpos
     if window is not None:
         visible &= (qpos - kpos) < window
@@ -161,11 +171,117 @@ def moe_experts(x: np.ndarray, idx: np.ndarray, w: np.ndarray, gate_up: np.ndarr
     return out
 
 
-def _kv_cache(x: np.ndarray, slot: str, state: KVState, pending: dict[str, np.ndarray]) -> np.ndarray:
+def _kv_cache(x: np.ndarray, slot: str, state: KVState, pending: dict[str, tuple[int, np.ndarray]]) -> np.ndarray:
     past = state.slots.get(slot)
     full = x if past is None else np.concatenate([past, x], axis=0)
-    pending[slot] = full
+    pending[slot] = (0, full)
     return full
+
+
+class _SlotView:
+    """Cache slots as seen during one run: this run's writes (pending) over the committed state."""
+
+    def __init__(self, state: KVState, pending: dict[str, tuple[int, np.ndarray]]):
+        self.state, self.pending = state, pending
+
+    def read(self, slot: str) -> tuple[int, np.ndarray | None]:
+        if slot in self.pending:
+            return self.pending[slot]
+        return self.state.starts.get(slot, 0), self.state.slots.get(slot)
+
+    def write(self, slot: str, start: int, rows: np.ndarray) -> None:
+        self.pending[slot] = (start, rows)
+
+
+def _gqa_out(q, k, v, positions, attrs, key_start, w_o) -> np.ndarray:
+    out = attention(q, k, v, positions, scaling=1.0, window=attrs["window"], key_start=key_start)
+    return np.matmul(out.reshape(out.shape[0], -1), w_o.T)
+
+
+def fused_attention(args: list[np.ndarray], attrs: dict, slots: _SlotView) -> np.ndarray:
+    """One layer's attention block; see `g4c.ir.ops` for the input layout by role."""
+    rope_attrs = {k: attrs[k] for k in ("rope_type", "theta", "partial_rotary_factor")}
+    eps, hd, nh, nkv = attrs["eps"], attrs["head_dim"], attrs["q_heads"], attrs["kv_heads"]
+    x, positions, in_norm = args[0], args[1], args[2]
+    h = rms_norm(x, in_norm, eps=eps)
+    t = h.shape[0]
+    if attrs["role"] == "reuse":
+        w_q, q_norm, w_o = args[3], args[4], args[5]
+        q = rope(rms_norm((h @ w_q.T).reshape(t, nh, hd), q_norm, eps=eps), positions, **rope_attrs)
+        k, v, start = _read_kv(attrs, slots, args[7] if len(args) > 7 else None, rope_attrs)
+        return _gqa_out(q, k, v, positions, attrs, start, w_o)
+    w_qkv, q_norm, k_norm, w_o = args[3], args[4], args[5], args[6]
+    proj = h @ w_qkv.T
+    q = rope(rms_norm(proj[:, : nh * hd].reshape(t, nh, hd), q_norm, eps=eps), positions, **rope_attrs)
+    k_raw = proj[:, nh * hd: (nh + nkv) * hd].reshape(t, nkv, hd)
+    v_raw = k_raw if attrs["k_eq_v"] else proj[:, (nh + nkv) * hd:].reshape(t, nkv, hd)
+    k_new = rope(rms_norm(k_raw, k_norm, eps=eps), positions, **rope_attrs)
+    v_new = rms_norm(v_raw, eps=eps)
+    start, v_all = _append(slots, attrs["v_slot"], v_new, int(positions[0]))
+    if attrs.get("k_from_v"):  # k = rope(v * k_norm): exact, since rms_norm(x, w) == rms_norm(x) * w
+        k_all = rope(v_all * k_norm, start + np.arange(v_all.shape[0]), **rope_attrs)
+    else:
+        _, k_all = _append(slots, attrs["k_slot"], k_new, int(positions[0]))
+    return _gqa_out(q, k_all, v_all, positions, attrs, start, w_o)
+
+
+def _append(slots: _SlotView, slot: str, new: np.ndarray, first_position: int) -> tuple[int, np.ndarray]:
+    start, past = slots.read(slot)
+    rows = new if past is None else np.concatenate([past, new], axis=0)
+    start = first_position if past is None else start
+    slots.write(slot, start, rows)
+    return start, rows
+
+
+def _read_kv(attrs: dict, slots: _SlotView, donor_k_norm: np.ndarray | None, rope_attrs: dict):
+    start, v = slots.read(attrs["v_slot"])
+    if attrs.get("k_from_v"):
+        k = rope(v * donor_k_norm, start + np.arange(v.shape[0]), **rope_attrs)
+    else:
+        _, k = slots.read(attrs["k_slot"])
+    return k, v, start
+
+
+def gated_mlp(x, norm, w_gate_up, w_down, *, eps: float) -> np.ndarray:
+    h = rms_norm(x, norm, eps=eps) @ w_gate_up.T
+    inter = w_gate_up.shape[0] // 2
+    return (gelu_tanh(h[:, :inter]) * h[:, inter:]) @ w_down.T
+
+
+def moe(r, router_scale, w_router, per_expert_scale, pre_norm, gate_up, down, post_norm, *, eps: float,
+        top_k: int, router_input_scale: float, decode: bool = False) -> np.ndarray:
+    z = rms_norm(r, eps=eps) * router_scale * np.float32(router_input_scale)
+    probs = softmax(z @ w_router.T)
+    idx = topk(probs, k=top_k)
+    w = np.take_along_axis(probs, idx, axis=-1)
+    w = w / np.sum(w, axis=-1, keepdims=True) * per_expert_scale[idx]
+    e_in = rms_norm(r, pre_norm, eps=eps)
+    if decode:  # one token: gather only the k selected experts' weights
+        sel_gu, sel_down = gate_up[idx[0]], down[idx[0]]  # [k, 2I, H], [k, H, I]
+        h = np.einsum("kih,h->ki", sel_gu, e_in[0])
+        inter = gate_up.shape[1] // 2
+        h = gelu_tanh(h[:, :inter]) * h[:, inter:]
+        out = (np.einsum("khi,ki->kh", sel_down, h) * w[0][:, None]).sum(axis=0, keepdims=True)
+    else:
+        out = moe_experts(e_in, idx, w, gate_up, down)
+    return rms_norm(out, post_norm, eps=eps)
+
+
+def ple_inputs(ids, x, table, w_proj, proj_norm, *, eps, table_scale, proj_scale, mix_scale, layers, dim):
+    rows = np.asarray(table[np.asarray(ids, dtype=np.int64)], dtype=np.float32) * np.float32(table_scale)
+    prj = (x @ w_proj.T) * np.float32(proj_scale)
+    prj = rms_norm(prj.reshape(-1, layers, dim), proj_norm, eps=eps)
+    return (prj + rows.reshape(-1, layers, dim)) * np.float32(mix_scale)
+
+
+def ple_epilogue(x, ple, w_gate, w_proj, norm, *, eps, index) -> np.ndarray:
+    gate = gelu_tanh(x @ w_gate.T) * ple[:, index]
+    return x + rms_norm(gate @ w_proj.T, norm, eps=eps)
+
+
+def lm_head(x, norm, w, *, eps, softcap) -> np.ndarray:
+    logits = rms_norm(x, norm, eps=eps) @ w.T
+    return logits if softcap is None else np.float32(softcap) * np.tanh(logits / np.float32(softcap))
 
 
 KERNELS: dict[str, Callable[..., np.ndarray]] = {
@@ -187,4 +303,11 @@ KERNELS: dict[str, Callable[..., np.ndarray]] = {
     "take_along": lambda x, idx: np.take_along_axis(x, idx, axis=-1),
     "reduce_sum": lambda x: np.sum(_f32(x), axis=-1, keepdims=True),
     "moe_experts": moe_experts,
+    "concat": lambda *xs, axis: np.concatenate(xs, axis=axis),
+    "add_rms_norm": lambda residual, y, w, eps: residual + rms_norm(y, w, eps=eps),
+    "gated_mlp": gated_mlp,
+    "moe": moe,
+    "ple_inputs": ple_inputs,
+    "ple_epilogue": ple_epilogue,
+    "lm_head": lm_head,
 }

@@ -24,6 +24,19 @@ Semantics (executed by `g4c.ir.interpreter.Interpreter`, the reference) in brief
 | take_along | x [..., E], idx [..., k] | – | `take_along_axis(x, idx, -1)` |
 | reduce_sum | x | – | sum over the last axis, keepdims |
 | moe_experts | x [T, H], idx [T, k], w [T, k], gate_up [E, 2I, H], down [E, H, I] | – | Σ_j w[t,j] · down[e](gelu(gate)·up) with e = idx[t,j] |
+| concat | a, b, ... | axis | `np.concatenate` (packs weights, e.g. q/k/v into one GEMM) |
+
+Fused ops (produced by `g4c.passes`; each is defined as the composition of the ops above):
+
+| op | inputs | meaning |
+|---|---|---|
+| fused_attention | own: x, positions, in_norm, w_qkv, q_norm, k_norm, w_o; reuse: x, positions, in_norm, w_q, q_norm, w_o, donor (, donor k_norm) | o_proj(attention(rope(q_norm(q)), K, V)) of rms_norm(x, in_norm); own layers project, normalise, rotate and cache K/V (attrs `k_slot`, `v_slot`, `cache` full/ring, `slots`, `k_from_v`), reuse layers read the donor's slots |
+| add_rms_norm | residual, y, w | `residual + rms_norm(y, w)` (sandwich norm + residual epilogue) |
+| gated_mlp | x, norm, w_gate_up [2I, H], w_down | `down(gelu(gate) · up)` of `rms_norm(x, norm)`; gate/up are one GEMM |
+| moe | r, router_scale, w_router, per_expert_scale, pre_norm, gate_up, down, post_norm | router + top-k + renormalise + per-expert scale + experts + post norm |
+| ple_inputs | ids, x, table, w_proj, proj_norm | PLE rows + projection → [T, L, P] (the table lives in host memory) |
+| ple_epilogue | x, ple [T, L, P], w_gate, w_proj, norm | `x + rms_norm((gelu(x @ gateᵀ) · ple[:, index]) @ projᵀ, norm)` |
+| lm_head | x, norm, w | `softcap(rms_norm(x, norm) @ wᵀ)` (softcap None: none) |
 """
 
 from __future__ import annotations
@@ -155,6 +168,37 @@ def _moe_experts(inputs, attrs) -> TensorType:
     return x.type
 
 
+def _concat(inputs, attrs) -> TensorType:
+    axis = attrs["axis"]
+    first = inputs[0].type.shape
+    if any(len(i.type.shape) != len(first) or i.type.shape[:axis] + i.type.shape[axis + 1:] !=
+           first[:axis] + first[axis + 1:] for i in inputs):
+        raise IRTypeError(f"concat: shapes {[list(i.type.shape) for i in inputs]} differ off axis {axis}")
+    total = sum(i.type.shape[axis] for i in inputs)
+    return TensorType(first[:axis] + (total,) + first[axis + 1:], inputs[0].type.dtype)
+
+
+def _rows_like_x(inputs, attrs) -> TensorType:
+    """Fused blocks that map the residual stream x [T, H] to [T, H]."""
+    return TensorType(inputs[0].type.shape, "float32")
+
+
+def _fused_attention(inputs, attrs) -> TensorType:
+    x, w_o = inputs[0], inputs[5 if attrs["role"] == "reuse" else 6]
+    if w_o.type.shape != (x.type.shape[-1], attrs["q_heads"] * attrs["head_dim"]):
+        raise IRTypeError(f"fused_attention: o_proj {w_o.type} does not fit x {x.type} and "
+                          f"{attrs['q_heads']}x{attrs['head_dim']} heads")
+    return TensorType(x.type.shape, "float32")
+
+
+def _ple_inputs(inputs, attrs) -> TensorType:
+    return TensorType((inputs[0].type.shape[0], attrs["layers"], attrs["dim"]), "float32")
+
+
+def _lm_head(inputs, attrs) -> TensorType:
+    return TensorType(inputs[0].type.shape[:-1] + (inputs[2].type.shape[0],), "float32")
+
+
 OPS: dict[str, OpDef] = {
     "input": OpDef((0,), ("name",), None),
     "param": OpDef((0,), ("name",), None),
@@ -178,7 +222,21 @@ OPS: dict[str, OpDef] = {
     "take_along": OpDef((2,), (), _take_along),
     "reduce_sum": OpDef((1,), (), _reduce_sum),
     "moe_experts": OpDef((5,), (), _moe_experts),
+    "concat": OpDef(tuple(range(2, 9)), ("axis",), _concat),
+    # fused ops
+    "fused_attention": OpDef((7, 8), ("role", "layer", "kind", "window", "head_dim", "q_heads", "kv_heads",
+                                      "rope_type", "theta", "partial_rotary_factor", "eps", "kv_source",
+                                      "k_eq_v", "k_slot", "v_slot"), _fused_attention),
+    "add_rms_norm": OpDef((3,), ("eps",), _rows_like_x),
+    "gated_mlp": OpDef((4,), ("eps",), _rows_like_x),
+    "moe": OpDef((8,), ("eps", "top_k", "router_input_scale"), _rows_like_x),
+    "ple_inputs": OpDef((5,), ("eps", "table_scale", "proj_scale", "mix_scale", "layers", "dim"), _ple_inputs),
+    "ple_epilogue": OpDef((5,), ("eps", "index"), _rows_like_x),
+    "lm_head": OpDef((3,), ("eps", "softcap"), _lm_head),
 }
+
+# Ops that read or write the KV state: never removed or merged by clean-up passes.
+STATEFUL_OPS = frozenset({"kv_cache", "fused_attention"})
 
 
 def check_signature(op: str, inputs: tuple[Node, ...], attrs: dict[str, Any]) -> OpDef:
