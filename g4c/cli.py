@@ -27,7 +27,8 @@ from g4c.errors import G4CError
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]})
-out = Console()
+# Wide, unwrapped output when piped (tables and long lines stay greppable); the terminal's width otherwise.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 RandomOpt = typer.Option(False, "--random-weights", help="Use seeded random weights (presets have no files).")
@@ -35,6 +36,9 @@ SeedOpt = typer.Option(0, "--seed", help="Seed for random weights and for sampli
 LayersOpt = typer.Option(None, "--layers", help="Cut the model to N layers (keeps the layer pattern and KV-shared tail).")
 BackendOpt = typer.Option("reference", "--backend", help="Execution backend: reference (numpy interpreter).")
 BACKENDS = ("reference",)
+PassesOpt = typer.Option("all", "--passes", help="Optimization passes: all (default), none, or a comma list (see `g4c passes`).")
+DumpAfterOpt = typer.Option(None, "--dump-after", help="Write the IR (text + DOT) after these passes (comma list; 'input' = before any).")
+DumpDirOpt = typer.Option(None, "--dump-dir", help="Folder for --dump-after files.")
 
 
 def _model(model: str, random_weights: bool, seed: int, layers: Optional[int]):
@@ -57,13 +61,20 @@ def _config(model: str, layers: Optional[int]):
     raise G4CError(f"no checkpoint directory or preset named {model!r} (presets: {', '.join(PRESETS)})")
 
 
-def _session(model: str, backend: str, random_weights: bool, seed: int, layers: Optional[int]):
+def _session(model: str, backend: str, random_weights: bool, seed: int, layers: Optional[int],
+             passes: str = "all", dump_after: Optional[str] = None, dump_dir: Optional[Path] = None):
     if backend not in BACKENDS:
         raise G4CError(f"unknown backend {backend!r}: available backends are {', '.join(BACKENDS)}")
+    from g4c.passes import resolve_passes
     from g4c.reference import ReferenceSession
 
+    names = resolve_passes(passes)  # validate before loading weights
     loaded = _model(model, random_weights, seed, layers)
-    return loaded, ReferenceSession(loaded.cfg, loaded.weights)
+    return loaded, ReferenceSession(loaded.cfg, loaded.weights, names, _split(dump_after), dump_dir)
+
+
+def _split(text: Optional[str]) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -118,17 +129,22 @@ def graph(model: str = typer.Argument(..., help="Checkpoint directory or preset.
           fmt: str = typer.Option("dot", "--format", help="dot, svg, png (need graphviz) or text (the IR text form)."),
           mode: str = typer.Option("prefill", "--mode", help="prefill (T tokens after P) or decode (T = 1)."),
           no_params: bool = typer.Option(False, "--no-params", help="Leave weight nodes out of the picture."),
-          layers: Optional[int] = LayersOpt):
-    """Write the model's IR graph as DOT (or SVG/PNG, or text).
+          layers: Optional[int] = LayersOpt,
+          passes: str = typer.Option("none", "--passes", help="Passes to run first: none (default), all, or a list."),
+          dump_after: Optional[str] = DumpAfterOpt, dump_dir: Optional[Path] = DumpDirOpt):
+    """Write the model's IR graph as DOT (or SVG/PNG, or text), optionally after passes.
 
-    Example: g4c graph tiny-e -o tiny-e.dot"""
+    Example: g4c graph tiny-e -o tiny-e.dot --passes all"""
     from g4c.frontend import MODES, build_graph
     from g4c.ir import format_graph, verify, write_dot
+    from g4c.passes import PassContext, PassManager, resolve_passes
 
     if mode not in MODES:
         raise G4CError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    g = build_graph(_config(model, layers), mode)
+    cfg = _config(model, layers)
+    g = build_graph(cfg, mode, logits_to_keep=1 if mode == "prefill" else None)
     verify(g)
+    g = PassManager(resolve_passes(passes), _split(dump_after), dump_dir).run(g, PassContext(cfg))
     if fmt == "text":
         output.write_text(format_graph(g) + "\n")
     else:
@@ -141,11 +157,12 @@ def logits(model: str = typer.Argument(..., help="Checkpoint directory or preset
            tokens: str = typer.Option(..., "--tokens", help="Comma-separated token ids, e.g. 2,17,99."),
            output: Path = typer.Option(..., "-o", "--output", help="Where to save float32 logits [T, vocab] (.npy)."),
            backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
-           layers: Optional[int] = LayersOpt):
+           layers: Optional[int] = LayersOpt, passes: str = PassesOpt, dump_after: Optional[str] = DumpAfterOpt,
+           dump_dir: Optional[Path] = DumpDirOpt):
     """Float32 logits [T, vocab] of the prompt, saved as .npy.
 
     Example: g4c logits tiny-e --random-weights --tokens 2,17,99 -o out.npy"""
-    _, session = _session(model, backend, random_weights, seed, layers)
+    _, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir)
     result = session.prefill(parse_tokens(tokens), all_logits=True).astype(np.float32)
     np.save(output, result)
     out.print(f"wrote {output}: logits {list(result.shape)}, last-token argmax {int(np.argmax(result[-1]))}")
@@ -161,7 +178,8 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
              top_p: float = typer.Option(1.0, "--top-p", help="Nucleus mass (1 = off)."),
              stop: str = typer.Option("eos", "--stop", help="Stop tokens: 'eos' (the config's), 'none', or ids."),
              backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
-             layers: Optional[int] = LayersOpt):
+             layers: Optional[int] = LayersOpt, passes: str = PassesOpt, dump_after: Optional[str] = DumpAfterOpt,
+             dump_dir: Optional[Path] = DumpDirOpt):
     """Continue a prompt; the new token ids are the last line of stdout, comma-separated.
 
     Example: g4c generate tiny-e --random-weights --tokens 2,17,99 --max-new-tokens 8"""
@@ -169,7 +187,7 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
 
     if (tokens is None) == (prompt is None):
         raise G4CError("give exactly one of --tokens or --prompt")
-    loaded, session = _session(model, backend, random_weights, seed, layers)
+    loaded, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir)
     tokenizer = None
     if prompt is not None:
         tokenizer = _tokenizer(loaded)
@@ -199,6 +217,76 @@ def _stop_tokens(spec: str, cfg) -> list[int]:
         eos = cfg.eos_token_id
         return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     return parse_tokens(spec)
+
+
+@app.command("passes")
+def list_passes():
+    """List the optimization passes and the default pipeline."""
+    from g4c.passes import DEFAULT_PIPELINE, available_passes
+
+    for name, p in available_passes().items():
+        out.print(f"{name:26s} {p.summary.split(' — ', 1)[-1]}", markup=False, highlight=False)
+    out.print("default pipeline: " + ",".join(DEFAULT_PIPELINE), markup=False, highlight=False)
+
+
+@app.command()
+def plan(model: str = typer.Argument(..., help="Checkpoint directory or preset."),
+         context: int = typer.Option(..., "--context", help="Maximum positions per sequence."),
+         batch: int = typer.Option(1, "--batch", help="Sequences decoded together."),
+         dtype: str = typer.Option("bf16", "--dtype", help="KV/activation dtype: bf16, fp16 or fp32."),
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+         layers: Optional[int] = LayersOpt):
+    """KV-cache plan per layer (reuse / ring / full) and activation peak, against the naive plan.
+
+    Example: g4c plan e2b --context 131072"""
+    import json
+    from dataclasses import asdict
+
+    from g4c.dtypes import canonical_dtype
+    from g4c.frontend import build_graph
+    from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
+    from g4c.passes.memory_plan import activation_plan
+    from g4c.passes.plan_kv_cache import kv_plan, naive_kv_bytes
+    from g4c.summary import human_bytes
+
+    cfg = _config(model, layers)
+    dt = canonical_dtype(dtype)
+    if context < 1 or batch < 1:
+        raise G4CError("--context and --batch must be >= 1")
+    if context > cfg.max_position_embeddings:
+        raise G4CError(f"--context {context} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})")
+    rows = kv_plan(cfg, context, batch, dt)
+    two_tensor = kv_plan(cfg, context, batch, dt, single_tensor_k_eq_v=False)
+    kv_bytes = sum(r.bytes for r in rows)
+    naive = naive_kv_bytes(cfg, context, batch, dt)
+    ctx = PassContext(cfg)
+    prefill = PassManager(DEFAULT_PIPELINE).run(build_graph(cfg, "prefill", 1), ctx)
+    decode = PassManager(DEFAULT_PIPELINE).run(build_graph(cfg, "decode"), ctx)
+    chunk = min(context, cfg.sliding_window)  # prefill is chunked by the sliding window
+    act_prefill = activation_plan(prefill, tokens=chunk, past=context - chunk, dtype=dt, batch=batch)
+    act_decode = activation_plan(decode, tokens=1, past=context - 1, dtype=dt, batch=batch)
+    result = {"model": model, "context": context, "batch": batch, "dtype": dt, "kv_bytes": kv_bytes,
+              "naive_kv_bytes": naive, "k_eq_v_saving_bytes": sum(r.bytes for r in two_tensor) - kv_bytes,
+              "activation_bytes": max(act_prefill.peak_bytes, act_decode.peak_bytes),
+              "activation": {"prefill_chunk_tokens": chunk, "prefill_peak_bytes": act_prefill.peak_bytes,
+                             "prefill_no_reuse_bytes": act_prefill.total_bytes,
+                             "decode_peak_bytes": act_decode.peak_bytes,
+                             "decode_no_reuse_bytes": act_decode.total_bytes},
+              "layers": [asdict(r) for r in rows]}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"KV plan: {model}, context {context}, batch {batch}, {dt}")
+    for col in ("layer", "kind", "storage", "source", "slots", "tensors", "bytes"):
+        table.add_column(col, no_wrap=True, justify="right" if col in ("layer", "slots", "tensors", "bytes") else "left")
+    for r in rows:
+        table.add_row(str(r.layer), r.kind, r.storage, str(r.source), str(r.slots), str(r.tensors), human_bytes(r.bytes))
+    out.print(table)
+    out.print(f"KV cache: {human_bytes(kv_bytes)} planned vs {human_bytes(naive)} naive (every layer full-length K+V) "
+              f"= {naive / max(kv_bytes, 1):.1f}x less; single-tensor k_eq_v saves {human_bytes(result['k_eq_v_saving_bytes'])}")
+    out.print(f"activations: peak {human_bytes(act_prefill.peak_bytes)} for a {chunk}-token prefill chunk "
+              f"(no reuse: {human_bytes(act_prefill.total_bytes)}), {human_bytes(act_decode.peak_bytes)} per decode step "
+              f"(no reuse: {human_bytes(act_decode.total_bytes)})")
 
 
 @app.command("init-random")

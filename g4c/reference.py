@@ -18,8 +18,14 @@ from g4c.weights import Weights
 class ReferenceSession(Session):
     """`prefill`/`decode`/`generate` on the reference interpreter with a growing KV state."""
 
-    def __init__(self, cfg: ModelConfig, weights: Weights):
+    def __init__(self, cfg: ModelConfig, weights: Weights, passes: str | Sequence[str] = "all",
+                 dump_after: Sequence[str] = (), dump_dir: str | None = None):
+        """`passes`: "all" (the optimized graph), "none" (the frontend graph) or a list of pass names."""
+        from g4c.passes import resolve_passes
+
         self.cfg, self.weights = cfg, weights
+        self.passes = resolve_passes(passes) if isinstance(passes, str) else list(passes)
+        self.dump_after, self.dump_dir = list(dump_after), dump_dir
         self.vocab_size = cfg.input_vocab_size
         self.max_context = cfg.max_position_embeddings
         self.state = KVState()
@@ -32,8 +38,13 @@ class ReferenceSession(Session):
     def graph(self, mode: str, logits_to_keep: int | None) -> Graph:
         key = (mode, logits_to_keep)
         if key not in self._graphs:
+            from g4c.passes import PassContext, PassManager
+
             g = build_graph(self.cfg, mode, logits_to_keep)
             verify(g)
+            if self.passes:
+                manager = PassManager(self.passes, self.dump_after, self.dump_dir)
+                g = manager.run(g, PassContext(self.cfg, self.weights.f32))
             self._graphs[key] = g
         return self._graphs[key]
 

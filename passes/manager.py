@@ -112,9 +112,9 @@ class PassManager:
         if name not in self.dump_after or self.dump_dir is None:
             return
         self.dump_dir.mkdir(parents=True, exist_ok=True)
-        stem = self.dump_dir / f"{graph.name}.{step:02d}.{name}"
-        stem.with_suffix(".txt").write_text(format_graph(graph) + "\n")
-        write_dot(graph, stem.with_suffix(".dot"), include_params=False)
+        stem = f"{graph.name}.{step:02d}.{name}"
+        (self.dump_dir / f"{stem}.txt").write_text(format_graph(graph) + "\n")
+        write_dot(graph, self.dump_dir / f"{stem}.dot", include_params=False)
 
 
 def optimize(graph: Graph, ctx: PassContext, passes: str | Iterable[str] = "all", **kwargs) -> Graph:

@@ -136,3 +136,36 @@ def test_bad_config_in_checkpoint_is_one_line(checkpoints, tmp_path):
 def test_help_shows_examples():
     result = g4c("generate", "--help")
     assert result.returncode == 0 and "Example: g4c generate" in result.stdout
+
+
+def test_plan_json_reports_analytic_kv_bytes():
+    result = g4c("plan", "e2b", "--context", "131072", "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    plan = json.loads(result.stdout)
+    assert plan["kv_bytes"] == 3 * 2 * 512 * 131072 * 2 + 12 * 2 * 256 * 512 * 2
+    assert round(plan["naive_kv_bytes"] / 1e9, 1) == 5.6
+    assert plan["activation_bytes"] > 0 and len(plan["layers"]) == 35
+    assert plan["layers"][20] == {**plan["layers"][20], "storage": "reuse", "source": 13, "bytes": 0}
+    table = g4c("plan", "26b-a4b", "--context", "4096", "--dtype", "fp16")
+    assert table.returncode == 0 and "naive" in table.stdout and "k_eq_v saves" in table.stdout
+
+
+def test_passes_flag_and_dumps(checkpoints, references, tmp_path):
+    prompt = ",".join(map(str, PROMPT))
+    for passes in ("all", "none", "fuse_attention,fuse_mlp,dce"):
+        out = tmp_path / f"{passes}.npy"
+        assert main(["logits", str(checkpoints["e"]), "--tokens", prompt, "-o", str(out), "--passes", passes,
+                     "--dump-after", "input", "--dump-dir", str(tmp_path / "dumps")]) == 0
+        assert np.abs(np.load(out) - reference_logits(references["e"], PROMPT)).max() <= 1e-4
+    assert (tmp_path / "dumps" / "gemma4_prefill.00.input.txt").is_file()
+    bad = g4c("logits", str(checkpoints["e"]), "--tokens", "1", "-o", str(tmp_path / "x.npy"), "--passes", "fuse_all")
+    assert bad.returncode == 1 and "unknown pass 'fuse_all'" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_graph_after_passes(tmp_path):
+    txt = tmp_path / "fused.txt"
+    assert main(["graph", "tiny-moe", "--passes", "all", "--format", "text", "-o", str(txt)]) == 0
+    text = txt.read_text()
+    assert "fused_attention(" in text and "moe(" in text and "lm_head(" in text and "kv_cache(" not in text
