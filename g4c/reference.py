@@ -50,7 +50,8 @@ class ReferenceSession(Session):
 
     def _run(self, graph: Graph, ids: np.ndarray) -> np.ndarray:
         positions = np.arange(self.state.length, self.state.length + ids.size, dtype=np.int64)
-        return Interpreter(graph, self.weights.f32).run(self.state, ids=ids, positions=positions)["logits"]
+        interpreter = Interpreter(graph, self.weights.f32, rows=self.weights.rows)
+        return interpreter.run(self.state, ids=ids, positions=positions)["logits"]
 
     def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         ids = self.check_tokens(tokens)

@@ -159,6 +159,12 @@ class Checkpoint:
         path, key = self._location[name]
         return self._open(path).get_tensor(key)
 
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Only the requested rows, read from the memory-mapped file (e.g. PLE rows per token)."""
+        path, key = self._location[name]
+        view = self._open(path).get_slice(key)
+        return np.concatenate([view[int(i): int(i) + 1] for i in ids], axis=0)
+
 
 def _st_dtype(code: str, key: str) -> str:
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -218,6 +224,14 @@ class Weights:
         if name not in self._f32:
             self._f32[name] = np.ascontiguousarray(self.source.get(name), dtype=np.float32)
         return self._f32[name]
+
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """float32 rows `ids` of a table without loading it whole when the source can (checkpoints)."""
+        if name in self._f32:
+            return self._f32[name][ids]
+        fetch = getattr(self.source, "rows", None)
+        rows = fetch(name, ids) if fetch else self.source.get(name)[ids]
+        return np.asarray(rows, dtype=np.float32)
 
     def dtype(self) -> str:
         """The storage dtype of the embedding table (the checkpoint's working dtype)."""

@@ -43,14 +43,28 @@ class KVState:
         return sum(v.nbytes for v in self.slots.values())
 
 
+class HostTable:
+    """A table parameter kept in host memory (`memory="host"`): indexing fetches only those rows."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], fetch: Callable[[str, np.ndarray], np.ndarray]):
+        self.name, self.shape, self._fetch = name, shape, fetch
+
+    def __getitem__(self, ids) -> np.ndarray:
+        return self._fetch(self.name, np.asarray(ids, dtype=np.int64).reshape(-1))
+
+
 class Interpreter:
     """Runs a graph: `Interpreter(graph, weights).run(state, ids=..., positions=...)`.
 
-    `weights` is a callable name → array (e.g. `Weights.f32`); arrays are used as float32."""
+    `weights` is a callable name → array (e.g. `Weights.f32`); arrays are used as float32.
+    `rows` (name, ids → rows) serves parameters marked `memory="host"` row by row, as a device
+    runtime fetches PLE rows; without it those tables are read whole through `weights`."""
 
-    def __init__(self, graph: Graph, weights: WeightGetter):
+    def __init__(self, graph: Graph, weights: WeightGetter,
+                 rows: Callable[[str, np.ndarray], np.ndarray] | None = None):
         self.graph = graph
         self.weights = weights
+        self.rows = rows
         self.capacity = {n.attrs[key]: n.attrs["slots"] for n in graph.nodes
                          if n.op == "fused_attention" and n.attrs.get("cache") == "ring"
                          for key in ("k_slot", "v_slot")}
@@ -66,7 +80,7 @@ class Interpreter:
         for node in self.graph.nodes:
             value = self._execute(node, values, inputs, state, pending, env)
             expected = shape_value(node.type.shape, env)
-            if value.shape != expected:
+            if tuple(value.shape) != expected:
                 raise RuntimeError(f"%{node.name} ({node.op}) produced shape {value.shape}, type says {expected}")
             values[node] = value
         for slot, (start, rows) in pending.items():
@@ -89,6 +103,8 @@ class Interpreter:
         if node.op == "input":
             return np.asarray(inputs[node.attrs["name"]])
         if node.op == "param":
+            if self.rows is not None and node.attrs.get("memory") == "host":
+                return HostTable(node.attrs["name"], shape_value(node.type.shape, env), self.rows)
             return np.asarray(self.weights(node.attrs["name"]), dtype=np.float32)
         args = [values[i] for i in node.inputs]
         if node.op == "kv_cache":

@@ -206,3 +206,17 @@ def test_optimized_graphs_verify_for_published_presets():
         cfg = preset_config(name, num_layers=None)
         for mode in ("prefill", "decode"):
             verify(optimized(cfg, mode))
+
+
+def test_ple_table_is_fetched_row_by_row(checkpoints):
+    """With fuse_ple the reference session reads only the prompt's PLE rows from the mmap'd file."""
+    from g4c.reference import ReferenceSession
+
+    loaded = load_model(str(checkpoints["e"]))
+    fetched: list[int] = []
+    source_rows = loaded.weights.source.rows
+    loaded.weights.source.rows = lambda name, ids: fetched.extend(ids.tolist()) or source_rows(name, ids)
+    session = ReferenceSession(loaded.cfg, loaded.weights)
+    session.generate([5, 9, 11], 3, stop_tokens=())
+    assert "embed_tokens_per_layer.weight" not in loaded.weights._f32
+    assert fetched[:3] == [5, 9, 11] and len(fetched) == 3 + 2
