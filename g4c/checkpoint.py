@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors.numpy import save_file
 
 from g4c.config import ModelConfig
+from g4c.dtypes import DTYPE_BYTES
 from g4c.errors import G4CError
 from g4c.weights import INDEX_FILE, RandomWeights, WeightSource
 
@@ -43,7 +44,7 @@ def _nbytes(source: WeightSource, name: str) -> int:
     count = 1
     for d in source.shape(name):
         count *= d
-    return count * {"float32": 4, "float16": 2, "bfloat16": 2}[source.dtype(name)]
+    return count * DTYPE_BYTES[source.dtype(name)]
 
 
 def write_checkpoint(cfg: ModelConfig, source: WeightSource, out_dir: str | Path,

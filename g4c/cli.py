@@ -94,8 +94,8 @@ def inspect(model: str = typer.Argument(..., help="Checkpoint directory or prese
     """Layers by type, KV producers/consumers, parameter counts and bytes.
 
     Example: g4c inspect e2b"""
-    from g4c.dtypes import canonical_dtype
-    from g4c.summary import (DTYPE_BYTES, human_bytes, human_count, kv_bytes_per_token, layer_rows,
+    from g4c.dtypes import DTYPE_BYTES, canonical_dtype
+    from g4c.summary import (human_bytes, human_count, kv_bytes_per_token, layer_rows,
                              parameter_totals)
 
     cfg = _config(model, layers)
@@ -119,8 +119,8 @@ def inspect(model: str = typer.Argument(..., help="Checkpoint directory or prese
     out.print(f"  embedding {human_count(totals['embedding'])} (tied LM head: {cfg.tie_word_embeddings}), "
               f"PLE table {human_count(totals['ple_table'])} ({human_bytes(totals['ple_table'] * per)}, host-side gather), "
               f"layers {human_count(totals['layers'])}" + (f", experts {human_count(totals['experts'])}" if totals['experts'] else ""))
-    out.print(f"KV cache: {human_bytes(kv_bytes_per_token(cfg, dt))} per token in {dt} "
-              f"(naive full-length for every layer)")
+    out.print(f"KV cache: {human_bytes(kv_bytes_per_token(cfg, dt))} per token in {dt} for the layers that own a "
+              f"cache, at full length (`g4c plan` gives the ring-buffer/shared plan)")
 
 
 @app.command()

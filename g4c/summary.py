@@ -6,9 +6,8 @@ import math
 from dataclasses import dataclass
 
 from g4c.config import ModelConfig
+from g4c.dtypes import DTYPE_BYTES
 from g4c.weights import expected_shapes
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass

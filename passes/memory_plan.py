@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from g4c.dtypes import DTYPE_BYTES
 from g4c.ir import Graph
 from g4c.ir.graph import shape_value
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4}
 NOT_ACTIVATIONS = ("param", "input", "concat")  # concat only packs weights (done once at compile time)
 
 
@@ -47,8 +46,8 @@ def activation_plan(graph: Graph, tokens: int, past: int = 0, dtype: str = "floa
             free.append(buf)
         if n.op in NOT_ACTIVATIONS or n.op == "kv_cache":
             continue
-        size = batch * math.prod(shape_value(n.type.shape, env)) * DTYPE_BYTES.get(
-            n.type.dtype if n.type.dtype in ("int64", "int32") else dtype, 4)
+        element = n.type.dtype if n.type.dtype in ("int64", "int32") else dtype  # floats at the planned dtype
+        size = batch * math.prod(shape_value(n.type.shape, env)) * DTYPE_BYTES[element]
         total += size
         fitting = sorted((buffers[b], b) for b in free if buffers[b] >= size)
         if fitting:

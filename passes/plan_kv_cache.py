@@ -18,10 +18,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from g4c.config import ModelConfig
+from g4c.dtypes import DTYPE_BYTES
 from g4c.ir import Graph
 from g4c.passes.manager import Pass, PassContext
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass
