@@ -1,4 +1,5 @@
-"""The reference backend: runs the frontend graph with the numpy interpreter (fp32).
+"""The reference backend: runs the model graph (optimized by the pass pipeline unless `passes="none"`)
+with the numpy interpreter in fp32.
 
 Slow but exact; it is what every pass, kernel and compiled artifact is compared against."""
 
@@ -29,15 +30,18 @@ class ReferenceSession(Session):
         self.vocab_size = cfg.input_vocab_size
         self.max_context = cfg.max_position_embeddings
         self.state = KVState()
-        self._graphs: dict[tuple[str, int | None], Graph] = {}
+        self._interpreters: dict[tuple[str, int | None], Interpreter] = {}
 
     @property
     def position(self) -> int:  # type: ignore[override]
         return self.state.length
 
     def graph(self, mode: str, logits_to_keep: int | None) -> Graph:
+        return self._interpreter(mode, logits_to_keep).graph
+
+    def _interpreter(self, mode: str, logits_to_keep: int | None) -> Interpreter:
         key = (mode, logits_to_keep)
-        if key not in self._graphs:
+        if key not in self._interpreters:
             from g4c.passes import PassContext, PassManager
 
             g = build_graph(self.cfg, mode, logits_to_keep)
@@ -45,22 +49,21 @@ class ReferenceSession(Session):
             if self.passes:
                 manager = PassManager(self.passes, self.dump_after, self.dump_dir)
                 g = manager.run(g, PassContext(self.cfg, self.weights.f32))
-            self._graphs[key] = g
-        return self._graphs[key]
+            self._interpreters[key] = Interpreter(g, self.weights.f32, rows=self.weights.rows)
+        return self._interpreters[key]
 
-    def _run(self, graph: Graph, ids: np.ndarray) -> np.ndarray:
+    def _run(self, mode: str, logits_to_keep: int | None, ids: np.ndarray) -> np.ndarray:
         positions = np.arange(self.state.length, self.state.length + ids.size, dtype=np.int64)
-        interpreter = Interpreter(graph, self.weights.f32, rows=self.weights.rows)
-        return interpreter.run(self.state, ids=ids, positions=positions)["logits"]
+        return self._interpreter(mode, logits_to_keep).run(self.state, ids=ids, positions=positions)["logits"]
 
     def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         ids = self.check_tokens(tokens)
-        logits = self._run(self.graph("prefill", None if all_logits else 1), ids)
+        logits = self._run("prefill", None if all_logits else 1, ids)
         return logits if all_logits else logits[-1]
 
     def decode(self, token: int) -> np.ndarray:
         ids = self.check_tokens([token])
-        return self._run(self.graph("decode", None), ids)[0]
+        return self._run("decode", None, ids)[0]
 
     def reset(self) -> None:
         self.state.reset()
