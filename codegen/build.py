@@ -1,0 +1,121 @@
+"""Compile a model into an artifact directory: kernels library, packed weights, manifest.
+
+    DIR/kernels.so              every TensorIR kernel, built by TVM for the target (`export_library`)
+    DIR/weights.safetensors     fp32 weights as the kernels want them (q/k/v and gate/up packed, RoPE tables)
+    DIR/host.safetensors        tables kept in host memory and gathered row by row (the PLE table)
+    DIR/manifest.json           config, target, programs (kernel call sequences), KV slots and plan,
+                                dtype, g4c/TVM versions, SHA-256 of every file
+
+The directory is written under a temporary name and renamed when complete: a failed compile leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+import g4c
+from g4c.config import ModelConfig
+from g4c.errors import G4CError
+from g4c.frontend import build_graph
+from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
+from g4c.weights import Weights
+
+FORMAT = "g4c-artifact"
+FORMAT_VERSION = 1
+LIBRARY = "kernels.so"
+WEIGHTS = "weights.safetensors"
+HOST = "host.safetensors"
+MANIFEST = "manifest.json"
+PROGRAMS = {"prefill": ("prefill", 1), "prefill_all": ("prefill", None), "decode": ("decode", None)}
+
+Progress = Callable[[str, int, int], None]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def optimized_graphs(cfg: ModelConfig, weights: Weights) -> dict:
+    ctx = PassContext(cfg, weights.f32)
+    return {name: PassManager(DEFAULT_PIPELINE).run(build_graph(cfg, mode, keep), ctx)
+            for name, (mode, keep) in PROGRAMS.items()}
+
+
+def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir: str | Path,
+                  overwrite: bool = False, progress: Progress | None = None) -> Path:
+    """Lower, schedule, build and write an artifact (see the module docstring)."""
+    import tvm
+
+    from g4c.codegen.kernels import module
+    from g4c.codegen.lower import lower
+    from g4c.targets.base import get_target
+
+    target = get_target(target_name)
+    out = Path(out_dir)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise G4CError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+    report = progress or (lambda stage, done, total: None)
+    graphs = optimized_graphs(cfg, weights)
+    lowered = lower(cfg, graphs, weights.f32)
+    names = sorted(lowered.kernels)
+    scheduled = {}
+    for i, name in enumerate(names):
+        scheduled[name] = target.schedule(name, lowered.kernels[name])
+        report("scheduling kernels", i + 1, len(names))
+    report("building library", 0, 1)
+    t0 = time.time()
+    lib = tvm.compile(module(scheduled), target=target.tvm_target())
+    build_seconds = time.time() - t0
+    report("building library", 1, 1)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        lib.export_library(str(tmp / LIBRARY))
+        _write_weights(tmp, lowered, weights, report)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "g4c_version": g4c.__version__,
+            "tvm_version": tvm.__version__, "target": target.name, "target_spec": str(target.tvm_target()),
+            "dtype": "float32", "config": cfg.to_hf_dict(), "build_seconds": round(build_seconds, 2),
+            "kernels": names, "programs": {k: p.to_json() for k, p in lowered.programs.items()},
+            "kv_slots": {k: asdict(v) for k, v in lowered.kv_slots.items()},
+            "kv_plan": graphs["decode"].meta.get("kv_plan", []), "host_tables": lowered.host_tables,
+            "files": {f.name: sha256(f) for f in sorted(tmp.iterdir())},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_weights(directory: Path, lowered, weights: Weights, report: Progress) -> None:
+    used = sorted({ref[2:] for p in lowered.programs.values() for s in p.steps for ref in s.args if ref.startswith("w:")})
+    tensors: dict[str, np.ndarray] = {}
+    for i, name in enumerate(used):
+        producer = lowered.packed.get(name)
+        array = producer() if producer else weights.f32(name)
+        tensors[name] = np.ascontiguousarray(array, dtype=np.float32)
+        report("packing weights", i + 1, len(used))
+    save_file(tensors, str(directory / WEIGHTS))
+    if lowered.host_tables:
+        save_file({n: np.ascontiguousarray(weights.get(n), dtype=np.float32) for n in lowered.host_tables},
+                  str(directory / HOST))

@@ -1,0 +1,318 @@
+"""TensorIR kernels for the fused g4c ops, written with TVM's tensor expression language (TE).
+
+Each function returns a `tirx.PrimFunc` for one static configuration (widths, heads, head_dim, eps,
+RoPE, window...) with a symbolic token count T (and symbolic cache length S), so one build serves
+every prompt length. Kernels are destination-passing: the last parameters are outputs, except
+`cache_write`, which updates the cache buffer in place. All arithmetic is fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tvm
+from tvm import te, tirx
+from tvm.script import tirx as T_
+
+F32 = "float32"
+I64 = "int64"
+
+
+def _t() -> tirx.Var:
+    return tirx.Var("T", I64)
+
+
+def _prim(args, name: str) -> tirx.PrimFunc:
+    return te.create_prim_func(args).with_attr("global_symbol", name)
+
+
+def embed(vocab: int, hidden: int, scale: float, name: str) -> tirx.PrimFunc:
+    t = _t()
+    table = te.placeholder((vocab, hidden), F32, name="table")
+    ids = te.placeholder((t,), I64, name="ids")
+    out = te.compute((t, hidden), lambda i, j: table[ids[i], j] * tirx.const(scale, F32), name="out")
+    return _prim([table, ids, out], name)
+
+
+def linear(k: int, n: int, name: str) -> tirx.PrimFunc:
+    t = _t()
+    x = te.placeholder((t, k), F32, name="x")
+    w = te.placeholder((n, k), F32, name="w")
+    r = te.reduce_axis((0, k), name="k")
+    y = te.compute((t, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="y")
+    return _prim([x, w, y], name)
+
+
+def _rms(x, rows_shape, dim: int, eps: float, index):
+    """(mean(x²) + eps)^-0.5 per row, as a TE tensor over `rows_shape`."""
+    r = te.reduce_axis((0, dim), name="d")
+    sq = te.compute(rows_shape, lambda *i: te.sum(index(x, i, r) * index(x, i, r), axis=r), name="sq")
+    return te.compute(rows_shape, lambda *i: tirx.power(sq[i] / tirx.const(dim, F32) + tirx.const(eps, F32),
+                                                        tirx.const(-0.5, F32)), name="inv_rms")
+
+
+def rms_norm(dim: int, eps: float, weighted: bool, name: str) -> tirx.PrimFunc:
+    t = _t()
+    x = te.placeholder((t, dim), F32, name="x")
+    inv = _rms(x, (t,), dim, eps, lambda a, i, r: a[i[0], r])
+    if weighted:
+        w = te.placeholder((dim,), F32, name="w")
+        out = te.compute((t, dim), lambda i, j: x[i, j] * inv[i] * w[j], name="out")
+        return _prim([x, w, out], name)
+    out = te.compute((t, dim), lambda i, j: x[i, j] * inv[i], name="out")
+    return _prim([x, out], name)
+
+
+def add_rms_norm(dim: int, eps: float, name: str) -> tirx.PrimFunc:
+    t = _t()
+    res = te.placeholder((t, dim), F32, name="residual")
+    y = te.placeholder((t, dim), F32, name="y")
+    w = te.placeholder((dim,), F32, name="w")
+    inv = _rms(y, (t,), dim, eps, lambda a, i, r: a[i[0], r])
+    out = te.compute((t, dim), lambda i, j: res[i, j] + y[i, j] * inv[i] * w[j], name="out")
+    return _prim([res, y, w, out], name)
+
+
+def head_norm_rope(total: int, offset: int, heads: int, head_dim: int, eps: float, weighted: bool, rope: bool,
+                   name: str) -> tirx.PrimFunc:
+    """Heads [offset, offset+heads) of a fused projection [T, total], RMS-normalised per head, then
+    rotated (rotate_half RoPE with per-pair inverse frequencies `inv_freq`)."""
+    t = _t()
+    src = te.placeholder((t, total), F32, name="src")
+    pos = te.placeholder((t,), I64, name="positions")
+    half = head_dim // 2
+
+    def at(i, h, d):
+        return src[i, (offset + h) * head_dim + d]
+
+    inv = _rms(src, (t, heads), head_dim, eps, lambda a, i, r: at(i[0], i[1], r))
+    args = [src, pos]
+    if weighted:
+        w = te.placeholder((head_dim,), F32, name="w")
+        args.append(w)
+        normed = te.compute((t, heads, head_dim), lambda i, h, d: at(i, h, d) * inv[i, h] * w[d], name="normed")
+    else:
+        normed = te.compute((t, heads, head_dim), lambda i, h, d: at(i, h, d) * inv[i, h], name="normed")
+    if not rope:
+        out = te.compute((t, heads, head_dim), lambda i, h, d: normed[i, h, d], name="out")
+        return _prim(args + [out], name)
+    inv_freq = te.placeholder((half,), F32, name="inv_freq")
+    args.append(inv_freq)
+
+    def rotated(i, h, d):
+        angle = pos[i].astype(F32) * inv_freq[tirx.floormod(d, half)]
+        partner = tirx.if_then_else(d < half, -normed[i, h, d + half], normed[i, h, d - half])
+        return normed[i, h, d] * tirx.cos(angle) + partner * tirx.sin(angle)
+
+    out = te.compute((t, heads, head_dim), rotated, name="out")
+    return _prim(args + [out], name)
+
+
+def cache_write(kv_heads: int, head_dim: int, ring: bool, name: str) -> tirx.PrimFunc:
+    """cache[slot(p)] = new[i] for each new token i at position p (slot = p mod R for ring buffers)."""
+    if ring:
+        @T_.prim_func
+        def func(cache_h: T_.handle, new_h: T_.handle, pos_h: T_.handle):
+            T_.func_attr({"global_symbol": name, "tirx.noalias": True})
+            r = T_.int64()
+            t = T_.int64()
+            cache = T_.match_buffer(cache_h, (r, kv_heads, head_dim), F32)
+            new = T_.match_buffer(new_h, (t, kv_heads, head_dim), F32)
+            pos = T_.match_buffer(pos_h, (t,), I64)
+            for i, h, d in T_.grid(t, kv_heads, head_dim):
+                cache[T_.floormod(pos[i], r), h, d] = new[i, h, d]
+    else:
+        @T_.prim_func
+        def func(cache_h: T_.handle, new_h: T_.handle, pos_h: T_.handle):
+            T_.func_attr({"global_symbol": name, "tirx.noalias": True})
+            r = T_.int64()
+            t = T_.int64()
+            cache = T_.match_buffer(cache_h, (r, kv_heads, head_dim), F32)
+            new = T_.match_buffer(new_h, (t, kv_heads, head_dim), F32)
+            pos = T_.match_buffer(pos_h, (t,), I64)
+            for i, h, d in T_.grid(t, kv_heads, head_dim):
+                cache[pos[i], h, d] = new[i, h, d]
+    return func
+
+
+def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, scaling: float,
+              name: str) -> tirx.PrimFunc:
+    """Causal GQA attention of T queries over a cache view of S slots. The cache holds positions
+    `0 .. L-1` (L = positions[T-1] + 1) either directly (full: slot = position, S = L) or as a ring of
+    S slots (slot s holds the newest position p ≤ L-1 with p ≡ s mod S); one formula covers both."""
+    t, s = _t(), tirx.Var("S", I64)
+    q = te.placeholder((t, q_heads, head_dim), F32, name="q")
+    kc = te.placeholder((s, kv_heads, head_dim), F32, name="k_cache")
+    vc = te.placeholder((s, kv_heads, head_dim), F32, name="v_cache")
+    pos = te.placeholder((t,), I64, name="positions")
+    group = q_heads // kv_heads
+    last = pos[t - 1]
+
+    def key_pos(j):
+        return j + s * tirx.floordiv(last - j, s)
+
+    def visible(i, j):
+        kp = key_pos(j)
+        ok = tirx.all(j <= last, kp <= pos[i])
+        if window is not None:
+            ok = tirx.all(ok, pos[i] - kp < window)
+        return ok
+
+    d = te.reduce_axis((0, head_dim), name="d")
+    neg = tirx.const(-3.0e38, F32)
+    dots = te.compute((t, q_heads, s), lambda i, h, j: te.sum(q[i, h, d] * kc[j, h // group, d], axis=d),
+                      name="dots")
+    scores = te.compute((t, q_heads, s), lambda i, h, j: tirx.if_then_else(
+        visible(i, j), dots[i, h, j] * tirx.const(scaling, F32), neg), name="scores")
+    j1 = te.reduce_axis((0, s), name="j1")
+    mx = te.compute((t, q_heads), lambda i, h: te.max(scores[i, h, j1], axis=j1), name="mx")
+    ex = te.compute((t, q_heads, s), lambda i, h, j: tirx.if_then_else(
+        visible(i, j), tirx.exp(scores[i, h, j] - mx[i, h]), tirx.const(0.0, F32)), name="ex")
+    j2 = te.reduce_axis((0, s), name="j2")
+    den = te.compute((t, q_heads), lambda i, h: te.sum(ex[i, h, j2], axis=j2), name="den")
+    j3 = te.reduce_axis((0, s), name="j3")
+    acc = te.compute((t, q_heads, head_dim), lambda i, h, e: te.sum(ex[i, h, j3] * vc[j3, h // group, e], axis=j3),
+                     name="acc")
+    out = te.compute((t, q_heads, head_dim), lambda i, h, e: acc[i, h, e] / den[i, h], name="out")
+    return _prim([q, kc, vc, pos, out], name)
+
+
+def gelu_mul(inter: int, name: str) -> tirx.PrimFunc:
+    """gelu_tanh(h[:, :I]) * h[:, I:] for a fused gate/up projection h [T, 2I]."""
+    t = _t()
+    h = te.placeholder((t, 2 * inter), F32, name="h")
+    out = te.compute((t, inter), lambda i, j: _gelu(h[i, j]) * h[i, j + inter], name="out")
+    return _prim([h, out], name)
+
+
+def _gelu(x):
+    c = tirx.const(math.sqrt(2.0 / math.pi), F32)
+    return tirx.const(0.5, F32) * x * (tirx.const(1.0, F32) + tirx.tanh(c * (x + tirx.const(0.044715, F32) * x * x * x)))
+
+
+def scale_rows(dim: int, name: str) -> tirx.PrimFunc:
+    """x * s for a 1-element tensor s (layer_scalar)."""
+    t = _t()
+    x = te.placeholder((t, dim), F32, name="x")
+    s = te.placeholder((1,), F32, name="s")
+    out = te.compute((t, dim), lambda i, j: x[i, j] * s[0], name="out")
+    return _prim([x, s, out], name)
+
+
+def add(dim: int, name: str) -> tirx.PrimFunc:
+    t = _t()
+    a = te.placeholder((t, dim), F32, name="a")
+    b = te.placeholder((t, dim), F32, name="b")
+    out = te.compute((t, dim), lambda i, j: a[i, j] + b[i, j], name="out")
+    return _prim([a, b, out], name)
+
+
+def softcap(dim: int, cap: float, name: str) -> tirx.PrimFunc:
+    t = _t()
+    x = te.placeholder((t, dim), F32, name="x")
+    c = tirx.const(cap, F32)
+    out = te.compute((t, dim), lambda i, j: c * tirx.tanh(x[i, j] / c), name="out")
+    return _prim([x, out], name)
+
+
+def ple_mix(layers: int, dim: int, eps: float, table_scale: float, proj_scale: float, mix_scale: float,
+            name: str) -> tirx.PrimFunc:
+    """((rms_norm(proj * proj_scale) per layer slice, norm) + rows * table_scale) * mix_scale → [T, L*P]."""
+    t = _t()
+    rows = te.placeholder((t, layers * dim), F32, name="rows")
+    proj = te.placeholder((t, layers * dim), F32, name="proj")
+    w = te.placeholder((dim,), F32, name="w")
+    ps = tirx.const(proj_scale, F32)
+    scaled = te.compute((t, layers * dim), lambda i, j: proj[i, j] * ps, name="scaled")
+    inv = _rms(scaled, (t, layers), dim, eps, lambda a, i, r: a[i[0], i[1] * dim + r])
+    out = te.compute((t, layers * dim), lambda i, j: (
+        scaled[i, j] * inv[i, j // dim] * w[j % dim] + rows[i, j] * tirx.const(table_scale, F32))
+        * tirx.const(mix_scale, F32), name="out")
+    return _prim([rows, proj, w, out], name)
+
+
+def ple_gate(layers: int, dim: int, index: int, name: str) -> tirx.PrimFunc:
+    """gelu_tanh(g) * ple[:, index] for g [T, P] and ple [T, L*P]."""
+    t = _t()
+    g = te.placeholder((t, dim), F32, name="g")
+    ple = te.placeholder((t, layers * dim), F32, name="ple")
+    out = te.compute((t, dim), lambda i, j: _gelu(g[i, j]) * ple[i, index * dim + j], name="out")
+    return _prim([g, ple, out], name)
+
+
+def router_input(dim: int, eps: float, input_scale: float, name: str) -> tirx.PrimFunc:
+    """rms_norm(r) (no weight) * router.scale * input_scale."""
+    t = _t()
+    r = te.placeholder((t, dim), F32, name="r")
+    s = te.placeholder((dim,), F32, name="scale")
+    inv = _rms(r, (t,), dim, eps, lambda a, i, k: a[i[0], k])
+    out = te.compute((t, dim), lambda i, j: r[i, j] * inv[i] * s[j] * tirx.const(input_scale, F32), name="out")
+    return _prim([r, s, out], name)
+
+
+def router_topk(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
+    """softmax over experts, the top-k (first index wins ties), renormalised, times per_expert_scale."""
+    @T_.prim_func
+    def func(logits_h: T_.handle, pes_h: T_.handle, idx_h: T_.handle, w_h: T_.handle):
+        T_.func_attr({"global_symbol": name, "tirx.noalias": True})
+        t = T_.int64()
+        logits = T_.match_buffer(logits_h, (t, experts), F32)
+        pes = T_.match_buffer(pes_h, (experts,), F32)
+        idx = T_.match_buffer(idx_h, (t, top_k), I64)
+        w = T_.match_buffer(w_h, (t, top_k), F32)
+        probs = T_.alloc_buffer((experts,), F32)
+        taken = T_.alloc_buffer((experts,), "int32")
+        acc = T_.alloc_buffer((3,), F32)
+        best = T_.alloc_buffer((1,), I64)
+        for i in range(t):
+            acc[0] = T_.float32(-3.0e38)
+            for e in range(experts):
+                acc[0] = T_.max(acc[0], logits[i, e])
+                taken[e] = 0
+            acc[1] = T_.float32(0)
+            for e in range(experts):
+                probs[e] = T_.exp(logits[i, e] - acc[0])
+                acc[1] = acc[1] + probs[e]
+            for e in range(experts):
+                probs[e] = probs[e] / acc[1]
+            acc[2] = T_.float32(0)
+            for j in range(top_k):
+                best[0] = T_.int64(-1)
+                for e in range(experts):
+                    if taken[e] == 0:
+                        if best[0] < 0:
+                            best[0] = e
+                        elif probs[e] > probs[best[0]]:
+                            best[0] = e
+                taken[best[0]] = 1
+                idx[i, j] = best[0]
+                w[i, j] = probs[best[0]]
+                acc[2] = acc[2] + probs[best[0]]
+            for j in range(top_k):
+                w[i, j] = w[i, j] / acc[2] * pes[idx[i, j]]
+    return func
+
+
+def moe_experts(hidden: int, inter: int, experts: int, top_k: int, name: str) -> tirx.PrimFunc:
+    """Σ_j w[t,j] · down[e](gelu(gate)·up)(x[t]) with e = idx[t, j]: only the selected experts'
+    weights are read (gathered per token)."""
+    t = _t()
+    x = te.placeholder((t, hidden), F32, name="x")
+    idx = te.placeholder((t, top_k), I64, name="idx")
+    w = te.placeholder((t, top_k), F32, name="w")
+    gate_up = te.placeholder((experts, 2 * inter, hidden), F32, name="gate_up")
+    down = te.placeholder((experts, hidden, inter), F32, name="down")
+    k1 = te.reduce_axis((0, hidden), name="k1")
+    h = te.compute((t, top_k, 2 * inter), lambda i, j, c: te.sum(x[i, k1] * gate_up[idx[i, j], c, k1], axis=k1),
+                   name="h")
+    act = te.compute((t, top_k, inter), lambda i, j, c: _gelu(h[i, j, c]) * h[i, j, c + inter] * w[i, j],
+                     name="act")
+    jj = te.reduce_axis((0, top_k), name="jj")
+    k2 = te.reduce_axis((0, inter), name="k2")
+    out = te.compute((t, hidden), lambda i, o: te.sum(act[i, jj, k2] * down[idx[i, jj], o, k2], axis=[jj, k2]),
+                     name="out")
+    return _prim([x, idx, w, gate_up, down, out], name)
+
+
+def module(funcs: dict[str, tirx.PrimFunc]) -> tvm.IRModule:
+    return tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})

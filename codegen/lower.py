@@ -1,0 +1,322 @@
+"""Lower an optimized g4c graph to a kernel program: TensorIR kernels plus the sequence of calls.
+
+Each fused op becomes one or a few destination-passing kernels (`g4c.codegen.kernels`), deduplicated
+by configuration across layers; the program lists, per step, the kernel and its buffer references.
+The program is plain data (JSON in the artifact manifest), so the runtime that executes it needs
+only the compiled library, numpy and `tvm_ffi` — never the compiler.
+
+Buffer references: `in:ids`, `in:positions` (runtime inputs), `w:NAME` (weights, including packed
+ones such as `packed.l0_w_qkv`), `a:NAME` (activations, shapes in `Program.buffers`), `kv:SLOT`
+(a KV cache: the first P+T rows of a full cache, or the whole ring), and the two data-movement steps
+the runtime performs itself: `rows` (gather PLE rows of the host-memory table) and `last` (a view of
+the last n rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from g4c.codegen import kernels as K
+from g4c.config import ModelConfig, RopeSpec
+from g4c.ir import Graph, Node
+
+Shape = list[int | str]
+
+
+@dataclass
+class Step:
+    kernel: str  # kernel name, or a runtime builtin: "rows" | "last"
+    args: list[str]  # inputs then outputs
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Program:
+    name: str
+    steps: list[Step] = field(default_factory=list)
+    buffers: dict[str, tuple[Shape, str]] = field(default_factory=dict)  # activation → (shape, dtype)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "steps": [asdict(s) for s in self.steps],
+                "buffers": {k: [list(v[0]), v[1]] for k, v in self.buffers.items()}, "outputs": self.outputs}
+
+
+@dataclass
+class KVSlot:
+    slot: str
+    layer: int
+    kv_heads: int
+    head_dim: int
+    ring: bool
+    window: int | None
+
+
+@dataclass
+class Lowered:
+    kernels: dict[str, object]  # name → PrimFunc
+    programs: dict[str, Program]
+    packed: dict[str, Callable[[], np.ndarray]]  # derived weight name → producer
+    kv_slots: dict[str, KVSlot]
+    host_tables: list[str]
+
+
+class _Lowering:
+    def __init__(self, cfg: ModelConfig, weights: Callable[[str], np.ndarray], lowered: Lowered, program: Program):
+        self.cfg, self.weights, self.out, self.prog = cfg, weights, lowered, program
+        self.refs: dict[int, str] = {}
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def kernel(self, name: str, build: Callable[[], object]) -> str:
+        if name not in self.out.kernels:
+            self.out.kernels[name] = build()
+        return name
+
+    def buf(self, name: str, shape, dtype: str = "float32") -> str:
+        self.prog.buffers[name] = (list(shape), dtype)
+        return f"a:{name}"
+
+    def call(self, kernel: str, *args: str, **attrs) -> None:
+        self.prog.steps.append(Step(kernel, list(args), attrs))
+
+    def ref(self, node: Node) -> str:
+        return self.refs[id(node)]
+
+    def weight(self, node: Node) -> str:
+        if node.op == "param":
+            return f"w:{node.attrs['name']}"
+        if node.op == "concat":  # weights packed at compile time
+            name = f"packed.{node.name}"
+            parts = [i.attrs["name"] for i in node.inputs]
+            axis = node.attrs["axis"]
+            self.out.packed.setdefault(name, lambda: np.concatenate([self.weights(p) for p in parts], axis=axis))
+            return f"w:{name}"
+        raise NotImplementedError(f"weight operand %{node.name} is a {node.op}")
+
+    def rope_table(self, spec: RopeSpec, head_dim: int) -> str:
+        name = f"rope.{spec.rope_type}.{spec.theta:g}.{spec.partial_rotary_factor:g}.{head_dim}"
+        self.out.packed.setdefault(name, lambda: spec.inv_freq(head_dim))
+        return f"w:{name}"
+
+    def linear(self, x: str, w: str, k: int, n: int, out_name: str, rows) -> str:
+        kern = self.kernel(f"linear_{k}x{n}", lambda: K.linear(k, n, f"linear_{k}x{n}"))
+        out = self.buf(out_name, (rows, n))
+        self.call(kern, x, w, out)
+        return out
+
+    def rms(self, x: str, w: str | None, dim: int, eps: float, out_name: str, rows) -> str:
+        name = f"rms_norm_{dim}_{'w' if w else 'nw'}_{eps:g}"
+        kern = self.kernel(name, lambda: K.rms_norm(dim, eps, w is not None, name))
+        out = self.buf(out_name, (rows, dim))
+        self.call(kern, *([x, w] if w else [x]), out)
+        return out
+
+    # -- ops ---------------------------------------------------------------------------------------
+    def lower(self, graph: Graph) -> None:
+        for node in graph.nodes:
+            if node.op in ("param", "concat"):
+                continue
+            if node.op == "input":
+                self.refs[id(node)] = f"in:{node.attrs['name']}"
+                continue
+            handler = getattr(self, f"op_{node.op}", None)
+            if handler is None:
+                raise NotImplementedError(f"no TVM lowering for op {node.op!r} (%{node.name}); run the passes first")
+            self.refs[id(node)] = handler(node)
+        self.prog.outputs = {k: self.ref(v) for k, v in graph.outputs.items()}
+
+    def op_embedding(self, n: Node) -> str:
+        table, ids = n.inputs
+        vocab, hidden = table.type.shape
+        name = f"embed_{vocab}x{hidden}"
+        kern = self.kernel(name, lambda: K.embed(vocab, hidden, 1.0, name))
+        out = self.buf(n.name, n.type.shape)
+        self.call(kern, self.weight(table), self.ref(ids), out)
+        return out
+
+    def op_scale(self, n: Node) -> str:
+        (x,) = n.inputs
+        rows, dim = x.type.shape
+        value = float(n.attrs["value"])
+        self.out.packed.setdefault(f"const.{value!r}", lambda: np.array([value], np.float32))
+        kern = self.kernel(f"scale_rows_{dim}", lambda: K.scale_rows(dim, f"scale_rows_{dim}"))
+        out = self.buf(n.name, n.type.shape)
+        self.call(kern, self.ref(x), f"w:const.{value!r}", out)
+        return out
+
+    def op_mul(self, n: Node) -> str:  # x * layer_scalar
+        x, s = n.inputs
+        if s.op != "param" or s.type.shape != (1,):
+            raise NotImplementedError(f"mul %{n.name}: only `x * layer_scalar` is lowered")
+        dim = x.type.shape[1]
+        kern = self.kernel(f"scale_rows_{dim}", lambda: K.scale_rows(dim, f"scale_rows_{dim}"))
+        out = self.buf(n.name, n.type.shape)
+        self.call(kern, self.ref(x), self.weight(s), out)
+        return out
+
+    def op_add(self, n: Node) -> str:
+        a, b = n.inputs
+        dim = n.type.shape[1]
+        kern = self.kernel(f"add_{dim}", lambda: K.add(dim, f"add_{dim}"))
+        out = self.buf(n.name, n.type.shape)
+        self.call(kern, self.ref(a), self.ref(b), out)
+        return out
+
+    def op_rms_norm(self, n: Node) -> str:
+        x = n.inputs[0]
+        w = self.weight(n.inputs[1]) if len(n.inputs) == 2 else None
+        return self.rms(self.ref(x), w, x.type.shape[-1], n.attrs["eps"], n.name, x.type.shape[0])
+
+    def op_add_rms_norm(self, n: Node) -> str:
+        r, y, w = n.inputs
+        dim = r.type.shape[1]
+        name = f"add_rms_norm_{dim}_{n.attrs['eps']:g}"
+        kern = self.kernel(name, lambda: K.add_rms_norm(dim, n.attrs["eps"], name))
+        out = self.buf(n.name, n.type.shape)
+        self.call(kern, self.ref(r), self.ref(y), self.weight(w), out)
+        return out
+
+    def op_take_last(self, n: Node) -> str:
+        out = self.buf(n.name, n.type.shape)
+        self.call("last", self.ref(n.inputs[0]), out, count=n.attrs["count"])
+        return out
+
+    def op_gated_mlp(self, n: Node) -> str:
+        x, norm, w_gate_up, w_down = n.inputs
+        rows, hidden = x.type.shape
+        inter = w_gate_up.type.shape[0] // 2
+        h = self.rms(self.ref(x), self.weight(norm), hidden, n.attrs["eps"], f"{n.name}_in", rows)
+        gu = self.linear(h, self.weight(w_gate_up), hidden, 2 * inter, f"{n.name}_gate_up", rows)
+        kern = self.kernel(f"gelu_mul_{inter}", lambda: K.gelu_mul(inter, f"gelu_mul_{inter}"))
+        act = self.buf(f"{n.name}_act", (rows, inter))
+        self.call(kern, gu, act)
+        return self.linear(act, self.weight(w_down), inter, hidden, n.name, rows)
+
+    def op_lm_head(self, n: Node) -> str:
+        x, norm, w = n.inputs
+        rows, hidden = x.type.shape
+        vocab = w.type.shape[0]
+        h = self.rms(self.ref(x), self.weight(norm), hidden, n.attrs["eps"], f"{n.name}_in", rows)
+        cap = n.attrs["softcap"]
+        logits = self.linear(h, self.weight(w), hidden, vocab, f"{n.name}_raw" if cap else n.name, rows)
+        if cap is None:
+            return logits
+        name = f"softcap_{vocab}_{cap:g}"
+        kern = self.kernel(name, lambda: K.softcap(vocab, cap, name))
+        out = self.buf(n.name, n.type.shape)
+        self.call(kern, logits, out)
+        return out
+
+    def op_fused_attention(self, n: Node) -> str:
+        a = n.attrs
+        x, positions, in_norm = n.inputs[:3]
+        rows, hidden = x.type.shape
+        nh, nkv, hd, eps = a["q_heads"], a["kv_heads"], a["head_dim"], a["eps"]
+        spec = RopeSpec(a["rope_type"], a["theta"], a["partial_rotary_factor"])
+        pos = self.ref(positions)
+        h = self.rms(self.ref(x), self.weight(in_norm), hidden, eps, f"{n.name}_in", rows)
+        inv_freq = self.rope_table(spec, hd)
+        total = (nh + (nkv if a["k_eq_v"] else 2 * nkv)) * hd if a["role"] == "own" else nh * hd
+        w_proj = self.weight(n.inputs[3])
+        proj = self.linear(h, w_proj, hidden, total, f"{n.name}_proj", rows)
+        q = self._heads(proj, pos, self.weight(n.inputs[4]), inv_freq, total, 0, nh, hd, eps, True, True,
+                        f"{n.name}_q", rows)
+        if a["role"] == "own":
+            k = self._heads(proj, pos, self.weight(n.inputs[5]), inv_freq, total, nh, nkv, hd, eps, True, True,
+                            f"{n.name}_k", rows)
+            v_offset = nh if a["k_eq_v"] else nh + nkv
+            v = self._heads(proj, pos, None, None, total, v_offset, nkv, hd, eps, False, False, f"{n.name}_v", rows)
+            ring = a.get("cache") == "ring"
+            for slot, new in ((a["k_slot"], k), (a["v_slot"], v)):
+                self.out.kv_slots[slot] = KVSlot(slot, a["layer"], nkv, hd, ring, a["window"])
+                name = f"cache_write_{nkv}x{hd}_{'ring' if ring else 'full'}"
+                kern = self.kernel(name, lambda: K.cache_write(nkv, hd, ring, name))
+                self.call(kern, f"kv:{slot}", new, pos)
+        window = a["window"]
+        name = f"attention_{nh}x{nkv}x{hd}_w{window}"
+        kern = self.kernel(name, lambda: K.attention(nh, nkv, hd, window, 1.0, name))
+        attn = self.buf(f"{n.name}_attn", (rows, nh, hd))
+        self.call(kern, q, f"kv:{a['k_slot']}", f"kv:{a['v_slot']}", pos, attn)
+        w_o = n.inputs[5] if a["role"] == "reuse" else n.inputs[6]
+        flat = self.buf(f"{n.name}_attn_flat", (rows, nh * hd))
+        self.call("reshape", attn, flat)
+        return self.linear(flat, self.weight(w_o), nh * hd, hidden, n.name, rows)
+
+    def _heads(self, proj, pos, w, inv_freq, total, offset, heads, hd, eps, weighted, rope, out_name, rows) -> str:
+        name = f"heads_{total}_{offset}_{heads}x{hd}_{'w' if weighted else 'nw'}_{'rope' if rope else 'norope'}_{eps:g}"
+        kern = self.kernel(name, lambda: K.head_norm_rope(total, offset, heads, hd, eps, weighted, rope, name))
+        out = self.buf(out_name, (rows, heads, hd))
+        args = [proj, pos] + ([w] if weighted else []) + ([inv_freq] if rope else [])
+        self.call(kern, *args, out)
+        return out
+
+    def op_ple_inputs(self, n: Node) -> str:
+        ids, x, table, w_proj, norm = n.inputs
+        a = n.attrs
+        rows_dim = x.type.shape[0]
+        layers, dim = a["layers"], a["dim"]
+        name = table.attrs["name"]
+        if name not in self.out.host_tables:
+            self.out.host_tables.append(name)
+        gathered = self.buf(f"{n.name}_rows", (rows_dim, layers * dim))
+        self.call("rows", self.ref(ids), gathered, table=name)
+        proj = self.linear(self.ref(x), self.weight(w_proj), x.type.shape[1], layers * dim, f"{n.name}_proj", rows_dim)
+        kname = f"ple_mix_{layers}x{dim}"
+        kern = self.kernel(kname, lambda: K.ple_mix(layers, dim, a["eps"], a["table_scale"], a["proj_scale"],
+                                                    a["mix_scale"], kname))
+        out = self.buf(n.name, (rows_dim, layers * dim))
+        self.call(kern, gathered, proj, self.weight(norm), out)
+        return out
+
+    def op_ple_epilogue(self, n: Node) -> str:
+        x, ple, w_gate, w_proj, norm = n.inputs
+        rows, hidden = x.type.shape
+        layers, dim = self.cfg.num_hidden_layers, self.cfg.hidden_size_per_layer_input
+        g = self.linear(self.ref(x), self.weight(w_gate), hidden, dim, f"{n.name}_gate", rows)
+        index = n.attrs["index"]
+        kname = f"ple_gate_{layers}x{dim}_{index}"
+        kern = self.kernel(kname, lambda: K.ple_gate(layers, dim, index, kname))
+        gated = self.buf(f"{n.name}_gated", (rows, dim))
+        self.call(kern, g, self.ref(ple), gated)
+        y = self.linear(gated, self.weight(w_proj), dim, hidden, f"{n.name}_proj", rows)
+        name = f"add_rms_norm_{hidden}_{n.attrs['eps']:g}"
+        kern = self.kernel(name, lambda: K.add_rms_norm(hidden, n.attrs["eps"], name))
+        out = self.buf(n.name, (rows, hidden))
+        self.call(kern, self.ref(x), y, self.weight(norm), out)
+        return out
+
+    def op_moe(self, n: Node) -> str:
+        r, scale, w_router, pes, pre_norm, gate_up, down, post_norm = n.inputs
+        a = n.attrs
+        rows, hidden = r.type.shape
+        experts, inter2, _ = gate_up.type.shape
+        inter, top_k, eps = inter2 // 2, a["top_k"], a["eps"]
+        kname = f"router_input_{hidden}"
+        kern = self.kernel(kname, lambda: K.router_input(hidden, eps, a["router_input_scale"], kname))
+        z = self.buf(f"{n.name}_router_in", (rows, hidden))
+        self.call(kern, self.ref(r), self.weight(scale), z)
+        logits = self.linear(z, self.weight(w_router), hidden, experts, f"{n.name}_router_logits", rows)
+        kname = f"router_topk_{experts}_{top_k}"
+        kern = self.kernel(kname, lambda: K.router_topk(experts, top_k, kname))
+        idx = self.buf(f"{n.name}_idx", (rows, top_k), "int64")
+        wts = self.buf(f"{n.name}_w", (rows, top_k))
+        self.call(kern, logits, self.weight(pes), idx, wts)
+        e_in = self.rms(self.ref(r), self.weight(pre_norm), hidden, eps, f"{n.name}_in", rows)
+        kname = f"moe_experts_{hidden}x{inter}x{experts}_{top_k}"
+        kern = self.kernel(kname, lambda: K.moe_experts(hidden, inter, experts, top_k, kname))
+        e_out = self.buf(f"{n.name}_experts", (rows, hidden))
+        self.call(kern, e_in, idx, wts, self.weight(gate_up), self.weight(down), e_out)
+        return self.rms(e_out, self.weight(post_norm), hidden, eps, n.name, rows)
+
+
+def lower(cfg: ModelConfig, graphs: dict[str, Graph], weights: Callable[[str], np.ndarray]) -> Lowered:
+    """Lower the optimized `prefill` and `decode` graphs into one kernel set and two programs."""
+    out = Lowered({}, {}, {}, {}, [])
+    for mode, graph in graphs.items():
+        program = Program(mode)
+        _Lowering(cfg, weights, out, program).lower(graph)
+        out.programs[mode] = program
+    return out

@@ -1,0 +1,223 @@
+"""Run a compiled g4c artifact with only numpy, safetensors and `tvm_ffi` (+ the TVM runtime library).
+
+`load(DIR)` checks the manifest (format, g4c version, SHA-256 and size of every file), loads the
+kernel library with `tvm_ffi.load_module`, maps the weights, allocates the KV caches from the plan
+(ring buffers of window + chunk - 1 slots for sliding producers, `max_context` rows for global
+producers, nothing for KV-sharing layers, which read their donor's buffers) and returns a `Session`
+with `prefill` (chunked), `decode`, `generate` and `reset`.
+
+Nothing here imports the TVM compiler (`tvm`, `tvm.relax`): devices have no compiler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from g4c import __version__
+from g4c.errors import G4CError
+from g4c.runtime.session import Session
+
+FORMAT = "g4c-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+ALIGNMENT = 64  # TVM kernels assume 64-byte aligned buffers (aligned vector loads)
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised numpy array whose data pointer is ALIGNMENT-byte aligned."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % ALIGNMENT
+    return raw[offset: offset + nbytes].view(dtype).reshape(shape)
+
+
+def aligned(array: np.ndarray) -> np.ndarray:
+    if array.ctypes.data % ALIGNMENT == 0 and array.flags.c_contiguous:
+        return array
+    out = aligned_empty(array.shape, array.dtype)
+    out[...] = array
+    return out
+
+
+class ArtifactError(G4CError):
+    """A missing, corrupt, modified or incompatible artifact."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: str | Path, check_files: bool = True) -> dict:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is not a g4c artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: corrupt manifest ({exc})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    if manifest.get("g4c_version") != __version__:
+        raise ArtifactError(f"artifact was compiled by g4c {manifest.get('g4c_version')}, this is g4c {__version__}: "
+                            "recompile it")
+    if check_files:
+        for name, digest in manifest.get("files", {}).items():
+            f = directory / name
+            if not f.is_file():
+                raise ArtifactError(f"artifact file {name} is missing")
+            if _sha256(f) != digest:
+                raise ArtifactError(f"artifact file {name} is corrupt or was modified (SHA-256 mismatch)")
+    return manifest
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _load_runtime_library(directory: Path) -> None:
+    """Load TVM's runtime library (thread pool of the parallel kernels) without importing the compiler:
+    $G4C_TVM_RUNTIME, else one bundled in the artifact, else the one inside an installed TVM wheel."""
+    import sys
+
+    candidates = [Path(os.environ["G4C_TVM_RUNTIME"])] if os.environ.get("G4C_TVM_RUNTIME") else []
+    candidates.append(directory / "libtvm_runtime.so")
+    candidates += [Path(p) / "tvm" / "lib" / "libtvm_runtime.so" for p in sys.path if p]
+    for candidate in candidates:
+        if candidate.is_file():
+            ctypes.CDLL(str(candidate), mode=ctypes.RTLD_GLOBAL)
+            return
+    raise ArtifactError("libtvm_runtime.so not found: install apache-tvm, bundle it in the artifact, "
+                        "or set G4C_TVM_RUNTIME")
+
+
+class CompiledSession(Session):
+    """Executes the artifact's kernel programs; KV caches live in numpy buffers the kernels write."""
+
+    def __init__(self, directory: str | Path, max_context: int | None = None, prefill_chunk: int = 64):
+        import tvm_ffi
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self._ffi = tvm_ffi
+        _load_runtime_library(self.directory)
+        try:
+            self.library = tvm_ffi.load_module(str(self.directory / self.manifest.get("library", "kernels.so")))
+        except Exception as exc:  # noqa: BLE001 - surfaced as one line
+            raise ArtifactError(f"cannot load the kernel library: {exc}") from None
+        cfg = self.manifest["config"]
+        self.config = cfg
+        self.vocab_size = cfg["vocab_size"]
+        if cfg.get("hidden_size_per_layer_input"):
+            self.vocab_size = min(self.vocab_size, cfg.get("vocab_size_per_layer_input", self.vocab_size))
+        self.max_context = min(max_context or 4096, cfg["max_position_embeddings"])
+        self.prefill_chunk = max(1, prefill_chunk)
+        with safe_open(str(self.directory / "weights.safetensors"), framework="numpy") as f:
+            self.weights = {k: aligned(f.get_tensor(k)) for k in f.keys()}
+        self.host = safe_open(str(self.directory / "host.safetensors"), framework="numpy") \
+            if (self.directory / "host.safetensors").is_file() else None
+        self._kernels: dict[str, object] = {}
+        self._tensors: dict[int, object] = {}
+        self.caches: dict[str, np.ndarray] = {}
+        self.ring: dict[str, bool] = {}
+        for slot, info in self.manifest["kv_slots"].items():
+            rows = (info["window"] + self.prefill_chunk - 1) if info["ring"] else self.max_context
+            self.caches[slot] = aligned_empty((rows, info["kv_heads"], info["head_dim"]), np.float32)
+            self.caches[slot].fill(0)
+            self.ring[slot] = info["ring"]
+        self.position = 0
+
+    # -- Session API -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        for cache in self.caches.values():
+            cache.fill(0)
+        self.position = 0
+
+    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        ids = self.check_tokens(tokens)
+        outputs = []
+        for start in range(0, ids.size, self.prefill_chunk):
+            chunk = ids[start: start + self.prefill_chunk]
+            outputs.append(self._run("prefill_all" if all_logits else "prefill", chunk))
+        return np.concatenate(outputs) if all_logits else outputs[-1][-1]
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._run("decode", self.check_tokens([token]))[0]
+
+    @property
+    def nbytes_kv(self) -> int:
+        return sum(c.nbytes for c in self.caches.values())
+
+    # -- program execution ----------------------------------------------------------------------------
+    def _tensor(self, array: np.ndarray):
+        return self._ffi.from_dlpack(array)
+
+    def _kernel(self, name: str):
+        if name not in self._kernels:
+            self._kernels[name] = self.library[name]
+        return self._kernels[name]
+
+    def _run(self, name: str, ids: np.ndarray) -> np.ndarray:
+        program = self.manifest["programs"][name]
+        tokens = ids.size
+        length = self.position + tokens
+        env = {"T": tokens}
+        buffers: dict[str, np.ndarray] = {
+            "in:ids": aligned(np.ascontiguousarray(ids, dtype=np.int64)),
+            "in:positions": aligned(np.arange(self.position, length, dtype=np.int64)),
+        }
+        for step in program["steps"]:
+            self._step(step, buffers, program["buffers"], env, length)
+        self.position = length
+        return buffers[program["outputs"]["logits"]].copy()
+
+    def _resolve(self, ref: str, buffers, shapes, env, length) -> np.ndarray:
+        if ref in buffers:
+            return buffers[ref]
+        kind, name = ref.split(":", 1)
+        if kind == "w":
+            return self.weights[name]
+        if kind == "kv":
+            cache = self.caches[name]
+            return cache if self.ring[name] else cache[:length]
+        if kind == "a":  # an output: allocate it
+            shape, dtype = shapes[name]
+            buffers[ref] = aligned_empty([env.get(d, d) if isinstance(d, str) else d for d in shape], dtype)
+            return buffers[ref]
+        raise ArtifactError(f"bad buffer reference {ref!r} in the manifest")
+
+    def _step(self, step: dict, buffers, shapes, env, length) -> None:
+        kernel, args = step["kernel"], step["args"]
+        if kernel == "last":
+            buffers[args[1]] = aligned(buffers[args[0]][-step["attrs"]["count"]:])  # a copy keeps alignment
+        elif kernel == "reshape":
+            source = buffers[args[0]]
+            buffers[args[1]] = source.reshape(source.shape[0], -1)
+        elif kernel == "rows":
+            table = step["attrs"]["table"]
+            ids = buffers[args[0]]
+            view = self.host.get_slice(table)
+            buffers[args[1]] = aligned(np.concatenate([view[int(i): int(i) + 1] for i in ids]).astype(np.float32))
+        else:
+            arrays = [self._resolve(a, buffers, shapes, env, length) for a in args]
+            self._kernel(kernel)(*[self._tensor(a) for a in arrays])
+
+
+def load(directory: str | Path, max_context: int | None = None, prefill_chunk: int = 64) -> CompiledSession:
+    """Open a compiled artifact: `g4c.load(DIR).generate([2, 17, 99], 16)`."""
+    return CompiledSession(directory, max_context, prefill_chunk)
