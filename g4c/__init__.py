@@ -5,3 +5,10 @@ TVM codegen (`g4c.codegen`) for targets (`g4c.targets`), executed by `g4c.runtim
 """
 
 __version__ = "0.1.0"
+
+
+def load(directory, max_context=None, prefill_chunk=64):
+    """Open a compiled artifact (see `g4c.runtime.artifact.load`); needs no compiler."""
+    from g4c.runtime.artifact import load as _load
+
+    return _load(directory, max_context, prefill_chunk)

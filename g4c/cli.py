@@ -34,8 +34,11 @@ err = Console(stderr=True)
 RandomOpt = typer.Option(False, "--random-weights", help="Use seeded random weights (presets have no files).")
 SeedOpt = typer.Option(0, "--seed", help="Seed for random weights and for sampling.")
 LayersOpt = typer.Option(None, "--layers", help="Cut the model to N layers (keeps the layer pattern and KV-shared tail).")
-BackendOpt = typer.Option("reference", "--backend", help="Execution backend: reference (numpy interpreter).")
-BACKENDS = ("reference",)
+BackendOpt = typer.Option("reference", "--backend",
+                          help="reference (numpy interpreter) or tvm (compiled kernels; compiles MODEL in memory "
+                               "unless it is an artifact). Artifacts always run compiled.")
+BACKENDS = ("reference", "tvm")
+TargetOpt = typer.Option("llvm", "--target", help="Compile target for --backend tvm (llvm = this CPU).")
 PassesOpt = typer.Option("all", "--passes", help="Optimization passes: all (default), none, or a comma list (see `g4c passes`).")
 DumpAfterOpt = typer.Option(None, "--dump-after", help="Write the IR (text + DOT) after these passes (comma list; 'input' = before any).")
 DumpDirOpt = typer.Option(None, "--dump-dir", help="Folder for --dump-after files.")
@@ -62,15 +65,53 @@ def _config(model: str, layers: Optional[int]):
 
 
 def _session(model: str, backend: str, random_weights: bool, seed: int, layers: Optional[int],
-             passes: str = "all", dump_after: Optional[str] = None, dump_dir: Optional[Path] = None):
+             passes: str = "all", dump_after: Optional[str] = None, dump_dir: Optional[Path] = None,
+             target: str = "llvm"):
+    """(tokenizer directory or None, eos ids, session) for a checkpoint, preset or compiled artifact."""
+    from g4c.runtime.artifact import is_artifact, load
+
     if backend not in BACKENDS:
         raise G4CError(f"unknown backend {backend!r}: available backends are {', '.join(BACKENDS)}")
+    if is_artifact(model):
+        session = load(model)
+        return Path(model), session.config.get("eos_token_id"), session
     from g4c.passes import resolve_passes
     from g4c.reference import ReferenceSession
 
     names = resolve_passes(passes)  # validate before loading weights
     loaded = _model(model, random_weights, seed, layers)
-    return loaded, ReferenceSession(loaded.cfg, loaded.weights, names, _split(dump_after), dump_dir)
+    if backend == "tvm":
+        return loaded.directory, loaded.cfg.eos_token_id, _compile_in_memory(loaded, target)
+    session = ReferenceSession(loaded.cfg, loaded.weights, names, _split(dump_after), dump_dir)
+    return loaded.directory, loaded.cfg.eos_token_id, session
+
+
+def _compile_in_memory(loaded, target: str):
+    import atexit
+    import shutil
+    import tempfile
+
+    from g4c.runtime.artifact import load
+
+    tmp = Path(tempfile.mkdtemp(prefix="g4c-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    return load(_compile_with_progress(loaded.cfg, loaded.weights, target, tmp / "artifact"))
+
+
+def _compile_with_progress(cfg, weights, target: str, output: Path, overwrite: bool = False) -> Path:
+    from rich.progress import Progress
+
+    from g4c.codegen.build import compile_model
+
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
+        tasks: dict[str, object] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        return compile_model(cfg, weights, target, output, overwrite=overwrite, progress=report)
 
 
 def _split(text: Optional[str]) -> list[str]:
@@ -158,11 +199,11 @@ def logits(model: str = typer.Argument(..., help="Checkpoint directory or preset
            output: Path = typer.Option(..., "-o", "--output", help="Where to save float32 logits [T, vocab] (.npy)."),
            backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
            layers: Optional[int] = LayersOpt, passes: str = PassesOpt, dump_after: Optional[str] = DumpAfterOpt,
-           dump_dir: Optional[Path] = DumpDirOpt):
-    """Float32 logits [T, vocab] of the prompt, saved as .npy.
+           dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt):
+    """Float32 logits [T, vocab] of the prompt, saved as .npy (MODEL may be a compiled artifact).
 
     Example: g4c logits tiny-e --random-weights --tokens 2,17,99 -o out.npy"""
-    _, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir)
+    _, _, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir, target)
     result = session.prefill(parse_tokens(tokens), all_logits=True).astype(np.float32)
     np.save(output, result)
     out.print(f"wrote {output}: logits {list(result.shape)}, last-token argmax {int(np.argmax(result[-1]))}")
@@ -179,7 +220,7 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
              stop: str = typer.Option("eos", "--stop", help="Stop tokens: 'eos' (the config's), 'none', or ids."),
              backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
              layers: Optional[int] = LayersOpt, passes: str = PassesOpt, dump_after: Optional[str] = DumpAfterOpt,
-             dump_dir: Optional[Path] = DumpDirOpt):
+             dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt):
     """Continue a prompt; the new token ids are the last line of stdout, comma-separated.
 
     Example: g4c generate tiny-e --random-weights --tokens 2,17,99 --max-new-tokens 8"""
@@ -187,36 +228,57 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
 
     if (tokens is None) == (prompt is None):
         raise G4CError("give exactly one of --tokens or --prompt")
-    loaded, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir)
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    directory, eos, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir,
+                                       target)
     tokenizer = None
     if prompt is not None:
-        tokenizer = _tokenizer(loaded)
+        tokenizer = _tokenizer(directory, model)
         ids = tokenizer.encode(prompt).ids
     else:
         ids = parse_tokens(tokens)
-    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    new = session.generate(ids, max_new_tokens, sampler, stop_tokens=_stop_tokens(stop, loaded.cfg))
+    new = session.generate(ids, max_new_tokens, sampler, stop_tokens=_stop_tokens(stop, eos))
     if tokenizer is not None:
         out.print(tokenizer.decode(new), markup=False, highlight=False)
     print(",".join(map(str, new)))
 
 
-def _tokenizer(loaded):
+def _tokenizer(directory: Optional[Path], model: str):
     from tokenizers import Tokenizer
 
-    if loaded.tokenizer_path is None:
-        raise G4CError(f"--prompt needs a tokenizer.json in the model directory; {loaded.name} has none "
-                       "(use --tokens)")
-    return Tokenizer.from_file(str(loaded.tokenizer_path))
+    path = directory / "tokenizer.json" if directory else None
+    if path is None or not path.is_file():
+        raise G4CError(f"--prompt needs a tokenizer.json in the model directory; {model} has none (use --tokens)")
+    return Tokenizer.from_file(str(path))
 
 
-def _stop_tokens(spec: str, cfg) -> list[int]:
+def _stop_tokens(spec: str, eos) -> list[int]:
     if spec == "none":
         return []
     if spec == "eos":
-        eos = cfg.eos_token_id
         return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     return parse_tokens(spec)
+
+
+@app.command("compile")
+def compile_(model: str = typer.Argument(..., help="Checkpoint directory or preset."),
+             output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
+             target: str = TargetOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
+             layers: Optional[int] = LayersOpt,
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory.")):
+    """Compile MODEL to TVM kernels: DIR gets the library, packed weights and manifest.json.
+
+    Example: g4c compile tiny-e --random-weights -o /tmp/tiny-e.g4c && g4c generate /tmp/tiny-e.g4c --tokens 2,17"""
+    from g4c.targets.base import get_target
+
+    get_target(target)  # unknown targets fail before any work
+    loaded = _model(model, random_weights, seed, layers)
+    path = _compile_with_progress(loaded.cfg, loaded.weights, target, output, overwrite)
+    if loaded.directory is not None and (loaded.directory / "tokenizer.json").is_file():
+        import shutil
+
+        shutil.copy(loaded.directory / "tokenizer.json", path / "tokenizer.json")
+    out.print(f"wrote {path} (target {target}, {loaded.cfg.num_hidden_layers} layers)")
 
 
 @app.command("passes")

@@ -1,0 +1,144 @@
+"""The TVM backend: compiled artifacts match transformers, run without the compiler, and refuse
+corruption."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import PROMPT
+from hf_reference import reference_greedy, reference_logits
+
+from g4c.cli import main
+from g4c.codegen.build import compile_model
+from g4c.model import load_model
+from g4c.runtime.artifact import ArtifactError, load
+
+FAMILIES = ["e", "moe", "dense", "unified"]
+
+
+@pytest.fixture(scope="session")
+def artifacts(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    out = {}
+    for family in FAMILIES:
+        loaded = load_model(str(checkpoints[family]))
+        out[family] = compile_model(loaded.cfg, loaded.weights, "llvm", root / family)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_logits_match_transformers(family, artifacts, references):
+    session = load(artifacts[family], prefill_chunk=7)  # several chunks, longer than the sliding window
+    logits = session.prefill(PROMPT, all_logits=True)
+    assert np.abs(logits - reference_logits(references[family], PROMPT)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_greedy_32_matches_transformers(family, artifacts, references):
+    assert load(artifacts[family]).generate(PROMPT[:6], 32) == reference_greedy(references[family], PROMPT[:6], 32)
+
+
+@pytest.mark.parametrize("family", ["e", "moe"])
+def test_compiled_prefill_then_decode_equals_full_recompute(family, artifacts):
+    session = load(artifacts[family], prefill_chunk=4)
+    full = session.prefill(PROMPT, all_logits=True)
+    session.reset()
+    steps = [session.prefill(PROMPT[:7])] + [session.decode(t) for t in PROMPT[7:]]
+    np.testing.assert_allclose(np.stack(steps), full[6:], atol=1e-5, rtol=0)
+
+
+def test_ring_buffers_and_shared_layers_own_no_cache(artifacts):
+    session = load(artifacts["e"], max_context=64, prefill_chunk=4)
+    manifest = session.manifest
+    cfg = manifest["config"]
+    rings = {s: c.shape[0] for s, c in session.caches.items() if session.ring[s]}
+    assert rings and set(rings.values()) == {cfg["sliding_window"] + 4 - 1}
+    assert {info["layer"] for info in manifest["kv_slots"].values()} == {0, 1, 2, 3}  # layers 4-6 reuse
+
+
+RUNTIME_ONLY = """
+import sys, json
+for name in ("tvm", "tvm.relax", "tvm.tirx", "tvm.te"):
+    sys.modules[name] = None  # importing the compiler fails, as on a device
+import g4c
+session = g4c.load(sys.argv[1])
+print(json.dumps(session.generate([2, 17, 99, 5], 12, stop_tokens=())))
+assert not any(m == "tvm" or m.startswith("tvm.") for m, v in sys.modules.items() if v is not None)
+"""
+
+
+def test_artifact_runs_in_a_fresh_process_without_the_compiler(artifacts):
+    result = subprocess.run([sys.executable, "-c", RUNTIME_ONLY, str(artifacts["e"])], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == load(artifacts["e"]).generate([2, 17, 99, 5], 12, stop_tokens=())
+
+
+def _copy(artifacts, tmp_path):
+    dst = tmp_path / "art"
+    shutil.copytree(artifacts["dense"], dst)
+    return dst
+
+
+def test_modified_truncated_or_foreign_artifacts_are_refused(artifacts, tmp_path):
+    art = _copy(artifacts, tmp_path)
+    weights = art / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="weights.safetensors is corrupt or was modified"):
+        load(art)
+    weights.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ArtifactError, match="corrupt or was modified"):
+        load(art)
+    shutil.copy(artifacts["dense"] / "weights.safetensors", weights)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["g4c_version"] = "0.0.1"
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="compiled by g4c 0.0.1"):
+        load(art)
+    (art / "kernels.so").unlink()
+    manifest["g4c_version"] = json.loads((artifacts["dense"] / "manifest.json").read_text())["g4c_version"]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="kernels.so is missing"):
+        load(art)
+
+
+def test_cli_compile_logits_generate_and_refusal(artifacts, checkpoints, references, tmp_path):
+    art = tmp_path / "cli.g4c"
+    assert main(["compile", str(checkpoints["moe"]), "--target", "llvm", "-o", str(art)]) == 0
+    out = tmp_path / "l.npy"
+    assert main(["logits", str(art), "--tokens", ",".join(map(str, PROMPT)), "-o", str(out)]) == 0
+    assert np.abs(np.load(out) - reference_logits(references["moe"], PROMPT)).max() <= 1e-4
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["target"] == "llvm" and set(manifest["files"]) == {"kernels.so", "weights.safetensors"}
+    assert manifest["config"]["num_experts"] == 6 and manifest["kv_plan"]
+    (art / "weights.safetensors").write_bytes(b"truncated")
+    result = subprocess.run([sys.executable, "-m", "g4c.cli", "generate", str(art), "--tokens", "1,2"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "corrupt or was modified" in result.stderr
+
+
+def test_failed_compile_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+    import g4c.codegen.build as build
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(build, "_write_weights", fail)
+    loaded = load_model(str(checkpoints["dense"]))
+    with pytest.raises(RuntimeError):
+        compile_model(loaded.cfg, loaded.weights, "llvm", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tvm_backend_compiles_in_memory(checkpoints, references, tmp_path):
+    out = tmp_path / "x.npy"
+    assert main(["logits", str(checkpoints["unified"]), "--tokens", "1,2,3,4,5,6,7", "-o", str(out),
+                 "--backend", "tvm", "--target", "llvm"]) == 0
+    assert np.abs(np.load(out) - reference_logits(references["unified"], [1, 2, 3, 4, 5, 6, 7])).max() <= 1e-4
