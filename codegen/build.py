@@ -26,6 +26,7 @@ from safetensors.numpy import save_file
 
 import g4c
 from g4c.config import ModelConfig
+from g4c.dtypes import canonical_dtype, numpy_dtype
 from g4c.errors import G4CError
 from g4c.frontend import build_graph
 from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
@@ -57,7 +58,7 @@ def optimized_graphs(cfg: ModelConfig, weights: Weights) -> dict:
 
 
 def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir: str | Path,
-                  overwrite: bool = False, progress: Progress | None = None) -> Path:
+                  overwrite: bool = False, progress: Progress | None = None, dtype: str = "float32") -> Path:
     """Lower, schedule, build and write an artifact (see the module docstring)."""
     import tvm
 
@@ -71,7 +72,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         raise G4CError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
     report = progress or (lambda stage, done, total: None)
     graphs = optimized_graphs(cfg, weights)
-    lowered = lower(cfg, graphs, weights.f32)
+    lowered = lower(cfg, graphs, weights.f32, canonical_dtype(dtype))
     names = sorted(lowered.kernels)
     scheduled = {}
     for i, name in enumerate(names):
@@ -91,7 +92,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "g4c_version": g4c.__version__,
             "tvm_version": tvm.__version__, "target": target.name, "target_spec": str(target.tvm_target()),
-            "dtype": "float32", "config": cfg.to_hf_dict(), "build_seconds": round(build_seconds, 2),
+            "dtype": "float32", "weight_dtype": lowered.weight_dtype, "config": cfg.to_hf_dict(), "build_seconds": round(build_seconds, 2),
             "kernels": names, "programs": {k: p.to_json() for k, p in lowered.programs.items()},
             "kv_slots": {k: asdict(v) for k, v in lowered.kv_slots.items()},
             "kv_plan": graphs["decode"].meta.get("kv_plan", []), "host_tables": lowered.host_tables,
@@ -113,9 +114,11 @@ def _write_weights(directory: Path, lowered, weights: Weights, report: Progress)
     for i, name in enumerate(used):
         producer = lowered.packed.get(name)
         array = producer() if producer else weights.f32(name)
-        tensors[name] = np.ascontiguousarray(array, dtype=np.float32)
+        dtype = lowered.weight_dtype if name in lowered.half_weights else "float32"
+        tensors[name] = np.ascontiguousarray(np.asarray(array, dtype=np.float32).astype(numpy_dtype(dtype)))
         report("packing weights", i + 1, len(used))
     save_file(tensors, str(directory / WEIGHTS))
     if lowered.host_tables:
-        save_file({n: np.ascontiguousarray(weights.get(n), dtype=np.float32) for n in lowered.host_tables},
+        host_dtype = numpy_dtype(lowered.weight_dtype)
+        save_file({n: np.ascontiguousarray(weights.f32(n).astype(host_dtype)) for n in lowered.host_tables},
                   str(directory / HOST))

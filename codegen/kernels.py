@@ -26,20 +26,32 @@ def _prim(args, name: str) -> tirx.PrimFunc:
     return te.create_prim_func(args).with_attr("global_symbol", name)
 
 
-def embed(vocab: int, hidden: int, scale: float, name: str) -> tirx.PrimFunc:
+# Weight storage: fp32, fp16, or bf16 carried as its uint16 bit pattern (numpy/DLPack have no bf16).
+STORAGE = {"float32": F32, "float16": "float16", "bfloat16": "uint16"}
+
+
+def _load(value, dtype: str):
+    """A stored weight element as fp32 (bf16: the upper half of an fp32 bit pattern)."""
+    if dtype == "bfloat16":
+        return tirx.reinterpret(F32, value.astype("uint32") << tirx.const(16, "uint32"))
+    return value.astype(F32) if dtype != "float32" else value
+
+
+def embed(vocab: int, hidden: int, scale: float, name: str, dtype: str = "float32") -> tirx.PrimFunc:
     t = _t()
-    table = te.placeholder((vocab, hidden), F32, name="table")
+    table = te.placeholder((vocab, hidden), STORAGE[dtype], name="table")
     ids = te.placeholder((t,), I64, name="ids")
-    out = te.compute((t, hidden), lambda i, j: table[ids[i], j] * tirx.const(scale, F32), name="out")
+    out = te.compute((t, hidden), lambda i, j: _load(table[ids[i], j], dtype) * tirx.const(scale, F32), name="out")
     return _prim([table, ids, out], name)
 
 
-def linear(k: int, n: int, name: str) -> tirx.PrimFunc:
+def linear(k: int, n: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
+    """y = x @ wᵀ with fp32 accumulation; w stored in `dtype`."""
     t = _t()
     x = te.placeholder((t, k), F32, name="x")
-    w = te.placeholder((n, k), F32, name="w")
+    w = te.placeholder((n, k), STORAGE[dtype], name="w")
     r = te.reduce_axis((0, k), name="k")
-    y = te.compute((t, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="y")
+    y = te.compute((t, n), lambda i, j: te.sum(x[i, r] * _load(w[j, r], dtype), axis=r), name="y")
     return _prim([x, w, y], name)
 
 
@@ -293,24 +305,24 @@ def router_topk(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
     return func
 
 
-def moe_experts(hidden: int, inter: int, experts: int, top_k: int, name: str) -> tirx.PrimFunc:
+def moe_experts(hidden: int, inter: int, experts: int, top_k: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
     """Σ_j w[t,j] · down[e](gelu(gate)·up)(x[t]) with e = idx[t, j]: only the selected experts'
     weights are read (gathered per token)."""
     t = _t()
     x = te.placeholder((t, hidden), F32, name="x")
     idx = te.placeholder((t, top_k), I64, name="idx")
     w = te.placeholder((t, top_k), F32, name="w")
-    gate_up = te.placeholder((experts, 2 * inter, hidden), F32, name="gate_up")
-    down = te.placeholder((experts, hidden, inter), F32, name="down")
+    gate_up = te.placeholder((experts, 2 * inter, hidden), STORAGE[dtype], name="gate_up")
+    down = te.placeholder((experts, hidden, inter), STORAGE[dtype], name="down")
     k1 = te.reduce_axis((0, hidden), name="k1")
-    h = te.compute((t, top_k, 2 * inter), lambda i, j, c: te.sum(x[i, k1] * gate_up[idx[i, j], c, k1], axis=k1),
-                   name="h")
+    h = te.compute((t, top_k, 2 * inter),
+                   lambda i, j, c: te.sum(x[i, k1] * _load(gate_up[idx[i, j], c, k1], dtype), axis=k1), name="h")
     act = te.compute((t, top_k, inter), lambda i, j, c: _gelu(h[i, j, c]) * h[i, j, c + inter] * w[i, j],
                      name="act")
     jj = te.reduce_axis((0, top_k), name="jj")
     k2 = te.reduce_axis((0, inter), name="k2")
-    out = te.compute((t, hidden), lambda i, o: te.sum(act[i, jj, k2] * down[idx[i, jj], o, k2], axis=[jj, k2]),
-                     name="out")
+    out = te.compute((t, hidden), lambda i, o: te.sum(act[i, jj, k2] * _load(down[idx[i, jj], o, k2], dtype),
+                                                      axis=[jj, k2]), name="out")
     return _prim([x, idx, w, gate_up, down, out], name)
 
 

@@ -62,6 +62,8 @@ class Lowered:
     packed: dict[str, Callable[[], np.ndarray]]  # derived weight name → producer
     kv_slots: dict[str, KVSlot]
     host_tables: list[str]
+    weight_dtype: str = "float32"  # storage of GEMM/embedding/expert weights; the rest stays fp32
+    half_weights: set[str] = field(default_factory=set)  # weights stored in weight_dtype
 
 
 class _Lowering:
@@ -101,8 +103,15 @@ class _Lowering:
         self.out.packed.setdefault(name, lambda: spec.inv_freq(head_dim))
         return f"w:{name}"
 
+    def stored(self, w: str) -> str:
+        """Mark a matrix weight as stored in the artifact's weight dtype; returns that dtype."""
+        self.out.half_weights.add(w[2:])
+        return self.out.weight_dtype
+
     def linear(self, x: str, w: str, k: int, n: int, out_name: str, rows) -> str:
-        kern = self.kernel(f"linear_{k}x{n}", lambda: K.linear(k, n, f"linear_{k}x{n}"))
+        dt = self.stored(w)
+        name = f"linear_{k}x{n}_{dt}"
+        kern = self.kernel(name, lambda: K.linear(k, n, name, dt))
         out = self.buf(out_name, (rows, n))
         self.call(kern, x, w, out)
         return out
@@ -131,10 +140,12 @@ class _Lowering:
     def op_embedding(self, n: Node) -> str:
         table, ids = n.inputs
         vocab, hidden = table.type.shape
-        name = f"embed_{vocab}x{hidden}"
-        kern = self.kernel(name, lambda: K.embed(vocab, hidden, 1.0, name))
+        w = self.weight(table)
+        dt = self.stored(w)
+        name = f"embed_{vocab}x{hidden}_{dt}"
+        kern = self.kernel(name, lambda: K.embed(vocab, hidden, 1.0, name, dt))
         out = self.buf(n.name, n.type.shape)
-        self.call(kern, self.weight(table), self.ref(ids), out)
+        self.call(kern, w, self.ref(ids), out)
         return out
 
     def op_scale(self, n: Node) -> str:
@@ -305,16 +316,20 @@ class _Lowering:
         wts = self.buf(f"{n.name}_w", (rows, top_k))
         self.call(kern, logits, self.weight(pes), idx, wts)
         e_in = self.rms(self.ref(r), self.weight(pre_norm), hidden, eps, f"{n.name}_in", rows)
-        kname = f"moe_experts_{hidden}x{inter}x{experts}_{top_k}"
-        kern = self.kernel(kname, lambda: K.moe_experts(hidden, inter, experts, top_k, kname))
+        w_gate_up, w_down = self.weight(gate_up), self.weight(down)
+        dt = self.stored(w_gate_up)
+        self.stored(w_down)
+        kname = f"moe_experts_{hidden}x{inter}x{experts}_{top_k}_{dt}"
+        kern = self.kernel(kname, lambda: K.moe_experts(hidden, inter, experts, top_k, kname, dt))
         e_out = self.buf(f"{n.name}_experts", (rows, hidden))
-        self.call(kern, e_in, idx, wts, self.weight(gate_up), self.weight(down), e_out)
+        self.call(kern, e_in, idx, wts, w_gate_up, w_down, e_out)
         return self.rms(e_out, self.weight(post_norm), hidden, eps, n.name, rows)
 
 
-def lower(cfg: ModelConfig, graphs: dict[str, Graph], weights: Callable[[str], np.ndarray]) -> Lowered:
-    """Lower the optimized `prefill` and `decode` graphs into one kernel set and two programs."""
-    out = Lowered({}, {}, {}, {}, [])
+def lower(cfg: ModelConfig, graphs: dict[str, Graph], weights: Callable[[str], np.ndarray],
+          weight_dtype: str = "float32") -> Lowered:
+    """Lower the optimized graphs (prefill, prefill_all, decode) into one kernel set and their programs."""
+    out = Lowered({}, {}, {}, {}, [], weight_dtype)
     for mode, graph in graphs.items():
         program = Program(mode)
         _Lowering(cfg, weights, out, program).lower(graph)

@@ -98,7 +98,8 @@ def _compile_in_memory(loaded, target: str):
     return load(_compile_with_progress(loaded.cfg, loaded.weights, target, tmp / "artifact"))
 
 
-def _compile_with_progress(cfg, weights, target: str, output: Path, overwrite: bool = False) -> Path:
+def _compile_with_progress(cfg, weights, target: str, output: Path, overwrite: bool = False,
+                           dtype: str = "float32") -> Path:
     from rich.progress import Progress
 
     from g4c.codegen.build import compile_model
@@ -111,7 +112,7 @@ def _compile_with_progress(cfg, weights, target: str, output: Path, overwrite: b
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=done, total=total)
 
-        return compile_model(cfg, weights, target, output, overwrite=overwrite, progress=report)
+        return compile_model(cfg, weights, target, output, overwrite=overwrite, progress=report, dtype=dtype)
 
 
 def _split(text: Optional[str]) -> list[str]:
@@ -265,15 +266,20 @@ def compile_(model: str = typer.Argument(..., help="Checkpoint directory or pres
              output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to create."),
              target: str = TargetOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
              layers: Optional[int] = LayersOpt,
+             dtype: str = typer.Option("fp32", "--dtype", help="Storage of GEMM/embedding/expert weights: fp32, "
+                                       "fp16 or bf16 (activations, norms, softmax and accumulation stay fp32)."),
              overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory.")):
     """Compile MODEL to TVM kernels: DIR gets the library, packed weights and manifest.json.
 
     Example: g4c compile tiny-e --random-weights -o /tmp/tiny-e.g4c && g4c generate /tmp/tiny-e.g4c --tokens 2,17"""
     from g4c.targets.base import get_target
 
-    get_target(target)  # unknown targets fail before any work
+    from g4c.dtypes import canonical_dtype
+
+    get_target(target)  # unknown targets and dtypes fail before any work
+    dtype = canonical_dtype(dtype)
     loaded = _model(model, random_weights, seed, layers)
-    path = _compile_with_progress(loaded.cfg, loaded.weights, target, output, overwrite)
+    path = _compile_with_progress(loaded.cfg, loaded.weights, target, output, overwrite, dtype)
     if loaded.directory is not None and (loaded.directory / "tokenizer.json").is_file():
         import shutil
 

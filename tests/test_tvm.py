@@ -142,3 +142,30 @@ def test_tvm_backend_compiles_in_memory(checkpoints, references, tmp_path):
     assert main(["logits", str(checkpoints["unified"]), "--tokens", "1,2,3,4,5,6,7", "-o", str(out),
                  "--backend", "tvm", "--target", "llvm"]) == 0
     assert np.abs(np.load(out) - reference_logits(references["unified"], [1, 2, 3, 4, 5, 6, 7])).max() <= 1e-4
+
+
+def test_bf16_artifact_of_a_bf16_checkpoint_matches_transformers(checkpoints, tmp_path):
+    """bf16 weights stored as bf16, computed in fp32: exact up to fp32 rounding."""
+    import torch
+    from hf_reference import load_reference
+
+    model = load_reference(checkpoints["e"]).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    loaded = load_model(str(tmp_path / "bf16"))
+    art = compile_model(loaded.cfg, loaded.weights, "llvm", tmp_path / "art", dtype="bfloat16")
+    assert json.loads((art / "manifest.json").read_text())["weight_dtype"] == "bfloat16"
+    expected = reference_logits(load_reference(tmp_path / "bf16"), PROMPT)
+    assert np.abs(load(art).prefill(PROMPT, all_logits=True) - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 0.05), ("bfloat16", 0.15)])
+def test_half_precision_weights_of_fp32_model(dtype, tolerance, artifacts, checkpoints, references, tmp_path):
+    """Rounding an fp32 model's weights to fp16/bf16 moves its logits by at most `tolerance` × max |logit|
+    (stated bound; MoE routing can flip on near-ties) and halves the weight file."""
+    loaded = load_model(str(checkpoints["moe"]))
+    art = compile_model(loaded.cfg, loaded.weights, "llvm", tmp_path / "art", dtype=dtype)
+    expected = reference_logits(references["moe"], PROMPT)
+    diff = np.abs(load(art).prefill(PROMPT, all_logits=True) - expected).max()
+    assert diff <= tolerance * np.abs(expected).max()
+    fp32_size = (artifacts["moe"] / "weights.safetensors").stat().st_size
+    assert (art / "weights.safetensors").stat().st_size < 0.6 * fp32_size

@@ -49,6 +49,11 @@ def aligned(array: np.ndarray) -> np.ndarray:
     return out
 
 
+def _storage(array: np.ndarray) -> np.ndarray:
+    """bf16 arrays travel to the kernels as their uint16 bit patterns (DLPack from numpy has no bf16)."""
+    return array.view(np.uint16) if array.dtype.name == "bfloat16" else array
+
+
 class ArtifactError(G4CError):
     """A missing, corrupt, modified or incompatible artifact."""
 
@@ -128,7 +133,7 @@ class CompiledSession(Session):
         self.max_context = min(max_context or 4096, cfg["max_position_embeddings"])
         self.prefill_chunk = max(1, prefill_chunk)
         with safe_open(str(self.directory / "weights.safetensors"), framework="numpy") as f:
-            self.weights = {k: aligned(f.get_tensor(k)) for k in f.keys()}
+            self.weights = {k: aligned(_storage(f.get_tensor(k))) for k in f.keys()}
         self.host = safe_open(str(self.directory / "host.safetensors"), framework="numpy") \
             if (self.directory / "host.safetensors").is_file() else None
         self._kernels: dict[str, object] = {}
