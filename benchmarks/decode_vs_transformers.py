@@ -25,6 +25,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--gen", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="g4c weight storage dtypes to time (transformers runs fp32)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -43,25 +45,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="g4c-bench-"))
     cfg = preset_config(args.preset, args.layers)
     ckpt = write_random_checkpoint(cfg, work / "ckpt", seed=0, dtype="float32")
-    t0 = time.time()
     loaded = load_model(str(ckpt))
-    artifact = compile_model(loaded.cfg, loaded.weights, "llvm", work / "artifact")
-    compile_s = time.time() - t0
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, size=args.prompt_len).tolist()
-
-    session = load(artifact, prefill_chunk=args.prompt_len)
-    session.prefill(prompt[:8])  # warm-up
-    session.reset()
-    t0 = time.perf_counter()
-    logits = session.prefill(prompt)
-    g4c_prefill = args.prompt_len / (time.perf_counter() - t0)
-    steps = []
-    token = int(np.argmax(logits))
-    for _ in range(args.gen):
-        t0 = time.perf_counter()
-        token = int(np.argmax(session.decode(token)))
-        steps.append(time.perf_counter() - t0)
-    g4c_decode = 1 / statistics.median(steps)
+    g4c_rows, compile_s = {}, {}
+    for dtype in args.dtypes.split(","):
+        t0 = time.time()
+        artifact = compile_model(loaded.cfg, loaded.weights, "llvm", work / f"artifact-{dtype}", dtype=dtype)
+        compile_s[dtype] = round(time.time() - t0, 1)
+        g4c_rows[dtype] = _time_g4c(load(artifact, prefill_chunk=args.prompt_len), prompt, args.gen)
+        del artifact
 
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager").eval()
     ids = torch.tensor([prompt])
@@ -78,20 +70,37 @@ def main() -> None:
             steps.append(time.perf_counter() - t0)
     hf_decode = 1 / statistics.median(steps)
 
+    rows = {f"g4c llvm {d} weights": r for d, r in g4c_rows.items()}
+    rows["transformers eager fp32"] = (hf_prefill, hf_decode)
     result = {"preset": args.preset, "layers": args.layers, "prompt_len": args.prompt_len, "gen": args.gen,
-              "threads": args.threads, "compile_s": round(compile_s, 1),
-              "g4c": {"prefill_tok_s": round(g4c_prefill, 2), "decode_tok_s": round(g4c_decode, 2)},
-              "transformers_eager": {"prefill_tok_s": round(hf_prefill, 2), "decode_tok_s": round(hf_decode, 2)},
-              "ratio_prefill": round(g4c_prefill / hf_prefill, 3), "ratio_decode": round(g4c_decode / hf_decode, 3)}
+              "threads": args.threads, "compile_s": compile_s,
+              "engines": {k: {"prefill_tok_s": round(p, 2), "decode_tok_s": round(d, 2)} for k, (p, d) in rows.items()},
+              "ratios_vs_transformers": {k: {"prefill": round(p / hf_prefill, 3), "decode": round(d / hf_decode, 3)}
+                                         for k, (p, d) in rows.items()}}
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{args.preset} x{args.layers} layers, fp32, {args.threads} threads, prompt {args.prompt_len}, "
-          f"{args.gen} decode steps (compile {compile_s:.0f} s)")
-    print(f"{'engine':22s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
-    print(f"{'g4c (llvm artifact)':22s} {g4c_prefill:14.2f} {g4c_decode:13.2f}")
-    print(f"{'transformers eager':22s} {hf_prefill:14.2f} {hf_decode:13.2f}")
-    print(f"{'ratio g4c/transformers':22s} {result['ratio_prefill']:14.3f} {result['ratio_decode']:13.3f}")
+    print(f"{args.preset} x{args.layers} layers, {args.threads} threads, prompt {args.prompt_len}, "
+          f"{args.gen} decode steps (compile s: {compile_s})")
+    print(f"{'engine':28s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'prefill ratio':>14s} {'decode ratio':>13s}")
+    for name, (p, d) in rows.items():
+        print(f"{name:28s} {p:14.2f} {d:13.2f} {p / hf_prefill:14.3f} {d / hf_decode:13.3f}")
+
+
+def _time_g4c(session, prompt: list[int], gen: int) -> tuple[float, float]:
+    import numpy as np
+
+    session.prefill(prompt[:8])  # warm-up
+    session.reset()
+    t0 = time.perf_counter()
+    logits = session.prefill(prompt)
+    prefill = len(prompt) / (time.perf_counter() - t0)
+    steps, token = [], int(np.argmax(logits))
+    for _ in range(gen):
+        t0 = time.perf_counter()
+        token = int(np.argmax(session.decode(token)))
+        steps.append(time.perf_counter() - t0)
+    return prefill, 1 / statistics.median(steps)
 
 
 if __name__ == "__main__":

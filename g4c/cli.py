@@ -39,6 +39,7 @@ BackendOpt = typer.Option("reference", "--backend",
                                "unless it is an artifact). Artifacts always run compiled.")
 BACKENDS = ("reference", "tvm")
 TargetOpt = typer.Option("llvm", "--target", help="Compile target for --backend tvm (llvm = this CPU).")
+MaxContextOpt = typer.Option(4096, "--max-context", help="Compiled runs: KV capacity of global layers (positions).")
 PassesOpt = typer.Option("all", "--passes", help="Optimization passes: all (default), none, or a comma list (see `g4c passes`).")
 DumpAfterOpt = typer.Option(None, "--dump-after", help="Write the IR (text + DOT) after these passes (comma list; 'input' = before any).")
 DumpDirOpt = typer.Option(None, "--dump-dir", help="Folder for --dump-after files.")
@@ -66,14 +67,16 @@ def _config(model: str, layers: Optional[int]):
 
 def _session(model: str, backend: str, random_weights: bool, seed: int, layers: Optional[int],
              passes: str = "all", dump_after: Optional[str] = None, dump_dir: Optional[Path] = None,
-             target: str = "llvm"):
+             target: str = "llvm", max_context: int = 4096):
     """(tokenizer directory or None, eos ids, session) for a checkpoint, preset or compiled artifact."""
     from g4c.runtime.artifact import is_artifact, load
 
     if backend not in BACKENDS:
         raise G4CError(f"unknown backend {backend!r}: available backends are {', '.join(BACKENDS)}")
+    if max_context < 1:
+        raise G4CError(f"--max-context must be >= 1, got {max_context}")
     if is_artifact(model):
-        session = load(model)
+        session = load(model, max_context)
         return Path(model), session.config.get("eos_token_id"), session
     from g4c.passes import resolve_passes
     from g4c.reference import ReferenceSession
@@ -81,12 +84,12 @@ def _session(model: str, backend: str, random_weights: bool, seed: int, layers: 
     names = resolve_passes(passes)  # validate before loading weights
     loaded = _model(model, random_weights, seed, layers)
     if backend == "tvm":
-        return loaded.directory, loaded.cfg.eos_token_id, _compile_in_memory(loaded, target)
+        return loaded.directory, loaded.cfg.eos_token_id, _compile_in_memory(loaded, target, max_context)
     session = ReferenceSession(loaded.cfg, loaded.weights, names, _split(dump_after), dump_dir)
     return loaded.directory, loaded.cfg.eos_token_id, session
 
 
-def _compile_in_memory(loaded, target: str):
+def _compile_in_memory(loaded, target: str, max_context: int):
     import atexit
     import shutil
     import tempfile
@@ -95,7 +98,7 @@ def _compile_in_memory(loaded, target: str):
 
     tmp = Path(tempfile.mkdtemp(prefix="g4c-"))
     atexit.register(shutil.rmtree, tmp, True)
-    return load(_compile_with_progress(loaded.cfg, loaded.weights, target, tmp / "artifact"))
+    return load(_compile_with_progress(loaded.cfg, loaded.weights, target, tmp / "artifact"), max_context)
 
 
 def _compile_with_progress(cfg, weights, target: str, output: Path, overwrite: bool = False,
@@ -200,11 +203,12 @@ def logits(model: str = typer.Argument(..., help="Checkpoint directory or preset
            output: Path = typer.Option(..., "-o", "--output", help="Where to save float32 logits [T, vocab] (.npy)."),
            backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
            layers: Optional[int] = LayersOpt, passes: str = PassesOpt, dump_after: Optional[str] = DumpAfterOpt,
-           dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt):
+           dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt, max_context: int = MaxContextOpt):
     """Float32 logits [T, vocab] of the prompt, saved as .npy (MODEL may be a compiled artifact).
 
     Example: g4c logits tiny-e --random-weights --tokens 2,17,99 -o out.npy"""
-    _, _, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir, target)
+    _, _, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir, target,
+                             max_context)
     result = session.prefill(parse_tokens(tokens), all_logits=True).astype(np.float32)
     np.save(output, result)
     out.print(f"wrote {output}: logits {list(result.shape)}, last-token argmax {int(np.argmax(result[-1]))}")
@@ -221,7 +225,7 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
              stop: str = typer.Option("eos", "--stop", help="Stop tokens: 'eos' (the config's), 'none', or ids."),
              backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
              layers: Optional[int] = LayersOpt, passes: str = PassesOpt, dump_after: Optional[str] = DumpAfterOpt,
-             dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt):
+             dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt, max_context: int = MaxContextOpt):
     """Continue a prompt; the new token ids are the last line of stdout, comma-separated.
 
     Example: g4c generate tiny-e --random-weights --tokens 2,17,99 --max-new-tokens 8"""
@@ -231,7 +235,7 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
         raise G4CError("give exactly one of --tokens or --prompt")
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     directory, eos, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir,
-                                       target)
+                                       target, max_context)
     tokenizer = None
     if prompt is not None:
         tokenizer = _tokenizer(directory, model)
