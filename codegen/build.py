@@ -12,10 +12,7 @@ nothing behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,30 +22,16 @@ import numpy as np
 from safetensors.numpy import save_file
 
 import g4c
+from g4c.atomic import atomic_directory, check_writable
 from g4c.config import ModelConfig
 from g4c.dtypes import canonical_dtype, numpy_dtype
-from g4c.errors import G4CError
 from g4c.frontend import build_graph
 from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
+from g4c.runtime.artifact import FORMAT, FORMAT_VERSION, HOST, LIBRARY, MANIFEST, WEIGHTS, sha256_file
 from g4c.weights import Weights
-
-FORMAT = "g4c-artifact"
-FORMAT_VERSION = 1
-LIBRARY = "kernels.so"
-WEIGHTS = "weights.safetensors"
-HOST = "host.safetensors"
-MANIFEST = "manifest.json"
 PROGRAMS = {"prefill": ("prefill", 1), "prefill_all": ("prefill", None), "decode": ("decode", None)}
 
 Progress = Callable[[str, int, int], None]
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def optimized_graphs(cfg: ModelConfig, weights: Weights) -> dict:
@@ -68,8 +51,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
 
     target = get_target(target_name)
     out = Path(out_dir)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise G4CError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+    check_writable(out, overwrite)  # before minutes of building
     report = progress or (lambda stage, done, total: None)
     graphs = optimized_graphs(cfg, weights)
     lowered = lower(cfg, graphs, weights.f32, canonical_dtype(dtype))
@@ -84,9 +66,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     build_seconds = time.time() - t0
     report("building library", 1, 1)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         lib.export_library(str(tmp / LIBRARY))
         _write_weights(tmp, lowered, weights, report)
         manifest = {
@@ -96,15 +76,9 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
             "kernels": names, "programs": {k: p.to_json() for k, p in lowered.programs.items()},
             "kv_slots": {k: asdict(v) for k, v in lowered.kv_slots.items()},
             "kv_plan": graphs["decode"].meta.get("kv_plan", []), "host_tables": lowered.host_tables,
-            "files": {f.name: sha256(f) for f in sorted(tmp.iterdir())},
+            "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

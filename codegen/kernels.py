@@ -120,30 +120,19 @@ def head_norm_rope(total: int, offset: int, heads: int, head_dim: int, eps: floa
     return _prim(args + [out], name)
 
 
-def cache_write(kv_heads: int, head_dim: int, ring: bool, name: str) -> tirx.PrimFunc:
-    """cache[slot(p)] = new[i] for each new token i at position p (slot = p mod R for ring buffers)."""
-    if ring:
-        @T_.prim_func
-        def func(cache_h: T_.handle, new_h: T_.handle, pos_h: T_.handle):
-            T_.func_attr({"global_symbol": name, "tirx.noalias": True})
-            r = T_.int64()
-            t = T_.int64()
-            cache = T_.match_buffer(cache_h, (r, kv_heads, head_dim), F32)
-            new = T_.match_buffer(new_h, (t, kv_heads, head_dim), F32)
-            pos = T_.match_buffer(pos_h, (t,), I64)
-            for i, h, d in T_.grid(t, kv_heads, head_dim):
-                cache[T_.floormod(pos[i], r), h, d] = new[i, h, d]
-    else:
-        @T_.prim_func
-        def func(cache_h: T_.handle, new_h: T_.handle, pos_h: T_.handle):
-            T_.func_attr({"global_symbol": name, "tirx.noalias": True})
-            r = T_.int64()
-            t = T_.int64()
-            cache = T_.match_buffer(cache_h, (r, kv_heads, head_dim), F32)
-            new = T_.match_buffer(new_h, (t, kv_heads, head_dim), F32)
-            pos = T_.match_buffer(pos_h, (t,), I64)
-            for i, h, d in T_.grid(t, kv_heads, head_dim):
-                cache[pos[i], h, d] = new[i, h, d]
+def cache_write(kv_heads: int, head_dim: int, name: str) -> tirx.PrimFunc:
+    """cache[p mod R] = new[i] for each new token i at position p. A ring buffer of R slots keeps the
+    newest positions; a full cache has R > every position, so the same index is just p."""
+    @T_.prim_func
+    def func(cache_h: T_.handle, new_h: T_.handle, pos_h: T_.handle):
+        T_.func_attr({"global_symbol": name, "tirx.noalias": True})
+        r = T_.int64()
+        t = T_.int64()
+        cache = T_.match_buffer(cache_h, (r, kv_heads, head_dim), F32)
+        new = T_.match_buffer(new_h, (t, kv_heads, head_dim), F32)
+        pos = T_.match_buffer(pos_h, (t,), I64)
+        for i, h, d in T_.grid(t, kv_heads, head_dim):
+            cache[T_.floormod(pos[i], r), h, d] = new[i, h, d]
     return func
 
 

@@ -243,8 +243,8 @@ class _Lowering:
             ring = a.get("cache") == "ring"
             for slot, new in ((a["k_slot"], k), (a["v_slot"], v)):
                 self.out.kv_slots[slot] = KVSlot(slot, a["layer"], nkv, hd, ring, a["window"])
-                name = f"cache_write_{nkv}x{hd}_{'ring' if ring else 'full'}"
-                kern = self.kernel(name, lambda: K.cache_write(nkv, hd, ring, name))
+                name = f"cache_write_{nkv}x{hd}"
+                kern = self.kernel(name, lambda: K.cache_write(nkv, hd, name))
                 self.call(kern, f"kv:{slot}", new, pos)
         window = a["window"]
         name = f"attention_{nh}x{nkv}x{hd}_w{window}"

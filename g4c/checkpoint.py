@@ -7,16 +7,14 @@ into a temporary directory that is renamed into place only when complete (a fail
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.numpy import save_file
 
+from g4c.atomic import atomic_directory
 from g4c.config import ModelConfig
 from g4c.dtypes import DTYPE_BYTES
-from g4c.errors import G4CError
 from g4c.weights import INDEX_FILE, RandomWeights, WeightSource
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -52,13 +50,9 @@ def write_checkpoint(cfg: ModelConfig, source: WeightSource, out_dir: str | Path
                      progress: Callable[[int, int], None] | None = None) -> Path:
     """Write `cfg` + every tensor of `source` as an HF checkpoint at `out_dir` (atomically)."""
     out = Path(out_dir)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise G4CError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     names = list(source.names())
     shards = _shards(source, names, shard_bytes)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         hf = cfg.to_hf_dict()
         hf["dtype"] = source.dtype(names[0])
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
@@ -76,12 +70,6 @@ def write_checkpoint(cfg: ModelConfig, source: WeightSource, out_dir: str | Path
             total = sum(_nbytes(source, n) for n in names)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

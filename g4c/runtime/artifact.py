@@ -27,6 +27,9 @@ from g4c.runtime.session import Session
 FORMAT = "g4c-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LIBRARY = "kernels.so"
+WEIGHTS = "weights.safetensors"
+HOST = "host.safetensors"
 
 
 ALIGNMENT = 64  # TVM kernels assume 64-byte aligned buffers (aligned vector loads)
@@ -58,7 +61,7 @@ class ArtifactError(G4CError):
     """A missing, corrupt, modified or incompatible artifact."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -85,7 +88,7 @@ def read_manifest(directory: str | Path, check_files: bool = True) -> dict:
             f = directory / name
             if not f.is_file():
                 raise ArtifactError(f"artifact file {name} is missing")
-            if _sha256(f) != digest:
+            if sha256_file(f) != digest:
                 raise ArtifactError(f"artifact file {name} is corrupt or was modified (SHA-256 mismatch)")
     return manifest
 
@@ -122,7 +125,7 @@ class CompiledSession(Session):
         self._ffi = tvm_ffi
         _load_runtime_library(self.directory)
         try:
-            self.library = tvm_ffi.load_module(str(self.directory / self.manifest.get("library", "kernels.so")))
+            self.library = tvm_ffi.load_module(str(self.directory / LIBRARY))
         except Exception as exc:  # noqa: BLE001 - surfaced as one line
             raise ArtifactError(f"cannot load the kernel library: {exc}") from None
         cfg = self.manifest["config"]
@@ -132,10 +135,10 @@ class CompiledSession(Session):
             self.vocab_size = min(self.vocab_size, cfg.get("vocab_size_per_layer_input", self.vocab_size))
         self.max_context = min(max_context or 4096, cfg["max_position_embeddings"])
         self.prefill_chunk = max(1, prefill_chunk)
-        with safe_open(str(self.directory / "weights.safetensors"), framework="numpy") as f:
+        with safe_open(str(self.directory / WEIGHTS), framework="numpy") as f:
             self.weights = {k: aligned(_storage(f.get_tensor(k))) for k in f.keys()}
-        self.host = safe_open(str(self.directory / "host.safetensors"), framework="numpy") \
-            if (self.directory / "host.safetensors").is_file() else None
+        self.host = safe_open(str(self.directory / HOST), framework="numpy") \
+            if (self.directory / HOST).is_file() else None
         self._kernels: dict[str, object] = {}
         self._tensors: dict[int, object] = {}
         self.caches: dict[str, np.ndarray] = {}

@@ -1,0 +1,34 @@
+"""Write a directory all-or-nothing: build it under a temporary name beside the target, rename when
+complete, remove it on any failure (used by `init-random` and `compile`)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from g4c.errors import G4CError
+
+
+def check_writable(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber a non-empty directory (or a file) unless `overwrite`."""
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise G4CError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+
+
+@contextmanager
+def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `out` when the block completes without error."""
+    check_writable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
