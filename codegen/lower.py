@@ -148,25 +148,24 @@ class _Lowering:
         self.call(kern, w, self.ref(ids), out)
         return out
 
-    def op_scale(self, n: Node) -> str:
-        (x,) = n.inputs
-        rows, dim = x.type.shape
-        value = float(n.attrs["value"])
-        self.out.packed.setdefault(f"const.{value!r}", lambda: np.array([value], np.float32))
+    def scale_rows(self, n: Node, x: Node, factor: str) -> str:
+        """x * factor, with factor a 1-element weight (a constant or layer_scalar)."""
+        dim = x.type.shape[1]
         kern = self.kernel(f"scale_rows_{dim}", lambda: K.scale_rows(dim, f"scale_rows_{dim}"))
         out = self.buf(n.name, n.type.shape)
-        self.call(kern, self.ref(x), f"w:const.{value!r}", out)
+        self.call(kern, self.ref(x), factor, out)
         return out
+
+    def op_scale(self, n: Node) -> str:
+        value = float(n.attrs["value"])
+        self.out.packed.setdefault(f"const.{value!r}", lambda: np.array([value], np.float32))
+        return self.scale_rows(n, n.inputs[0], f"w:const.{value!r}")
 
     def op_mul(self, n: Node) -> str:  # x * layer_scalar
         x, s = n.inputs
         if s.op != "param" or s.type.shape != (1,):
             raise NotImplementedError(f"mul %{n.name}: only `x * layer_scalar` is lowered")
-        dim = x.type.shape[1]
-        kern = self.kernel(f"scale_rows_{dim}", lambda: K.scale_rows(dim, f"scale_rows_{dim}"))
-        out = self.buf(n.name, n.type.shape)
-        self.call(kern, self.ref(x), self.weight(s), out)
-        return out
+        return self.scale_rows(n, x, self.weight(s))
 
     def op_add(self, n: Node) -> str:
         a, b = n.inputs
