@@ -1,6 +1,7 @@
 """Compile a model into an artifact directory: kernels library, packed weights, manifest.
 
-    DIR/kernels.so              every TensorIR kernel, built by TVM for the target (`export_library`)
+    DIR/kernels.so              the Relax VM executable (`prefill`, `prefill_all`, `decode` entry functions) and
+                                every TensorIR kernel, built by TVM for the target (`export_library`)
     DIR/weights.safetensors     fp32 weights as the kernels want them (q/k/v and gate/up packed, RoPE tables)
     DIR/host.safetensors        tables kept in host memory and gathered row by row (the PLE table)
     DIR/manifest.json           config, target, programs (kernel call sequences), KV slots and plan,
@@ -24,7 +25,7 @@ from safetensors.numpy import save_file
 import g4c
 from g4c.atomic import atomic_directory, check_writable
 from g4c.config import ModelConfig
-from g4c.dtypes import canonical_dtype, numpy_dtype
+from g4c.dtypes import canonical_dtype, dtype_name, numpy_dtype
 from g4c.frontend import build_graph
 from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
 from g4c.runtime.artifact import FORMAT, FORMAT_VERSION, HOST, LIBRARY, MANIFEST, WEIGHTS, sha256_file
@@ -45,8 +46,9 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     """Lower, schedule, build and write an artifact (see the module docstring)."""
     import tvm
 
-    from g4c.codegen.kernels import module
+    from g4c.codegen.kernels import STORAGE
     from g4c.codegen.lower import lower
+    from g4c.codegen.relax_module import build_module
     from g4c.targets.base import get_target
 
     target = get_target(target_name)
@@ -60,20 +62,25 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     for i, name in enumerate(names):
         scheduled[name] = target.schedule(name, lowered.kernels[name])
         report("scheduling kernels", i + 1, len(names))
+    tensors = _pack_weights(lowered, weights, report)
+    storage = {name: (a.shape, STORAGE[dtype_name(a.dtype)]) for name, a in tensors.items()}
+    mod, entry = build_module(lowered, scheduled, storage)
     report("building library", 0, 1)
     t0 = time.time()
-    lib = tvm.compile(module(scheduled), target=target.tvm_target())
+    lib = tvm.compile(mod, target=target.tvm_target(), relax_pipeline="default")
     build_seconds = time.time() - t0
     report("building library", 1, 1)
 
     with atomic_directory(out, overwrite) as tmp:
         lib.export_library(str(tmp / LIBRARY))
-        _write_weights(tmp, lowered, weights, report)
+        save_file(tensors, str(tmp / WEIGHTS))
+        _write_host_tables(tmp, lowered, weights)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "g4c_version": g4c.__version__,
             "tvm_version": tvm.__version__, "target": target.name, "target_spec": str(target.tvm_target()),
             "dtype": "float32", "weight_dtype": lowered.weight_dtype, "config": cfg.to_hf_dict(), "build_seconds": round(build_seconds, 2),
-            "kernels": names, "programs": {k: p.to_json() for k, p in lowered.programs.items()},
+            "entry": entry.to_json(), "kernels": names,
+            "programs": {k: p.to_json() for k, p in lowered.programs.items()},  # kernel sequences, for inspection
             "kv_slots": {k: asdict(v) for k, v in lowered.kv_slots.items()},
             "kv_plan": graphs["decode"].meta.get("kv_plan", []), "host_tables": lowered.host_tables,
             "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
@@ -82,7 +89,8 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     return out
 
 
-def _write_weights(directory: Path, lowered, weights: Weights, report: Progress) -> None:
+def _pack_weights(lowered, weights: Weights, report: Progress) -> dict[str, np.ndarray]:
+    """Every weight the entry functions take, packed and converted to its storage dtype."""
     used = sorted({ref[2:] for p in lowered.programs.values() for s in p.steps for ref in s.args if ref.startswith("w:")})
     tensors: dict[str, np.ndarray] = {}
     for i, name in enumerate(used):
@@ -91,7 +99,10 @@ def _write_weights(directory: Path, lowered, weights: Weights, report: Progress)
         dtype = lowered.weight_dtype if name in lowered.half_weights else "float32"
         tensors[name] = np.ascontiguousarray(np.asarray(array, dtype=np.float32).astype(numpy_dtype(dtype)))
         report("packing weights", i + 1, len(used))
-    save_file(tensors, str(directory / WEIGHTS))
+    return tensors
+
+
+def _write_host_tables(directory: Path, lowered, weights: Weights) -> None:
     if lowered.host_tables:
         host_dtype = numpy_dtype(lowered.weight_dtype)
         save_file({n: np.ascontiguousarray(weights.f32(n).astype(host_dtype)) for n in lowered.host_tables},

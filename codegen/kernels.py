@@ -178,6 +178,15 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
     return _prim([q, kc, vc, pos, out], name)
 
 
+def take_last(count: int, trailing: tuple[int, ...], dtype: str, name: str) -> tirx.PrimFunc:
+    """The last `count` rows of x [T, *trailing] (the KV-shared tail and the LM head keep only the
+    positions whose logits are requested)."""
+    t = _t()
+    x = te.placeholder((t, *trailing), dtype, name="x")
+    out = te.compute((count, *trailing), lambda i, *rest: x[(t - count + i, *rest)], name="out")
+    return _prim([x, out], name)
+
+
 def gelu_mul(inter: int, name: str) -> tirx.PrimFunc:
     """gelu_tanh(h[:, :I]) * h[:, I:] for a fused gate/up projection h [T, 2I]."""
     t = _t()

@@ -190,8 +190,11 @@ class _Lowering:
         return out
 
     def op_take_last(self, n: Node) -> str:
-        out = self.buf(n.name, n.type.shape)
-        self.call("last", self.ref(n.inputs[0]), out, count=n.attrs["count"])
+        src = self.ref(n.inputs[0])
+        # the source buffer's layout (e.g. PLE inputs are [T, L*P] here, [T, L, P] in the graph)
+        trailing = self.prog.buffers[src[2:]][0][1:] if src.startswith("a:") else list(n.type.shape[1:])
+        out = self.buf(n.name, [n.attrs["count"], *trailing], n.type.dtype)
+        self.call("last", src, out, count=n.attrs["count"])
         return out
 
     def op_gated_mlp(self, n: Node) -> str:

@@ -56,7 +56,7 @@ def test_ring_buffers_and_shared_layers_own_no_cache(artifacts):
     session = load(artifacts["e"], max_context=64, prefill_chunk=4)
     manifest = session.manifest
     cfg = manifest["config"]
-    rings = {s: c.shape[0] for s, c in session.caches.items() if session.ring[s]}
+    rings = {s: c.shape[0] for s, c in session.caches.items() if manifest["kv_slots"][s]["ring"]}
     assert rings and set(rings.values()) == {cfg["sliding_window"] + 4 - 1}
     assert {info["layer"] for info in manifest["kv_slots"].values()} == {0, 1, 2, 3}  # layers 4-6 reuse
 
@@ -118,6 +118,8 @@ def test_cli_compile_logits_generate_and_refusal(artifacts, checkpoints, referen
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["target"] == "llvm" and set(manifest["files"]) == {"kernels.so", "weights.safetensors"}
     assert manifest["config"]["num_experts"] == 6 and manifest["kv_plan"]
+    assert set(manifest["programs"]) == {"prefill", "prefill_all", "decode"}  # Relax entry functions
+    assert manifest["entry"]["inputs"] == ["ids", "positions"] and manifest["entry"]["caches"]
     (art / "weights.safetensors").write_bytes(b"truncated")
     result = subprocess.run([sys.executable, "-m", "g4c.cli", "generate", str(art), "--tokens", "1,2"],
                             capture_output=True, text=True, timeout=120)
@@ -130,7 +132,7 @@ def test_failed_compile_leaves_nothing(checkpoints, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(build, "_write_weights", fail)
+    monkeypatch.setattr(build, "_write_host_tables", fail)
     loaded = load_model(str(checkpoints["dense"]))
     with pytest.raises(RuntimeError):
         compile_model(loaded.cfg, loaded.weights, "llvm", tmp_path / "out")

@@ -1,7 +1,8 @@
 """Run a compiled g4c artifact with only numpy, safetensors and `tvm_ffi` (+ the TVM runtime library).
 
-`load(DIR)` checks the manifest (format, g4c version, SHA-256 and size of every file), loads the
-kernel library with `tvm_ffi.load_module`, maps the weights, allocates the KV caches from the plan
+`load(DIR)` checks the manifest (format, g4c version, SHA-256 of every file), loads the Relax VM
+executable with `tvm_ffi.load_module` (`vm_load_executable`), maps the weights, allocates the KV caches
+from the plan
 (ring buffers of window + chunk - 1 slots for sliding producers, `max_context` rows for global
 producers, nothing for KV-sharing layers, which read their donor's buffers) and returns a `Session`
 with `prefill` (chunked), `decode`, `generate` and `reset`.
@@ -33,6 +34,8 @@ HOST = "host.safetensors"
 
 
 ALIGNMENT = 64  # TVM kernels assume 64-byte aligned buffers (aligned vector loads)
+DEVICE_CPU = 1  # DLPack device type
+POOLED_ALLOCATOR = 2  # Relax VM allocator kind
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -114,7 +117,8 @@ def _load_runtime_library(directory: Path) -> None:
 
 
 class CompiledSession(Session):
-    """Executes the artifact's kernel programs; KV caches live in numpy buffers the kernels write."""
+    """Calls the artifact's Relax VM entry functions; the KV caches are numpy buffers the kernels
+    update in place."""
 
     def __init__(self, directory: str | Path, max_context: int | None = None, prefill_chunk: int = 64):
         import tvm_ffi
@@ -125,9 +129,10 @@ class CompiledSession(Session):
         self._ffi = tvm_ffi
         _load_runtime_library(self.directory)
         try:
-            self.library = tvm_ffi.load_module(str(self.directory / LIBRARY))
+            self.vm = tvm_ffi.load_module(str(self.directory / LIBRARY))["vm_load_executable"]()
+            self.vm["vm_initialization"](DEVICE_CPU, 0, POOLED_ALLOCATOR)
         except Exception as exc:  # noqa: BLE001 - surfaced as one line
-            raise ArtifactError(f"cannot load the kernel library: {exc}") from None
+            raise ArtifactError(f"cannot load the compiled model: {exc}") from None
         cfg = self.manifest["config"]
         self.config = cfg
         self.vocab_size = cfg["vocab_size"]
@@ -135,20 +140,21 @@ class CompiledSession(Session):
             self.vocab_size = min(self.vocab_size, cfg.get("vocab_size_per_layer_input", self.vocab_size))
         self.max_context = min(max_context or 4096, cfg["max_position_embeddings"])
         self.prefill_chunk = max(1, prefill_chunk)
+        entry = self.manifest["entry"]
         with safe_open(str(self.directory / WEIGHTS), framework="numpy") as f:
             self.weights = {k: aligned(_storage(f.get_tensor(k))) for k in f.keys()}
-        self.host = safe_open(str(self.directory / HOST), framework="numpy") \
-            if (self.directory / HOST).is_file() else None
-        self._kernels: dict[str, object] = {}
-        self._tensors: dict[int, object] = {}
+        self.host = safe_open(str(self.directory / HOST), framework="numpy") if (self.directory / HOST).is_file() else None
         self.caches: dict[str, np.ndarray] = {}
-        self.ring: dict[str, bool] = {}
-        for slot, info in self.manifest["kv_slots"].items():
+        for slot in entry["caches"]:
+            info = self.manifest["kv_slots"][slot]
             rows = (info["window"] + self.prefill_chunk - 1) if info["ring"] else self.max_context
             self.caches[slot] = aligned_empty((rows, info["kv_heads"], info["head_dim"]), np.float32)
-            self.caches[slot].fill(0)
-            self.ring[slot] = info["ring"]
-        self.position = 0
+        # weights and caches never move: their DLPack wrappers are made once
+        self._static = [tvm_ffi.from_dlpack(self.weights[n]) for n in entry["weights"]] + \
+                       [tvm_ffi.from_dlpack(self.caches[s]) for s in entry["caches"]]
+        self._functions = {name: self.vm[name] for name in self.manifest["programs"]}
+        self._ple = entry["inputs"][2:] == ["ple_rows"]
+        self.reset()
 
     # -- Session API -------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -158,10 +164,8 @@ class CompiledSession(Session):
 
     def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         ids = self.check_tokens(tokens)
-        outputs = []
-        for start in range(0, ids.size, self.prefill_chunk):
-            chunk = ids[start: start + self.prefill_chunk]
-            outputs.append(self._run("prefill_all" if all_logits else "prefill", chunk))
+        outputs = [self._run("prefill_all" if all_logits else "prefill", ids[start: start + self.prefill_chunk])
+                   for start in range(0, ids.size, self.prefill_chunk)]
         return np.concatenate(outputs) if all_logits else outputs[-1][-1]
 
     def decode(self, token: int) -> np.ndarray:
@@ -171,59 +175,21 @@ class CompiledSession(Session):
     def nbytes_kv(self) -> int:
         return sum(c.nbytes for c in self.caches.values())
 
-    # -- program execution ----------------------------------------------------------------------------
-    def _tensor(self, array: np.ndarray):
-        return self._ffi.from_dlpack(array)
-
-    def _kernel(self, name: str):
-        if name not in self._kernels:
-            self._kernels[name] = self.library[name]
-        return self._kernels[name]
-
     def _run(self, name: str, ids: np.ndarray) -> np.ndarray:
-        program = self.manifest["programs"][name]
-        tokens = ids.size
-        length = self.position + tokens
-        env = {"T": tokens}
-        buffers: dict[str, np.ndarray] = {
-            "in:ids": aligned(np.ascontiguousarray(ids, dtype=np.int64)),
-            "in:positions": aligned(np.arange(self.position, length, dtype=np.int64)),
-        }
-        for step in program["steps"]:
-            self._step(step, buffers, program["buffers"], env, length)
+        length = self.position + ids.size
+        inputs = [aligned(np.ascontiguousarray(ids, dtype=np.int64)),
+                  aligned(np.arange(self.position, length, dtype=np.int64))]
+        if self._ple:
+            inputs.append(self._ple_rows(ids))
+        result = self._functions[name](*[self._ffi.from_dlpack(a) for a in inputs], *self._static)
         self.position = length
-        return buffers[program["outputs"]["logits"]].copy()
+        return np.array(np.from_dlpack(result[0]), dtype=np.float32)  # copy out of the VM's memory pool
 
-    def _resolve(self, ref: str, buffers, shapes, env, length) -> np.ndarray:
-        if ref in buffers:
-            return buffers[ref]
-        kind, name = ref.split(":", 1)
-        if kind == "w":
-            return self.weights[name]
-        if kind == "kv":
-            cache = self.caches[name]
-            return cache if self.ring[name] else cache[:length]
-        if kind == "a":  # an output: allocate it
-            shape, dtype = shapes[name]
-            buffers[ref] = aligned_empty([env.get(d, d) if isinstance(d, str) else d for d in shape], dtype)
-            return buffers[ref]
-        raise ArtifactError(f"bad buffer reference {ref!r} in the manifest")
-
-    def _step(self, step: dict, buffers, shapes, env, length) -> None:
-        kernel, args = step["kernel"], step["args"]
-        if kernel == "last":
-            buffers[args[1]] = aligned(buffers[args[0]][-step["attrs"]["count"]:])  # a copy keeps alignment
-        elif kernel == "reshape":
-            source = buffers[args[0]]
-            buffers[args[1]] = source.reshape(source.shape[0], -1)
-        elif kernel == "rows":
-            table = step["attrs"]["table"]
-            ids = buffers[args[0]]
-            view = self.host.get_slice(table)
-            buffers[args[1]] = aligned(np.concatenate([view[int(i): int(i) + 1] for i in ids]).astype(np.float32))
-        else:
-            arrays = [self._resolve(a, buffers, shapes, env, length) for a in args]
-            self._kernel(kernel)(*[self._tensor(a) for a in arrays])
+    def _ple_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Per-layer-embedding rows of these tokens, read from the memory-mapped host table."""
+        (table,) = self.manifest["host_tables"]
+        view = self.host.get_slice(table)
+        return aligned(np.concatenate([view[int(i): int(i) + 1] for i in ids]).astype(np.float32))
 
 
 def load(directory: str | Path, max_context: int | None = None, prefill_chunk: int = 64) -> CompiledSession:

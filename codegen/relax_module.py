@@ -1,0 +1,132 @@
+"""The model as a Relax IRModule: one entry function per program (`prefill`, `prefill_all`, `decode`).
+
+Each function takes the token ids and positions (T symbolic), the gathered PLE rows when the model
+has PLE (the table stays in host memory; the runtime fetches one row per token), every weight, and
+every KV cache buffer, and returns `(logits, *caches)`. Kernel steps become `R.call_tir` of the
+scheduled TensorIR kernels; cache writes are `R.call_tir_inplace`, so the caches the runtime passes
+in are updated in place (they are returned too, which keeps the writes alive through dead-code
+elimination). Full caches are passed whole: the attention kernel's ring formula treats a cache
+larger than every position as a plain full-length cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import relax, tirx
+
+from g4c.codegen import kernels as K
+from g4c.codegen.lower import Lowered, Program
+
+PLE_ROWS = "ple_rows"
+
+
+@dataclass
+class EntrySignature:
+    """Parameter order of an entry function (what the runtime passes)."""
+
+    inputs: list[str]  # "ids", "positions"(, "ple_rows")
+    weights: list[str]
+    caches: list[str]
+
+    def to_json(self) -> dict:
+        return {"inputs": self.inputs, "weights": self.weights, "caches": self.caches}
+
+
+def signature(lowered: Lowered) -> EntrySignature:
+    weights = sorted({ref[2:] for p in lowered.programs.values() for s in p.steps for ref in s.args
+                      if ref.startswith("w:")})
+    inputs = ["ids", "positions"] + ([PLE_ROWS] if lowered.host_tables else [])
+    return EntrySignature(inputs, weights, sorted(lowered.kv_slots))
+
+
+def build_module(lowered: Lowered, kernels: dict[str, object], weight_shapes: dict[str, tuple[tuple[int, ...], str]]):
+    """An IRModule with the scheduled kernels and one Relax function per program."""
+    bb = relax.BlockBuilder()
+    gvars = {name: bb.add_func(func, name) for name, func in kernels.items()}
+    sig = signature(lowered)
+    last_kernels: dict[tuple[int, int], object] = {}
+    for program in lowered.programs.values():
+        _entry(bb, program, lowered, sig, gvars, weight_shapes, last_kernels)
+    return bb.get(), sig
+
+
+def _tensor(shape, dtype: str):
+    return relax.TensorType(list(shape), dtype)
+
+
+def _entry(bb, program: Program, lowered: Lowered, sig: EntrySignature, gvars, weight_shapes, last_kernels) -> None:
+    tokens = tirx.Var("T", "int64")
+    dims = {"T": tokens}
+    env: dict[str, relax.Expr] = {}
+    params = [relax.Var("ids", _tensor((tokens,), "int64")), relax.Var("positions", _tensor((tokens,), "int64"))]
+    env["in:ids"], env["in:positions"] = params
+    if PLE_ROWS in sig.inputs:
+        width = _ple_width(program)
+        params.append(relax.Var(PLE_ROWS, _tensor((tokens, width), "float32")))
+    for name in sig.weights:
+        shape, dtype = weight_shapes[name]
+        var = relax.Var(name.replace(".", "_"), _tensor(shape, dtype))
+        params.append(var)
+        env[f"w:{name}"] = var
+    for slot in sig.caches:
+        info = lowered.kv_slots[slot]
+        capacity = tirx.Var(f"R_{slot}".replace(".", "_"), "int64")
+        dims[f"kv:{slot}"] = _tensor((capacity, info.kv_heads, info.head_dim), "float32")
+        var = relax.Var(slot.replace(".", "_"), dims[f"kv:{slot}"])
+        params.append(var)
+        env[f"kv:{slot}"] = var
+    with bb.function(program.name, params):
+        with bb.dataflow():
+            for step in program.steps:
+                _emit(bb, step, program, env, dims, gvars, params, last_kernels)
+            outputs = [env[program.outputs["logits"]]] + [env[f"kv:{s}"] for s in sig.caches]
+            result = bb.emit_output(relax.Tuple(outputs))
+        bb.emit_func_output(result)
+
+
+def _ple_width(program: Program) -> int:
+    for step in program.steps:
+        if step.kernel == "rows":
+            return program.buffers[step.args[1][2:]][0][1]
+    raise ValueError(f"program {program.name} gathers no PLE rows")
+
+
+def _out_type(ref: str, program: Program, dims):
+    shape, dtype = program.buffers[ref[2:]]
+    return _tensor([dims.get(d, d) if isinstance(d, str) else d for d in shape], dtype)
+
+
+def _emit(bb, step, program: Program, env, dims, gvars, params, last_kernels) -> None:
+    kernel, args = step.kernel, step.args
+    if kernel == "rows":  # gathered by the runtime from the host-memory table
+        env[args[1]] = next(p for p in params if p.name == PLE_ROWS)
+        return
+    if kernel == "reshape":
+        env[args[1]] = bb.emit(relax.op.reshape(env[args[0]], _out_type(args[1], program, dims).shape))
+        return
+    if kernel == "last":
+        count = step.attrs["count"]
+        shape, dtype = program.buffers[args[1][2:]]
+        trailing = tuple(shape[1:])
+        key = (count, trailing, dtype)
+        if key not in last_kernels:
+            name = f"take_last_{count}_{'x'.join(map(str, trailing)) or 'scalar'}_{dtype}"
+            last_kernels[key] = bb.add_func(K.take_last(count, trailing, dtype, name), name)
+        env[args[1]] = bb.emit(relax.call_tir(last_kernels[key], [env[args[0]]], _out_type(args[1], program, dims)))
+        return
+    if kernel.startswith("cache_write"):
+        cache, new, pos = args
+        env[cache] = bb.emit(relax.call_tir_inplace(gvars[kernel], [env[cache], env[new], env[pos]], [0],
+                                                    dims[cache]))
+        return
+    inputs = [a for a in args if a in env]
+    outputs = [a for a in args if a not in env]
+    types = [_out_type(a, program, dims) for a in outputs]
+    call = relax.call_tir(gvars[kernel], [env[a] for a in inputs], types if len(types) > 1 else types[0])
+    value = bb.emit(call)
+    if len(outputs) == 1:
+        env[outputs[0]] = value
+    else:
+        for i, ref in enumerate(outputs):
+            env[ref] = bb.emit(relax.TupleGetItem(value, i))
