@@ -2,14 +2,13 @@
 
 Each fused op becomes one or a few destination-passing kernels (`g4c.codegen.kernels`), deduplicated
 by configuration across layers; the program lists, per step, the kernel and its buffer references.
-The program is plain data (JSON in the artifact manifest), so the runtime that executes it needs
-only the compiled library, numpy and `tvm_ffi` — never the compiler.
+`g4c.codegen.relax_module` turns each program into a Relax entry function; the programs also go into
+the artifact manifest, for inspection and profiling.
 
 Buffer references: `in:ids`, `in:positions` (runtime inputs), `w:NAME` (weights, including packed
 ones such as `packed.l0_w_qkv`), `a:NAME` (activations, shapes in `Program.buffers`), `kv:SLOT`
-(a KV cache: the first P+T rows of a full cache, or the whole ring), and the two data-movement steps
-the runtime performs itself: `rows` (gather PLE rows of the host-memory table) and `last` (a view of
-the last n rows).
+(a KV cache buffer), and three non-kernel steps: `rows` (the PLE rows of the host-memory table,
+gathered by the runtime), `last` (the last n rows) and `reshape`.
 """
 
 from __future__ import annotations

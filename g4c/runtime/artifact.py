@@ -26,7 +26,7 @@ from g4c.errors import G4CError
 from g4c.runtime.session import Session
 
 FORMAT = "g4c-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Relax VM executable with prefill/prefill_all/decode entry functions
 MANIFEST = "manifest.json"
 LIBRARY = "kernels.so"
 WEIGHTS = "weights.safetensors"
@@ -81,8 +81,11 @@ def read_manifest(directory: str | Path, check_files: bool = True) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: corrupt manifest ({exc})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"artifact format v{manifest.get('format_version')} is not the v{FORMAT_VERSION} this g4c "
+                            "reads: recompile it")
     if manifest.get("g4c_version") != __version__:
         raise ArtifactError(f"artifact was compiled by g4c {manifest.get('g4c_version')}, this is g4c {__version__}: "
                             "recompile it")
@@ -149,9 +152,11 @@ class CompiledSession(Session):
             info = self.manifest["kv_slots"][slot]
             rows = (info["window"] + self.prefill_chunk - 1) if info["ring"] else self.max_context
             self.caches[slot] = aligned_empty((rows, info["kv_heads"], info["head_dim"]), np.float32)
-        # weights and caches never move: their DLPack wrappers are made once
-        self._static = [tvm_ffi.from_dlpack(self.weights[n]) for n in entry["weights"]] + \
-                       [tvm_ffi.from_dlpack(self.caches[s]) for s in entry["caches"]]
+        # weights and ring buffers never move: their DLPack wrappers are made once; a full cache is
+        # passed as its first P+T rows, so attention reads only the positions that exist
+        self._weights = [tvm_ffi.from_dlpack(self.weights[n]) for n in entry["weights"]]
+        self._rings = {s: tvm_ffi.from_dlpack(c) for s, c in self.caches.items()
+                       if self.manifest["kv_slots"][s]["ring"]}
         self._functions = {name: self.vm[name] for name in self.manifest["programs"]}
         self._ple = entry["inputs"][2:] == ["ple_rows"]
         self.reset()
@@ -181,7 +186,9 @@ class CompiledSession(Session):
                   aligned(np.arange(self.position, length, dtype=np.int64))]
         if self._ple:
             inputs.append(self._ple_rows(ids))
-        result = self._functions[name](*[self._ffi.from_dlpack(a) for a in inputs], *self._static)
+        caches = [self._rings[s] if s in self._rings else self._ffi.from_dlpack(c[:length])
+                  for s, c in self.caches.items()]
+        result = self._functions[name](*[self._ffi.from_dlpack(a) for a in inputs], *self._weights, *caches)
         self.position = length
         return np.array(np.from_dlpack(result[0]), dtype=np.float32)  # copy out of the VM's memory pool
 
