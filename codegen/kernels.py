@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import tvm
 from tvm import te, tirx
 from tvm.script import tirx as T_
 
@@ -322,7 +321,3 @@ def moe_experts(hidden: int, inter: int, experts: int, top_k: int, name: str, dt
     out = te.compute((t, hidden), lambda i, o: te.sum(act[i, jj, k2] * _load(down[idx[i, jj], o, k2], dtype),
                                                       axis=[jj, k2]), name="out")
     return _prim([x, idx, w, gate_up, down, out], name)
-
-
-def module(funcs: dict[str, tirx.PrimFunc]) -> tvm.IRModule:
-    return tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})

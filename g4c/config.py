@@ -194,11 +194,6 @@ class ModelConfig:
         return dataclasses.replace(self, num_hidden_layers=num_layers, layer_types=types,
                                    num_kv_shared_layers=shared, per_layer_config=overrides)
 
-    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Canonical weight names (no `model.` prefix) → shapes, exactly as transformers stores them."""
-        from g4c.weights import expected_shapes
-
-        return expected_shapes(self)
 
 
 def _last_index(items: list[str], value: str) -> int:

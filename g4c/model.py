@@ -18,11 +18,6 @@ class LoadedModel:
     weights: Weights
     directory: Path | None = None  # checkpoint directory (holds tokenizer.json when there is one)
 
-    @property
-    def tokenizer_path(self) -> Path | None:
-        path = self.directory / "tokenizer.json" if self.directory else None
-        return path if path and path.is_file() else None
-
 
 def load_model(model: str, random_weights: bool = False, seed: int = 0, num_layers: int | None = None,
                dtype: str = "float32") -> LoadedModel:

@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import safe_open
 
 from g4c.config import ModelConfig
-from g4c.dtypes import canonical_dtype, dtype_name, numpy_dtype
+from g4c.dtypes import canonical_dtype, numpy_dtype
 from g4c.errors import WeightError
 
 TEXT_PREFIXES = ("model.language_model.", "model.")
@@ -272,10 +272,4 @@ def load_checkpoint_weights(cfg: ModelConfig, directory: str | Path) -> Weights:
     return Weights(cfg, Checkpoint(directory))
 
 
-def source_dtype_summary(source: WeightSource) -> str:
-    """E.g. 'bfloat16' or 'float32+bfloat16' for mixed checkpoints."""
-    return "+".join(sorted({source.dtype(n) for n in source.names()}))
-
-
-__all__ = ["Checkpoint", "RandomWeights", "Weights", "expected_shapes", "validate", "load_checkpoint_weights",
-           "dtype_name", "source_dtype_summary"]
+__all__ = ["Checkpoint", "RandomWeights", "Weights", "expected_shapes", "validate", "load_checkpoint_weights"]

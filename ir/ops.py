@@ -142,7 +142,7 @@ def _kv_cache(inputs, attrs) -> TensorType:
 
 def _attention(inputs, attrs) -> TensorType:
     q, k, v, positions = inputs
-    (t, hq, d), (s, hk, dk) = q.type.shape, k.type.shape
+    (t, hq, d), (_, hk, dk) = q.type.shape, k.type.shape
     if k.type.shape != v.type.shape or d != dk or hq % hk or positions.type.shape != (t,):
         raise IRTypeError(f"attention: q {q.type}, k {k.type}, v {v.type}, positions {positions.type} do not fit")
     return q.type

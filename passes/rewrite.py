@@ -19,11 +19,6 @@ def expect(node: Node, op: str, arity: int | None = None) -> tuple[Node, ...]:
     return node.inputs
 
 
-def weight_name(node: Node) -> str:
-    expect(node, "param")
-    return node.attrs["name"]
-
-
 def remove_unused(graph: Graph, candidates: Iterable[Node]) -> None:
     """Erase the candidates (and, transitively, their inputs among them) once nothing uses them.
 

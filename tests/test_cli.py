@@ -86,7 +86,7 @@ def test_init_random_then_logits(tmp_path):
     result = g4c("init-random", "tiny-e", "-o", str(ckpt), "--seed", "3", "--dtype", "bf16")
     assert result.returncode == 0, result.stderr
     assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()
-    from_dir, from_preset = tmp_path / "a.npy", tmp_path / "b.npy"
+    from_dir = tmp_path / "a.npy"
     assert main(["logits", str(ckpt), "--tokens", "1,2,3", "-o", str(from_dir)]) == 0
     # the preset with the same seed/dtype regenerates identical weights without a checkpoint
     from g4c.model import load_model

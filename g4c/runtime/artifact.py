@@ -176,10 +176,6 @@ class CompiledSession(Session):
     def decode(self, token: int) -> np.ndarray:
         return self._run("decode", self.check_tokens([token]))[0]
 
-    @property
-    def nbytes_kv(self) -> int:
-        return sum(c.nbytes for c in self.caches.values())
-
     def _run(self, name: str, ids: np.ndarray) -> np.ndarray:
         length = self.position + ids.size
         inputs = [aligned(np.ascontiguousarray(ids, dtype=np.int64)),
