@@ -48,7 +48,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
 
     from g4c.codegen.kernels import STORAGE
     from g4c.codegen.lower import lower
-    from g4c.codegen.relax_module import build_module
+    from g4c.codegen.relax_module import build_module, signature
     from g4c.targets.base import get_target
 
     target = get_target(target_name)
@@ -62,9 +62,10 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     for i, name in enumerate(names):
         scheduled[name] = target.schedule(name, lowered.kernels[name])
         report("scheduling kernels", i + 1, len(names))
-    tensors = _pack_weights(lowered, weights, report)
+    entry = signature(lowered)
+    tensors = _pack_weights(lowered, entry.weights, weights, report)
     storage = {name: (a.shape, STORAGE[dtype_name(a.dtype)]) for name, a in tensors.items()}
-    mod, entry = build_module(lowered, scheduled, storage)
+    mod = build_module(lowered, entry, scheduled, storage)
     report("building library", 0, 1)
     t0 = time.time()
     lib = tvm.compile(mod, target=target.tvm_target(), relax_pipeline="default")
@@ -89,9 +90,8 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     return out
 
 
-def _pack_weights(lowered, weights: Weights, report: Progress) -> dict[str, np.ndarray]:
+def _pack_weights(lowered, used: list[str], weights: Weights, report: Progress) -> dict[str, np.ndarray]:
     """Every weight the entry functions take, packed and converted to its storage dtype."""
-    used = sorted({ref[2:] for p in lowered.programs.values() for s in p.steps for ref in s.args if ref.startswith("w:")})
     tensors: dict[str, np.ndarray] = {}
     for i, name in enumerate(used):
         producer = lowered.packed.get(name)

@@ -40,15 +40,16 @@ def signature(lowered: Lowered) -> EntrySignature:
     return EntrySignature(inputs, weights, sorted(lowered.kv_slots))
 
 
-def build_module(lowered: Lowered, kernels: dict[str, object], weight_shapes: dict[str, tuple[tuple[int, ...], str]]):
-    """An IRModule with the scheduled kernels and one Relax function per program."""
+def build_module(lowered: Lowered, sig: EntrySignature, kernels: dict[str, object],
+                 weight_shapes: dict[str, tuple[tuple[int, ...], str]]):
+    """An IRModule with the scheduled kernels and one Relax function per program, parameters in
+    `sig` order; `weight_shapes` gives each weight's stored shape and dtype."""
     bb = relax.BlockBuilder()
     gvars = {name: bb.add_func(func, name) for name, func in kernels.items()}
-    sig = signature(lowered)
-    last_kernels: dict[tuple[int, int], object] = {}
+    last_kernels: dict[tuple, object] = {}
     for program in lowered.programs.values():
         _entry(bb, program, lowered, sig, gvars, weight_shapes, last_kernels)
-    return bb.get(), sig
+    return bb.get()
 
 
 def _tensor(shape, dtype: str):
