@@ -136,13 +136,15 @@ def cache_write(kv_heads: int, head_dim: int, name: str) -> tirx.PrimFunc:
 
 
 def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, scaling: float,
-              name: str) -> tirx.PrimFunc:
+              name: str, k_from_v: bool = False) -> tirx.PrimFunc:
     """Causal GQA attention of T queries over a cache view of S slots. The cache holds positions
     `0 .. L-1` (L = positions[T-1] + 1) either directly (full: slot = position, S = L) or as a ring of
-    S slots (slot s holds the newest position p ≤ L-1 with p ≡ s mod S); one formula covers both."""
+    S slots (slot s holds the newest position p ≤ L-1 with p ≡ s mod S); one formula covers both.
+
+    `k_from_v` (k_eq_v global layers): only V is cached and K is rebuilt as rope(V * k_norm) at each
+    key's position — exact, since both come from the same normalised raw projection."""
     t, s = _t(), tirx.Var("S", I64)
     q = te.placeholder((t, q_heads, head_dim), F32, name="q")
-    kc = te.placeholder((s, kv_heads, head_dim), F32, name="k_cache")
     vc = te.placeholder((s, kv_heads, head_dim), F32, name="v_cache")
     pos = te.placeholder((t,), I64, name="positions")
     group = q_heads // kv_heads
@@ -150,6 +152,23 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
 
     def key_pos(j):
         return j + s * tirx.floordiv(last - j, s)
+
+    if k_from_v:
+        half = head_dim // 2
+        k_norm = te.placeholder((head_dim,), F32, name="k_norm")
+        inv_freq = te.placeholder((half,), F32, name="inv_freq")
+        scaled = te.compute((s, kv_heads, head_dim), lambda j, h, e: vc[j, h, e] * k_norm[e], name="k_unrotated")
+
+        def rebuilt(j, h, e):
+            angle = key_pos(j).astype(F32) * inv_freq[tirx.floormod(e, half)]
+            partner = tirx.if_then_else(e < half, -scaled[j, h, e + half], scaled[j, h, e - half])
+            return scaled[j, h, e] * tirx.cos(angle) + partner * tirx.sin(angle)
+
+        kc = te.compute((s, kv_heads, head_dim), rebuilt, name="k_cache")
+        inputs = [q, vc, pos, k_norm, inv_freq]
+    else:
+        kc = te.placeholder((s, kv_heads, head_dim), F32, name="k_cache")
+        inputs = [q, kc, vc, pos]
 
     def visible(i, j):
         kp = key_pos(j)
@@ -174,7 +193,7 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
     acc = te.compute((t, q_heads, head_dim), lambda i, h, e: te.sum(ex[i, h, j3] * vc[j3, h // group, e], axis=j3),
                      name="acc")
     out = te.compute((t, q_heads, head_dim), lambda i, h, e: acc[i, h, e] / den[i, h], name="out")
-    return _prim([q, kc, vc, pos, out], name)
+    return _prim(inputs + [out], name)
 
 
 def take_last(count: int, trailing: tuple[int, ...], dtype: str, name: str) -> tirx.PrimFunc:

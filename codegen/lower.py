@@ -236,22 +236,31 @@ class _Lowering:
         proj = self.linear(h, w_proj, hidden, total, f"{n.name}_proj", rows)
         q = self._heads(proj, pos, self.weight(n.inputs[4]), inv_freq, total, 0, nh, hd, eps, True, True,
                         f"{n.name}_q", rows)
+        k_from_v = bool(a.get("k_from_v"))  # plan_kv_cache: store V only, rebuild K from it
         if a["role"] == "own":
-            k = self._heads(proj, pos, self.weight(n.inputs[5]), inv_freq, total, nh, nkv, hd, eps, True, True,
-                            f"{n.name}_k", rows)
+            cached = []
+            if not k_from_v:
+                k = self._heads(proj, pos, self.weight(n.inputs[5]), inv_freq, total, nh, nkv, hd, eps, True, True,
+                                f"{n.name}_k", rows)
+                cached.append((a["k_slot"], k))
             v_offset = nh if a["k_eq_v"] else nh + nkv
             v = self._heads(proj, pos, None, None, total, v_offset, nkv, hd, eps, False, False, f"{n.name}_v", rows)
+            cached.append((a["v_slot"], v))
             ring = a.get("cache") == "ring"
-            for slot, new in ((a["k_slot"], k), (a["v_slot"], v)):
+            for slot, new in cached:
                 self.out.kv_slots[slot] = KVSlot(slot, a["layer"], nkv, hd, ring, a["window"])
                 name = f"cache_write_{nkv}x{hd}"
                 kern = self.kernel(name, lambda: K.cache_write(nkv, hd, name))
                 self.call(kern, f"kv:{slot}", new, pos)
         window = a["window"]
-        name = f"attention_{nh}x{nkv}x{hd}_w{window}"
-        kern = self.kernel(name, lambda: K.attention(nh, nkv, hd, window, 1.0, name))
+        name = f"attention_{nh}x{nkv}x{hd}_w{window}{'_kfromv' if k_from_v else ''}"
+        kern = self.kernel(name, lambda: K.attention(nh, nkv, hd, window, 1.0, name, k_from_v))
         attn = self.buf(f"{n.name}_attn", (rows, nh, hd))
-        self.call(kern, q, f"kv:{a['k_slot']}", f"kv:{a['v_slot']}", pos, attn)
+        if k_from_v:  # the k_norm that rebuilds K: this layer's own, or its donor's (input 7 of a reuse node)
+            k_norm = n.inputs[5] if a["role"] == "own" else n.inputs[7]
+            self.call(kern, q, f"kv:{a['v_slot']}", pos, self.weight(k_norm), inv_freq, attn)
+        else:
+            self.call(kern, q, f"kv:{a['k_slot']}", f"kv:{a['v_slot']}", pos, attn)
         w_o = n.inputs[5] if a["role"] == "reuse" else n.inputs[6]
         flat = self.buf(f"{n.name}_attn_flat", (rows, nh * hd))
         self.call("reshape", attn, flat)

@@ -174,3 +174,11 @@ def test_half_precision_weights_of_fp32_model(dtype, tolerance, artifacts, check
     assert diff <= tolerance * np.abs(expected).max()
     fp32_size = (artifacts["moe"] / "weights.safetensors").stat().st_size
     assert (art / "weights.safetensors").stat().st_size < 0.6 * fp32_size
+
+
+def test_k_eq_v_global_layers_cache_v_only(artifacts):
+    """plan_kv_cache's single-tensor K/V: the compiled model keeps no K cache for k_eq_v global layers
+    (K is rebuilt from V inside attention), and the parity tests above show it is exact."""
+    slots = json.loads((artifacts["moe"] / "manifest.json").read_text())["kv_slots"]
+    assert {"layers.2.v", "layers.4.v"} <= set(slots) and not {"layers.2.k", "layers.4.k"} & set(slots)
+    assert {"layers.0.k", "layers.0.v"} <= set(slots)  # sliding layers keep both
