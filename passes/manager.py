@@ -115,9 +115,3 @@ class PassManager:
         stem = f"{graph.name}.{step:02d}.{name}"
         (self.dump_dir / f"{stem}.txt").write_text(format_graph(graph) + "\n")
         write_dot(graph, self.dump_dir / f"{stem}.dot", include_params=False)
-
-
-def optimize(graph: Graph, ctx: PassContext, passes: str | Iterable[str] = "all", **kwargs) -> Graph:
-    """Convenience: run a pass spec (`all`, `none`, list) on a graph."""
-    names = resolve_passes(passes) if isinstance(passes, str) else list(passes)
-    return PassManager(names, **kwargs).run(graph, ctx)
