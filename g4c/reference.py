@@ -11,7 +11,7 @@ import numpy as np
 
 from g4c.config import ModelConfig
 from g4c.frontend import build_graph
-from g4c.ir import Graph, Interpreter, KVState, verify
+from g4c.ir import Interpreter, KVState, verify
 from g4c.runtime.session import Session
 from g4c.weights import Weights
 
@@ -35,9 +35,6 @@ class ReferenceSession(Session):
     @property
     def position(self) -> int:  # type: ignore[override]
         return self.state.length
-
-    def graph(self, mode: str, logits_to_keep: int | None) -> Graph:
-        return self._interpreter(mode, logits_to_keep).graph
 
     def _interpreter(self, mode: str, logits_to_keep: int | None) -> Interpreter:
         key = (mode, logits_to_keep)

@@ -107,8 +107,8 @@ class Interpreter:
                 return HostTable(node.attrs["name"], shape_value(node.type.shape, env), self.rows)
             return np.asarray(self.weights(node.attrs["name"]), dtype=np.float32)
         args = [values[i] for i in node.inputs]
-        if node.op == "kv_cache":
-            return _kv_cache(args[0], node.attrs["slot"], state, pending)
+        if node.op == "kv_cache":  # unfused caches hold every position from 0
+            return _append(_SlotView(state, pending), node.attrs["slot"], args[0], 0)[1]
         if node.op == "fused_attention":
             return fused_attention(args, node.attrs, _SlotView(state, pending))
         if node.op == "reshape":
@@ -185,13 +185,6 @@ def moe_experts(x: np.ndarray, idx: np.ndarray, w: np.ndarray, gate_up: np.ndarr
         h = gelu_tanh(h[:, :inter]) * h[:, inter:]
         np.add.at(out, tokens, (h @ down[expert].T) * w[tokens, slot][:, None])
     return out
-
-
-def _kv_cache(x: np.ndarray, slot: str, state: KVState, pending: dict[str, tuple[int, np.ndarray]]) -> np.ndarray:
-    past = state.slots.get(slot)
-    full = x if past is None else np.concatenate([past, x], axis=0)
-    pending[slot] = (0, full)
-    return full
 
 
 class _SlotView:

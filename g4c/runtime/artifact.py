@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from g4c import __version__
+from g4c.config import config_from_dict
 from g4c.errors import G4CError
 from g4c.runtime.session import Session
 
@@ -136,12 +137,10 @@ class CompiledSession(Session):
             self.vm["vm_initialization"](DEVICE_CPU, 0, POOLED_ALLOCATOR)
         except Exception as exc:  # noqa: BLE001 - surfaced as one line
             raise ArtifactError(f"cannot load the compiled model: {exc}") from None
-        cfg = self.manifest["config"]
-        self.config = cfg
-        self.vocab_size = cfg["vocab_size"]
-        if cfg.get("hidden_size_per_layer_input"):
-            self.vocab_size = min(self.vocab_size, cfg.get("vocab_size_per_layer_input", self.vocab_size))
-        self.max_context = min(max_context or 4096, cfg["max_position_embeddings"])
+        self.config = self.manifest["config"]
+        model = config_from_dict(self.config, source=str(self.directory / MANIFEST))  # numpy-only module
+        self.vocab_size = model.input_vocab_size
+        self.max_context = min(max_context or 4096, model.max_position_embeddings)
         self.prefill_chunk = max(1, prefill_chunk)
         entry = self.manifest["entry"]
         with safe_open(str(self.directory / WEIGHTS), framework="numpy") as f:
