@@ -13,6 +13,7 @@ User errors print one line on stderr and exit with status 1.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -383,6 +384,72 @@ def init_random(preset: str = typer.Argument(..., help="Preset name (or a direct
         path = write_random_checkpoint(cfg, output, seed=seed, dtype=dtype, overwrite=overwrite,
                                        progress=lambda done, total: progress.update(task, completed=done, total=total))
     out.print(f"wrote {path} ({cfg.num_hidden_layers} layers, {dtype}, seed {seed})")
+
+
+@app.command("bench")
+def bench(model: str = typer.Argument(..., help="Compiled artifact, checkpoint directory or preset (compiled first)."),
+          target: str = TargetOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
+          layers: Optional[int] = LayersOpt,
+          dtype: str = typer.Option("fp32", "--dtype", help="Weight storage when MODEL must be compiled."),
+          prompt_len: int = typer.Option(64, "--prompt-len", help="Prompt tokens to prefill (random ids)."),
+          gen: int = typer.Option(16, "--gen", help="Timed decode steps (the median is reported)."),
+          context: int = typer.Option(0, "--context", help="Decode at this many cached positions (random KV "
+                                      "contents; default: right after the prompt)."),
+          threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="Kernel threads."),
+          profile: bool = typer.Option(False, "--profile", help="Per-kernel decode time (VM instrument hook)."),
+          as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table.")):
+    """Prefill/decode tok/s, time to first token, peak memory, KV bytes and the decode roofline ratio.
+
+    Example: g4c bench e2b --random-weights --layers 4 --prompt-len 64 --gen 16 --profile"""
+    import json
+    import tempfile
+
+    from g4c.bench import bench_session, format_result, read_bandwidth
+    from g4c.runtime.artifact import is_artifact, load
+
+    if prompt_len < 1 or gen < 1 or threads < 1 or context < 0:
+        raise G4CError("--prompt-len, --gen and --threads must be >= 1 and --context >= 0")
+    if target != "llvm":
+        raise G4CError(f"g4c bench runs artifacts on this machine; target {target!r} needs its device "
+                       "(see scripts/gpu_check.sh)")
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the runtime's thread pool starts
+    with tempfile.TemporaryDirectory(prefix="g4c-bench-") as tmp:
+        directory = Path(model)
+        if not is_artifact(model):
+            from g4c.dtypes import canonical_dtype
+
+            loaded = _model(model, random_weights, seed, layers)
+            directory = _compile_with_progress(loaded.cfg, loaded.weights, target, Path(tmp) / "artifact",
+                                               dtype=canonical_dtype(dtype))
+            del loaded
+        session = load(directory, max_context=max(context, prompt_len) + gen + 8, prefill_chunk=prompt_len)
+        with err.status("measuring memory bandwidth"):
+            bandwidth = read_bandwidth(threads)
+        with err.status("timing prefill and decode"):
+            result = bench_session(session, prompt_len, gen, context, threads, bandwidth, profile)
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        out.print(format_result(result), markup=False, highlight=False)
+
+
+@app.command("tokenizer")
+def tokenizer_cmd(gguf_vocab: Path = typer.Argument(..., help="GGUF file with a Gemma 4 vocabulary, e.g. llama.cpp's "
+                                                    "models/ggml-vocab-gemma-4.gguf."),
+                  output: Path = typer.Option(..., "-o", "--output", help="tokenizer.json to write (or a checkpoint "
+                                              "directory to put it in).")):
+    """Write a Hugging Face tokenizer.json from a GGUF vocabulary (so --prompt TEXT works).
+
+    Example: g4c tokenizer ggml-vocab-gemma-4.gguf -o /tmp/e2b-4l"""
+    from g4c.tokenizer import write_tokenizer_json
+
+    if not gguf_vocab.is_file():
+        raise G4CError(f"{gguf_vocab}: no such file")
+    if output.is_dir():
+        output = output / "tokenizer.json"
+    with err.status("building the BPE tokenizer"):
+        path = write_tokenizer_json(gguf_vocab, output)
+    out.print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

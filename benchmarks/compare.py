@@ -1,0 +1,248 @@
+"""g4c vs transformers vs llama.cpp on identical random weights, one command, one machine.
+
+    bash benchmarks/setup_llama_cpp.sh      # once: builds llama-cpp-python (not part of CI)
+    python benchmarks/compare.py            # E2B-shaped x10 layers + 26B-A4B MoE slice, all engines
+
+Steps: `g4c init-random` writes an HF checkpoint (fp32) plus a real Gemma 4 tokenizer.json made from
+llama.cpp's vocabulary; g4c compiles it for the host (fp32 and fp16 weights); llama.cpp's
+convert_hf_to_gguf.py converts the same checkpoint to GGUF f32/f16; then each engine runs in its own
+process (benchmarks/engines.py) with the same thread count and prompt. The memory bandwidth is measured
+in the same run (g4c.bench.read_bandwidth) and every decode speed is compared with the roofline
+bandwidth / bytes read per step. Writes benchmarks/results/<host>.json, benchmarks/results/<host>.png
+and benchmarks/RESULTS.md (never edit RESULTS.md by hand: rerun this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ENGINES_PY = HERE / "engines.py"
+LLAMA_SRC = Path(os.environ.get("G4C_CACHE", Path.home() / ".cache" / "g4c")) / "llama-cpp-python-0.3.36" / "vendor" / "llama.cpp"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], **kw) -> str:
+    log(" ".join(map(str, cmd)))
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} {cmd[1]} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def g4c(*args) -> str:
+    return run([sys.executable, "-m", "g4c.cli", *args])
+
+
+# -- artifacts --------------------------------------------------------------------------------------
+def checkpoint(work: Path, preset: str, layers: int) -> Path:
+    path = work / f"{preset}-{layers}l"
+    if not (path / "config.json").is_file():
+        g4c("init-random", preset, "--layers", layers, "-o", path, "--overwrite")
+    if not (path / "tokenizer.json").is_file() and (LLAMA_SRC / "models" / "ggml-vocab-gemma-4.gguf").is_file():
+        g4c("tokenizer", LLAMA_SRC / "models" / "ggml-vocab-gemma-4.gguf", "-o", path)
+    return path
+
+
+def g4c_artifact(ckpt: Path, precision: str) -> Path:
+    path = ckpt.with_name(f"{ckpt.name}.{precision}.g4c")
+    if not (path / "manifest.json").is_file():
+        g4c("compile", ckpt, "--dtype", {"f32": "fp32", "f16": "fp16"}[precision], "-o", path, "--overwrite")
+    return path
+
+
+def gguf(ckpt: Path, precision: str) -> Path:
+    path = ckpt.with_name(f"{ckpt.name}.{precision}.gguf")
+    if not path.is_file():
+        tmp = path.with_suffix(".partial")
+        run([sys.executable, LLAMA_SRC / "convert_hf_to_gguf.py", ckpt, "--outtype", precision, "--outfile", tmp])
+        tmp.rename(path)
+    return path
+
+
+# -- engines ------------------------------------------------------------------------------------------
+def engine(name: str, model: Path, args, work: Path, extra: list[str] = (), contexts: str = "") -> dict:
+    logits = work / f"logits-{model.name}-{'-'.join(extra) or 'x'}.npy"
+    cmd = [sys.executable, ENGINES_PY, name, model, "--threads", args.threads, "--gen", args.gen,
+           "--prompt-lens", args.prompt_lens, "--logits", logits, *extra]
+    if contexts:
+        cmd += ["--contexts", contexts]
+    result = json.loads(run(cmd).strip().splitlines()[-1])
+    result["logits_file"] = str(logits)
+    return result
+
+
+def engines_for(model_name: str, ckpt: Path, args, work: Path) -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    have_llama = (LLAMA_SRC / "convert_hf_to_gguf.py").is_file() and _importable("llama_cpp")
+    contexts = args.contexts if model_name == "e2b" else ""
+    for precision in args.precisions.split(","):
+        rows[f"g4c {precision}"] = engine("g4c", g4c_artifact(ckpt, precision), args, work,
+                                          contexts=contexts if precision == "f32" else "")
+    rows["transformers eager f32"] = engine("transformers", ckpt, args, work, ["--attn", "eager"], contexts)
+    rows["transformers sdpa f32"] = engine("transformers", ckpt, args, work, ["--attn", "sdpa"])
+    if have_llama:
+        for precision in args.precisions.split(","):
+            model = gguf(ckpt, precision)
+            rows[f"llama.cpp {precision}"] = engine("llama.cpp", model, args, work)
+            rows[f"llama.cpp {precision} flash-attn"] = engine("llama.cpp", model, args, work, ["--flash-attn"])
+    else:
+        log("llama.cpp not set up (bash benchmarks/setup_llama_cpp.sh): skipping it")
+    reference = np.load(rows["transformers eager f32"]["logits_file"])
+    for row in rows.values():
+        row["max_abs_logit_diff_vs_transformers"] = float(np.abs(np.load(row.pop("logits_file")) - reference).max())
+    return rows
+
+
+def _importable(module: str) -> bool:
+    return subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+# -- report -------------------------------------------------------------------------------------------
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for module in ("g4c", "tvm", "torch", "transformers", "llama_cpp", "numpy"):
+        out = subprocess.run([sys.executable, "-c", f"import {module}; print({module}.__version__)"],
+                             capture_output=True, text=True)
+        versions[module] = out.stdout.strip() or "not installed"
+    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "versions": versions}
+
+
+def roofline(results: dict, bandwidth: float) -> None:
+    """Attach decode roofline ratios: tok/s / (bandwidth / bytes read per step at that context)."""
+    for model in results["models"].values():
+        for name, row in model["engines"].items():
+            precision = "f16" if "f16" in name else "f32"
+            g4c_row = model["engines"].get(f"g4c {precision}") or model["engines"]["g4c f32"]
+            row["roofline"] = {n: tok_s * int(g4c_row["decode_bytes"][n]) / (bandwidth * 1e9)
+                               for n, tok_s in row["decode"].items() if n in g4c_row["decode_bytes"]}
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lens = results["args"]["prompt_lens"].split(",")
+    out = ["# g4c benchmark results", "",
+           "Generated by `python benchmarks/compare.py` — do not edit by hand.", "",
+           f"- machine: {m['cpu']}, {m['cores']} cores, {m['date']}",
+           f"- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+           f"- threads: {results['args']['threads']}; measured read bandwidth {results['bandwidth_gb_s']:.1f} GB/s "
+           f"({results['bandwidth_threads']} threads, `g4c.bench.read_bandwidth`)", ""]
+    for key, model in results["models"].items():
+        out += [f"## {model['title']}", "",
+                "| engine | " + " | ".join(f"prefill {n} tok/s" for n in lens)
+                + f" | decode tok/s (ctx {lens[0]}) | roofline | TTFT {lens[0]} (ms) | peak RSS (GB) "
+                  "| max abs Δlogits vs transformers |",
+                "|---|" + "---|" * (len(lens) + 5)]
+        for name, row in model["engines"].items():
+            first = lens[0]
+            out.append(f"| {name} | " + " | ".join(f"{row['prefill'][n]:.1f}" for n in lens)
+                       + f" | {row['decode'][first]:.2f} | {row['roofline'].get(first, float('nan')):.0%}"
+                       + f" | {1e3 * row['ttft_s'][first]:.0f} | {row['peak_rss_mb'] / 1024:.1f}"
+                       + f" | {row['max_abs_logit_diff_vs_transformers']:.2e} |")
+        g4c_bytes = model["engines"]["g4c f32"]["decode_bytes"][lens[0]]
+        out += ["", f"Bytes read per fp32 decode step at context {lens[0]}: {int(g4c_bytes) / 1e9:.2f} GB.", ""]
+        ctx = [c for c in results["args"]["contexts"].split(",") if c]
+        if key == "e2b" and ctx:
+            out += ["### Decode tok/s vs context (random KV contents; sliding layers read ≤ window rows)", "",
+                    "| engine | " + " | ".join(ctx) + " |", "|---|" + "---|" * len(ctx)]
+            for name, row in model["engines"].items():
+                if all(c in row["decode"] for c in ctx):
+                    out.append(f"| {name} | " + " | ".join(f"{row['decode'][c]:.2f}" for c in ctx) + " |")
+            out.append("")
+    out += [f"![results]({results['plot']})", "", "## Notes", "", results.get("notes", "")]
+    return "\n".join(out) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results["models"].items())
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(6 * (len(models) + 1), 5))
+    first = results["args"]["prompt_lens"].split(",")[0]
+    for ax, (key, model) in zip(axes, models):
+        names = list(model["engines"])
+        decode = [model["engines"][n]["decode"][first] for n in names]
+        ax.barh(names, decode, color=["tab:green" if n.startswith("g4c") else "tab:gray" for n in names])
+        ax.set_xlabel(f"decode tok/s (context {first}, {results['args']['threads']} threads)")
+        ax.set_title(model["title"], fontsize=9)
+        ax.invert_yaxis()
+    ax = axes[-1]
+    ctx = [c for c in results["args"]["contexts"].split(",") if c]
+    e2b = results["models"].get("e2b")
+    if e2b and ctx:
+        for name, row in e2b["engines"].items():
+            if all(c in row["decode"] for c in ctx):
+                ax.plot([int(c) for c in ctx], [row["decode"][c] for c in ctx], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (positions in the KV cache)")
+        ax.set_ylabel("decode tok/s")
+        ax.set_title("E2B-shaped decode vs context", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=10, help="E2B-shaped depth (keeps pattern + KV-shared tail)")
+    parser.add_argument("--moe-layers", type=int, default=1, help="26B-A4B-shaped MoE slice depth (0 = skip)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--gen", type=int, default=16)
+    parser.add_argument("--prompt-lens", default="64,512")
+    parser.add_argument("--contexts", default="512,2048,8192,32768")
+    parser.add_argument("--precisions", default="f32,f16")
+    parser.add_argument("--work", type=Path, default=Path(os.environ.get("G4C_CACHE", Path.home() / ".cache" / "g4c")) / "bench")
+    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--notes", type=Path, default=HERE / "NOTES.md",
+                        help="Markdown appended to RESULTS.md (analysis of the gaps)")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    models = {"e2b": ("e2b", args.layers, f"E2B-shaped, {args.layers} layers (hidden 1536, vocab 262144, PLE, KV sharing)")}
+    if args.moe_layers:
+        models["moe"] = ("26b-a4b", args.moe_layers,
+                         f"26B-A4B-shaped MoE slice, {args.moe_layers} layer(s) (128 experts, top-8, hidden 2816)")
+    results = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "models": {}}
+    for key, (preset, layers, title) in models.items():
+        ckpt = checkpoint(args.work, preset, layers)
+        results["models"][key] = {"title": title, "engines": engines_for(key, ckpt, args, args.work)}
+    from g4c.bench import read_bandwidth
+
+    results["bandwidth_gb_s"] = read_bandwidth(args.threads)
+    results["bandwidth_threads"] = args.threads
+    roofline(results, results["bandwidth_gb_s"])
+    out_dir = args.out / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = results["machine"]["host"]
+    plot(results, out_dir / f"{stem}.png")
+    results["plot"] = f"results/{stem}.png"
+    results["notes"] = args.notes.read_text() if args.notes.is_file() else ""
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (args.out / "RESULTS.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""One engine, one process: time prefill/decode of a checkpoint and print one JSON object.
+
+benchmarks/compare.py runs this once per engine so every engine gets a fresh process (honest peak RSS,
+no shared caches or thread pools) with the same thread count and the same random weights:
+
+    python benchmarks/engines.py g4c ARTIFACT --threads 2 --prompt-lens 64,512 --contexts 512,2048
+    python benchmarks/engines.py transformers CKPT --attn eager --threads 2 --prompt-lens 64,512
+    python benchmarks/engines.py llama.cpp MODEL.gguf --flash-attn --threads 2 --prompt-lens 64,512
+
+Every engine also writes the last-position logits of the first prompt to --logits (a .npy), so
+compare.py can report how far each engine is from transformers fp32 on the same input.
+Decode at context N (--contexts) starts from a KV cache holding N positions of random keys/values:
+the cost of a step depends on how many rows attention reads, not on their values (see g4c/bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+
+import numpy as np
+
+
+def prompt(vocab: int, length: int) -> list[int]:
+    """The same random prompt for every engine (token 2 = <bos> first, like a real request)."""
+    return [2] + np.random.default_rng(1234).integers(10, vocab, size=length - 1).tolist()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_step(step, first: int, gen: int, warmup: int = 2) -> tuple[float, int]:
+    """Median seconds of `gen` calls of step(token) -> next token, after `warmup` untimed calls."""
+    token = first
+    for _ in range(warmup):
+        token = step(token)
+    times = []
+    for _ in range(gen):
+        t0 = time.perf_counter()
+        token = step(token)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), token
+
+
+# -- g4c ----------------------------------------------------------------------------------------------
+def run_g4c(args) -> dict:
+    from g4c.bench import decode_at_context, decode_weight_bytes, kv_read_bytes
+    from g4c.runtime.artifact import load
+
+    lens, contexts = args.prompt_lens, args.contexts
+    session = load(args.model, max_context=max(lens + contexts) + args.gen + 8, prefill_chunk=max(lens))
+    vocab = session.vocab_size
+    result = {"prefill": {}, "decode": {}, "ttft_s": {}}
+    session.prefill(prompt(vocab, 8))  # page the weights in
+    for n in lens:
+        session.reset()
+        ids = prompt(vocab, n)
+        t0 = time.perf_counter()
+        logits = session.prefill(ids)
+        first = int(np.argmax(logits))
+        elapsed = time.perf_counter() - t0
+        result["prefill"][n], result["ttft_s"][n] = n / elapsed, elapsed
+        if n == lens[0] and args.logits:
+            np.save(args.logits, logits.astype(np.float32))
+        step, _ = median_step(lambda t: int(np.argmax(session.decode(t))), first, args.gen)
+        result["decode"][n] = 1 / step
+    for n in contexts:
+        decode_at_context(session, n)
+        step, _ = median_step(lambda t: int(np.argmax(session.decode(t))), 5, args.gen)
+        result["decode"][n] = 1 / step
+    result["decode_bytes"] = {n: decode_weight_bytes(session) + kv_read_bytes(session, n)
+                              for n in sorted(set(lens + contexts))}
+    result["weight_dtype"] = session.manifest["weight_dtype"]
+    return result
+
+
+# -- transformers -------------------------------------------------------------------------------------
+def run_transformers(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+                                                 attn_implementation=args.attn).eval()
+    vocab = model.config.vocab_size
+    result = {"prefill": {}, "decode": {}, "ttft_s": {}}
+
+    def next_token(out) -> int:
+        return int(out.logits[0, -1].argmax())
+
+    with torch.inference_mode():
+        model(torch.tensor([prompt(vocab, 8)]))  # warm-up
+        for n in args.prompt_lens:
+            ids = torch.tensor([prompt(vocab, n)])
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True)
+            first = next_token(out)
+            elapsed = time.perf_counter() - t0
+            result["prefill"][n], result["ttft_s"][n] = n / elapsed, elapsed
+            if n == args.prompt_lens[0] and args.logits:
+                np.save(args.logits, out.logits[0, -1].float().numpy())
+            cache = out.past_key_values
+
+            def step(t: int) -> int:
+                return next_token(model(torch.tensor([[t]]), past_key_values=cache, use_cache=True))
+
+            result["decode"][n] = 1 / median_step(step, first, args.gen)[0]
+        for n in args.contexts:
+            cache = _random_cache(model, n)
+
+            def step(t: int) -> int:
+                position = cache.get_seq_length()
+                return next_token(model(torch.tensor([[t]]), past_key_values=cache, use_cache=True,
+                                        position_ids=torch.tensor([[position]])))
+
+            result["decode"][n] = 1 / median_step(step, 5, args.gen)[0]
+    return result
+
+
+def _random_cache(model, context: int):
+    """A transformers cache holding `context` positions of random K/V (sliding layers keep window - 1)."""
+    import torch
+
+    out = model(torch.tensor([[2, 5, 6, 7]]), use_cache=True)
+    cache = out.past_key_values
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or not layer.is_initialized:
+            continue
+        rows = min(context, layer.sliding_window - 1) if getattr(layer, "is_sliding", False) else context
+        b, h, _, d = layer.keys.shape
+        layer.keys = torch.randn(b, h, rows, d)
+        layer.values = torch.randn(b, h, rows, layer.values.shape[-1])
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = context
+    return cache
+
+
+# -- llama.cpp ----------------------------------------------------------------------------------------
+def run_llama_cpp(args) -> dict:
+    import llama_cpp
+
+    n_ctx = max(args.prompt_lens) + args.gen + 16
+    llm = llama_cpp.Llama(model_path=str(args.model), n_ctx=n_ctx, n_batch=max(args.prompt_lens),
+                          n_ubatch=max(args.prompt_lens), n_threads=args.threads, n_threads_batch=args.threads,
+                          flash_attn=args.flash_attn, logits_all=False, verbose=False)
+    vocab = llm.n_vocab()
+    result = {"prefill": {}, "decode": {}, "ttft_s": {}}
+
+    def last_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).copy()
+
+    def step(t: int) -> int:
+        llm.eval([t])
+        return int(np.argmax(last_logits()))
+
+    llm.eval(prompt(vocab, 8))  # warm-up
+    for n in args.prompt_lens:
+        llm.reset()  # eval() drops the KV cache from n_tokens on
+        ids = prompt(vocab, n)
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        logits = last_logits()
+        first = int(np.argmax(logits))
+        elapsed = time.perf_counter() - t0
+        result["prefill"][n], result["ttft_s"][n] = n / elapsed, elapsed
+        if n == args.prompt_lens[0] and args.logits:
+            np.save(args.logits, logits)
+        result["decode"][n] = 1 / median_step(step, first, args.gen)[0]
+    return result
+
+
+ENGINES = {"g4c": run_g4c, "transformers": run_transformers, "llama.cpp": run_llama_cpp}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("engine", choices=ENGINES)
+    parser.add_argument("model", help="artifact (g4c), checkpoint directory (transformers) or .gguf (llama.cpp)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--prompt-lens", type=lambda s: [int(x) for x in s.split(",") if x], default=[64])
+    parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
+    parser.add_argument("--gen", type=int, default=16)
+    parser.add_argument("--attn", default="eager", help="transformers attention: eager or sdpa")
+    parser.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention")
+    parser.add_argument("--logits", help="write the first prompt's last-position logits here (.npy)")
+    args = parser.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before the TVM runtime starts its thread pool
+    t0 = time.time()
+    result = ENGINES[args.engine](args)
+    result.update(peak_rss_mb=peak_rss_mb(), threads=args.threads, wall_s=round(time.time() - t0, 1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
