@@ -45,7 +45,7 @@ class BenchResult:
     roofline_tok_s: float
     roofline_ratio: float
     peak_rss_mb: float
-    profile: list[dict] = field(default_factory=list)
+    profile: dict[str, list[dict]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +70,47 @@ def read_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> flo
                 list(pool.map(kernel, slices))
                 best = max(best, data.nbytes / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def gemv_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> float:
+    """Read rate (GB/s) of g4c's own host GEMV kernel over a `megabytes` fp32 matrix: with a
+    cache-resident input vector, a GEMV is a pure stream of the matrix, and its multi-row schedule
+    (8 weight rows in flight per thread) reads faster than single-stream reductions. Needs the TVM
+    compiler; 0.0 where it is not installed (devices), so the numpy kernels decide there."""
+    try:
+        import tvm
+    except ImportError:
+        return 0.0
+    from g4c.codegen.kernels import linear
+    from g4c.targets.llvm import host_target
+
+    k = 1536
+    n = megabytes * (1 << 20) // 4 // k
+    name = f"linear_{k}x{n}_float32"
+    target = host_target()
+    func = tvm.compile(tvm.IRModule({"main": target.schedule(name, linear(k, n, name))}),
+                       target=target.tvm_target())["main"]
+    from g4c.runtime.artifact import aligned_empty
+
+    # numpy buffers like the runtime's weights (numpy asks for transparent huge pages on big arrays)
+    arrays = [aligned_empty(shape, np.float32) for shape in ((1, k), (n, k), (1, n))]
+    for a in arrays:
+        a.fill(1.0)
+    x, w, y = (tvm.runtime.from_dlpack(a) for a in arrays)
+    func(x, w, y)
+    best = min(_timed(lambda: func(x, w, y)) for _ in range(repeats))
+    return n * k * 4 / best / 1e9
+
+
+def _timed(call) -> float:
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
+
+
+def measured_bandwidth(threads: int) -> float:
+    """The machine's read bandwidth for the roofline: the best of the numpy/BLAS kernels and g4c's GEMV."""
+    return max(read_bandwidth(threads), gemv_bandwidth(threads))
 
 
 def peak_rss_mb() -> float:
@@ -146,14 +187,14 @@ class KernelProfiler:
 
 def bench_session(session, prompt_len: int, gen: int, context: int, threads: int,
                   bandwidth_gb_s: float, profile: bool = False, warmup: int = 2) -> BenchResult:
-    """Time prefill of `prompt_len` random tokens from position 0, then `gen` decode steps at `context`."""
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, session.vocab_size, size=prompt_len).tolist()
+    """Time prefill of `prompt_len` random tokens from position 0, then `gen` decode steps at `context`.
+    With `profile`, one more prefill and `gen` more decode steps run under the kernel profiler (kept out
+    of the timed runs: the hook costs a Python call per VM instruction)."""
+    prompt = np.random.default_rng(0).integers(0, session.vocab_size, size=prompt_len).tolist()
     session.prefill(prompt[: min(8, prompt_len)])  # warm-up: first calls page the weights in
     session.reset()
     t0 = time.perf_counter()
-    logits = session.prefill(prompt)
-    token = int(np.argmax(logits))
+    token = int(np.argmax(session.prefill(prompt)))
     ttft = time.perf_counter() - t0
     if context > prompt_len:
         decode_at_context(session, context)
@@ -161,18 +202,7 @@ def bench_session(session, prompt_len: int, gen: int, context: int, threads: int
     for _ in range(warmup):
         session.decode(token)
     session.position = position
-    steps: list[float] = []
-    profiler = KernelProfiler(session) if profile else None
-    if profiler:
-        profiler.__enter__()
-    try:
-        for _ in range(gen):
-            t0 = time.perf_counter()
-            token = int(np.argmax(session.decode(token)))
-            steps.append(time.perf_counter() - t0)
-    finally:
-        if profiler:
-            profiler.__exit__()
+    steps = [_timed(lambda: session.decode(token)) for _ in range(gen)]
     step = statistics.median(steps)
     weights = decode_weight_bytes(session)
     read = weights + kv_read_bytes(session, position + gen // 2)
@@ -182,7 +212,22 @@ def bench_session(session, prompt_len: int, gen: int, context: int, threads: int
                        decode_step_ms=1e3 * step, decode_bytes=read, kv_bytes=kv_cache_bytes(session),
                        weight_bytes=weights, bandwidth_gb_s=bandwidth_gb_s, roofline_tok_s=roofline,
                        roofline_ratio=(1 / step) / roofline, peak_rss_mb=peak_rss_mb(),
-                       profile=profiler.report(gen) if profiler else [])
+                       profile=_profile(session, prompt, position, gen) if profile else {})
+
+
+def _profile(session, prompt: list[int], position: int, gen: int) -> dict[str, list[dict]]:
+    report = {}
+    session.reset()
+    with KernelProfiler(session) as profiler:
+        session.prefill(prompt)
+    report["prefill"] = profiler.report(1)
+    session.position = position
+    with KernelProfiler(session) as profiler:
+        for _ in range(gen):
+            session.decode(5)
+            session.position = position
+    report["decode"] = profiler.report(gen)
+    return report
 
 
 def format_result(r: BenchResult) -> str:
@@ -193,8 +238,8 @@ def format_result(r: BenchResult) -> str:
              f"[{r.weight_bytes / 1e9:.3f} weights], {r.bandwidth_gb_s:.1f} GB/s measured read bandwidth "
              f"→ {r.roofline_tok_s:.2f} tok/s)",
              f"memory    {r.peak_rss_mb:9.0f} MB peak RSS, KV cache {r.kv_bytes / 1e6:.1f} MB, {r.threads} threads"]
-    if r.profile:
-        lines.append(f"{'kernel':44s} {'calls':>6s} {'ms/step':>9s} {'share':>7s}")
+    for phase, rows in r.profile.items():
+        lines.append(f"{phase + ' kernel':44s} {'calls':>6s} {'ms':>9s} {'share':>7s}")
         lines += [f"{p['kernel'][:44]:44s} {p['calls_per_step']:6d} {p['ms_per_step']:9.3f} {p['share']:7.1%}"
-                  for p in r.profile[:25]]
+                  for p in rows[:15]]
     return "\n".join(lines)

@@ -404,7 +404,7 @@ def bench(model: str = typer.Argument(..., help="Compiled artifact, checkpoint d
     import json
     import tempfile
 
-    from g4c.bench import bench_session, format_result, read_bandwidth
+    from g4c.bench import bench_session, format_result, measured_bandwidth
     from g4c.runtime.artifact import is_artifact, load
 
     if prompt_len < 1 or gen < 1 or threads < 1 or context < 0:
@@ -422,9 +422,9 @@ def bench(model: str = typer.Argument(..., help="Compiled artifact, checkpoint d
             directory = _compile_with_progress(loaded.cfg, loaded.weights, target, Path(tmp) / "artifact",
                                                dtype=canonical_dtype(dtype))
             del loaded
+        with err.status("measuring memory bandwidth"):  # before loading: its buffers must not add to peak RSS
+            bandwidth = measured_bandwidth(threads)
         session = load(directory, max_context=max(context, prompt_len) + gen + 8, prefill_chunk=prompt_len)
-        with err.status("measuring memory bandwidth"):
-            bandwidth = read_bandwidth(threads)
         with err.status("timing prefill and decode"):
             result = bench_session(session, prompt_len, gen, context, threads, bandwidth, profile)
     if as_json:
