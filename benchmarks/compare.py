@@ -81,7 +81,12 @@ def engine(name: str, model: Path, args, work: Path, extra: list[str] = (), cont
            "--prompt-lens", args.prompt_lens, "--logits", logits, *extra]
     if contexts:
         cmd += ["--contexts", contexts]
-    result = json.loads(run(cmd).strip().splitlines()[-1])
+    try:
+        result = json.loads(run(cmd).strip().splitlines()[-1])
+    except RuntimeError as exc:  # one engine failing must not lose the others' numbers
+        message = str(exc).strip().splitlines()[-1][:200]
+        log(f"{name} failed: {message}")
+        return {"error": message}
     result["logits_file"] = str(logits)
     return result
 
@@ -104,7 +109,8 @@ def engines_for(model_name: str, ckpt: Path, args, work: Path) -> dict[str, dict
         log("llama.cpp not set up (bash benchmarks/setup_llama_cpp.sh): skipping it")
     reference = np.load(rows["transformers eager f32"]["logits_file"])
     for row in rows.values():
-        row["max_abs_logit_diff_vs_transformers"] = float(np.abs(np.load(row.pop("logits_file")) - reference).max())
+        if "logits_file" in row:
+            row["max_abs_logit_diff_vs_transformers"] = float(np.abs(np.load(row.pop("logits_file")) - reference).max())
     return rows
 
 
@@ -132,6 +138,8 @@ def roofline(results: dict, bandwidth: float) -> None:
     """Attach decode roofline ratios: tok/s / (bandwidth / bytes read per step at that context)."""
     for model in results["models"].values():
         for name, row in model["engines"].items():
+            if "error" in row:
+                continue
             precision = "f16" if "f16" in name else "f32"
             g4c_row = model["engines"].get(f"g4c {precision}") or model["engines"]["g4c f32"]
             row["roofline"] = {n: tok_s * int(g4c_row["decode_bytes"][n]) / (bandwidth * 1e9)
@@ -155,6 +163,9 @@ def markdown(results: dict) -> str:
                 "|---|" + "---|" * (len(lens) + 5)]
         for name, row in model["engines"].items():
             first = lens[0]
+            if "error" in row:
+                out.append(f"| {name} | failed: {row['error']} |" + " |" * (len(lens) + 4))
+                continue
             out.append(f"| {name} | " + " | ".join(f"{row['prefill'][n]:.1f}" for n in lens)
                        + f" | {row['decode'][first]:.2f} | {row['roofline'].get(first, float('nan')):.0%}"
                        + f" | {1e3 * row['ttft_s'][first]:.0f} | {row['peak_rss_mb'] / 1024:.1f}"
@@ -166,7 +177,7 @@ def markdown(results: dict) -> str:
             out += ["### Decode tok/s vs context (random KV contents; sliding layers read ≤ window rows)", "",
                     "| engine | " + " | ".join(ctx) + " |", "|---|" + "---|" * len(ctx)]
             for name, row in model["engines"].items():
-                if all(c in row["decode"] for c in ctx):
+                if all(c in row.get("decode", {}) for c in ctx):
                     out.append(f"| {name} | " + " | ".join(f"{row['decode'][c]:.2f}" for c in ctx) + " |")
             out.append("")
     out += [f"![results]({results['plot']})", "", "## Notes", "", results.get("notes", "")]
@@ -183,7 +194,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(models) + 1, figsize=(6 * (len(models) + 1), 5))
     first = results["args"]["prompt_lens"].split(",")[0]
     for ax, (key, model) in zip(axes, models):
-        names = list(model["engines"])
+        names = [n for n, row in model["engines"].items() if "error" not in row]
         decode = [model["engines"][n]["decode"][first] for n in names]
         ax.barh(names, decode, color=["tab:green" if n.startswith("g4c") else "tab:gray" for n in names])
         ax.set_xlabel(f"decode tok/s (context {first}, {results['args']['threads']} threads)")
@@ -194,7 +205,7 @@ def plot(results: dict, path: Path) -> None:
     e2b = results["models"].get("e2b")
     if e2b and ctx:
         for name, row in e2b["engines"].items():
-            if all(c in row["decode"] for c in ctx):
+            if all(c in row.get("decode", {}) for c in ctx):
                 ax.plot([int(c) for c in ctx], [row["decode"][c] for c in ctx], marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (positions in the KV cache)")
@@ -208,7 +219,7 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=10, help="E2B-shaped depth (keeps pattern + KV-shared tail)")
-    parser.add_argument("--moe-layers", type=int, default=1, help="26B-A4B-shaped MoE slice depth (0 = skip)")
+    parser.add_argument("--moe-layers", type=int, default=2, help="26B-A4B-shaped MoE slice depth (0 = skip)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--gen", type=int, default=16)
     parser.add_argument("--prompt-lens", default="64,512")

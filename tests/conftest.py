@@ -28,3 +28,17 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def references(checkpoints):
     return {name: load_reference(path) for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def artifacts(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """Each test checkpoint compiled for the host (`llvm`)."""
+    from g4c.codegen.build import compile_model
+    from g4c.model import load_model
+
+    root = tmp_path_factory.mktemp("artifacts")
+    out = {}
+    for family in ("e", "moe", "dense", "unified"):
+        loaded = load_model(str(checkpoints[family]))
+        out[family] = compile_model(loaded.cfg, loaded.weights, "llvm", root / family)
+    return out

@@ -21,16 +21,6 @@ from g4c.runtime.artifact import ArtifactError, load
 FAMILIES = ["e", "moe", "dense", "unified"]
 
 
-@pytest.fixture(scope="session")
-def artifacts(checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    out = {}
-    for family in FAMILIES:
-        loaded = load_model(str(checkpoints[family]))
-        out[family] = compile_model(loaded.cfg, loaded.weights, "llvm", root / family)
-    return out
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compiled_logits_match_transformers(family, artifacts, references):
     session = load(artifacts[family], prefill_chunk=7)  # several chunks, longer than the sliding window
