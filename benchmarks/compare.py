@@ -32,6 +32,15 @@ ENGINES_PY = HERE / "engines.py"
 LLAMA_SRC = Path(os.environ.get("G4C_CACHE", Path.home() / ".cache" / "g4c")) / "llama-cpp-python-0.3.36" / "vendor" / "llama.cpp"
 
 
+def need_disk(path: Path, gigabytes: float) -> None:
+    """Fail with one clear line before a conversion that would fill the disk half-way."""
+    import shutil
+
+    free = shutil.disk_usage(path).free / 1e9
+    if free < gigabytes:
+        sys.exit(f"compare.py: error: {path} has {free:.1f} GB free, this step needs about {gigabytes:.1f} GB")
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -52,6 +61,7 @@ def g4c(*args) -> str:
 def checkpoint(work: Path, preset: str, layers: int) -> Path:
     path = work / f"{preset}-{layers}l"
     if not (path / "config.json").is_file():
+        need_disk(work, 4 * _params(preset, layers) / 1e9 * 1.1)
         g4c("init-random", preset, "--layers", layers, "-o", path, "--overwrite")
     if not (path / "tokenizer.json").is_file() and (LLAMA_SRC / "models" / "ggml-vocab-gemma-4.gguf").is_file():
         g4c("tokenizer", LLAMA_SRC / "models" / "ggml-vocab-gemma-4.gguf", "-o", path)
@@ -61,6 +71,7 @@ def checkpoint(work: Path, preset: str, layers: int) -> Path:
 def g4c_artifact(ckpt: Path, precision: str) -> Path:
     """Always recompiled: the kernels are what is being measured (checkpoints and GGUFs are cached)."""
     path = ckpt.with_name(f"{ckpt.name}.{precision}.g4c")
+    need_disk(ckpt.parent, _size(ckpt) * (1.0 if precision == "f32" else 0.6) / 1e9)
     g4c("compile", ckpt, "--dtype", {"f32": "fp32", "f16": "fp16"}[precision], "-o", path, "--overwrite")
     return path
 
@@ -69,9 +80,29 @@ def gguf(ckpt: Path, precision: str) -> Path:
     path = ckpt.with_name(f"{ckpt.name}.{precision}.gguf")
     if not path.is_file():
         tmp = path.with_suffix(".partial")
+        need_disk(ckpt.parent, _size(ckpt) * (1.0 if precision == "f32" else 0.5) / 1e9)
         run([sys.executable, LLAMA_SRC / "convert_hf_to_gguf.py", ckpt, "--outtype", precision, "--outfile", tmp])
         tmp.rename(path)
     return path
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _params(preset: str, layers: int) -> int:
+    from g4c.presets import preset_config
+    from g4c.summary import parameter_totals
+
+    return parameter_totals(preset_config(preset, layers))["total"]
+
+
+def remove_outputs(ckpt: Path) -> None:
+    """Delete a model's checkpoint, artifacts and GGUFs (tens of GB for the MoE slice)."""
+    import shutil
+
+    for path in [ckpt, *ckpt.parent.glob(f"{ckpt.name}.*")]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 # -- engines ------------------------------------------------------------------------------------------
@@ -98,7 +129,7 @@ def engines_for(model_name: str, ckpt: Path, args, work: Path) -> dict[str, dict
     different machine; interleaving the rounds and keeping each engine's best evens that out."""
     have_llama = (LLAMA_SRC / "convert_hf_to_gguf.py").is_file() and _importable("llama_cpp")
     contexts = args.contexts if model_name == "e2b" else ""
-    precisions = args.precisions.split(",")
+    precisions = (args.precisions if model_name == "e2b" else args.moe_precisions).split(",")
     jobs = {f"g4c {p}": ("g4c", g4c_artifact(ckpt, p), [], contexts if p == "f32" else "") for p in precisions}
     jobs["transformers eager f32"] = ("transformers", ckpt, ["--attn", "eager"], contexts)
     jobs["transformers sdpa f32"] = ("transformers", ckpt, ["--attn", "sdpa"], "")
@@ -189,8 +220,9 @@ def markdown(results: dict) -> str:
                        + f" | {row['decode'][first]:.2f} | {row['roofline'].get(first, float('nan')):.0%}"
                        + f" | {1e3 * row['ttft_s'][first]:.0f} | {row['peak_rss_mb'] / 1024:.1f}"
                        + f" | {row['max_abs_logit_diff_vs_transformers']:.2e} |")
-        g4c_bytes = model["engines"]["g4c f32"]["decode_bytes"][lens[0]]
-        out += ["", f"Bytes read per fp32 decode step at context {lens[0]}: {int(g4c_bytes) / 1e9:.2f} GB.", ""]
+        g4c_bytes = model["engines"].get("g4c f32", {}).get("decode_bytes", {}).get(lens[0])
+        if g4c_bytes:
+            out += ["", f"Bytes read per fp32 decode step at context {lens[0]}: {int(g4c_bytes) / 1e9:.2f} GB.", ""]
         ctx = [c for c in results["args"]["contexts"].split(",") if c]
         if key == "e2b" and ctx:
             out += ["### Decode tok/s vs context (random KV contents; sliding layers read ≤ window rows)", "",
@@ -238,7 +270,11 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=10, help="E2B-shaped depth (keeps pattern + KV-shared tail)")
-    parser.add_argument("--moe-layers", type=int, default=2, help="26B-A4B-shaped MoE slice depth (0 = skip)")
+    parser.add_argument("--moe-layers", type=int, default=2, help="26B-A4B-shaped MoE slice depth")
+    parser.add_argument("--models", default="e2b,moe", help="which of e2b, moe to run")
+    parser.add_argument("--moe-precisions", default="f32",
+                        help="MoE slice precisions (f32 alone needs ~30 GB of disk for checkpoint, artifact, GGUF)")
+    parser.add_argument("--keep", action="store_true", help="keep checkpoints, artifacts and GGUFs in --work")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--gen", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per engine (best is kept)")
@@ -251,14 +287,19 @@ def main() -> None:
                         help="Markdown appended to RESULTS.md (analysis of the gaps)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    models = {"e2b": ("e2b", args.layers, f"E2B-shaped, {args.layers} layers (hidden 1536, vocab 262144, PLE, KV sharing)")}
-    if args.moe_layers:
-        models["moe"] = ("26b-a4b", args.moe_layers,
-                         f"26B-A4B-shaped MoE slice, {args.moe_layers} layer(s) (128 experts, top-8, hidden 2816)")
+    models = {"e2b": ("e2b", args.layers, f"E2B-shaped, {args.layers} layers (hidden 1536, vocab 262144, PLE, KV sharing)"),
+              "moe": ("26b-a4b", args.moe_layers,
+                      f"26B-A4B-shaped MoE slice, {args.moe_layers} layers (128 experts, top-8, hidden 2816)")}
+    chosen = [m for m in args.models.split(",") if m]
+    if unknown := set(chosen) - set(models):
+        parser.error(f"unknown --models {', '.join(sorted(unknown))}: choose from e2b, moe")
+    models = {k: v for k, v in models.items() if k in chosen}
     results = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "models": {}}
     for key, (preset, layers, title) in models.items():
         ckpt = checkpoint(args.work, preset, layers)
         results["models"][key] = {"title": title, "engines": engines_for(key, ckpt, args, args.work)}
+        if not args.keep:
+            remove_outputs(ckpt)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     from g4c.bench import measured_bandwidth
 
