@@ -28,6 +28,12 @@ import numpy as np
 GATHER_KERNELS = ("embed_",)  # kernels that read one row per token of their table argument
 
 
+def _moe_fraction(kernel: str) -> float:
+    """moe_experts_{hidden}x{inter}x{experts}_{top_k}_{dtype}: one token reads top_k of the experts."""
+    experts, top_k = kernel.split("_")[2].split("x")[2], kernel.split("_")[3]
+    return int(top_k) / int(experts)
+
+
 @dataclass
 class BenchResult:
     prompt_len: int
@@ -120,7 +126,8 @@ def peak_rss_mb() -> float:
 
 
 def decode_weight_bytes(session) -> int:
-    """Bytes of weights one decode step reads, from the decode program's steps."""
+    """Bytes of weights one decode step reads, from the decode program's steps (an expert bank costs
+    its top_k / experts share: a token reads only its selected experts)."""
     read: dict[str, int] = {}
     for step in session.manifest["programs"]["decode"]["steps"]:
         for arg in step["args"]:
@@ -128,7 +135,13 @@ def decode_weight_bytes(session) -> int:
                 continue
             name = arg[2:]
             tensor = session.weights[name]
-            cost = tensor[0].nbytes if step["kernel"].startswith(GATHER_KERNELS) else tensor.nbytes
+            kernel = step["kernel"]
+            if kernel.startswith(GATHER_KERNELS):
+                cost = tensor[0].nbytes
+            elif kernel.startswith("moe_experts_"):
+                cost = int(tensor.nbytes * _moe_fraction(kernel))
+            else:
+                cost = tensor.nbytes
             read[name] = max(read.get(name, 0), cost)
     return sum(read.values())
 

@@ -83,3 +83,13 @@ def test_cli_bench_refuses_bad_input(args, message, capsys):
     assert main(["bench", *args]) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_moe_decode_reads_only_the_selected_experts(artifacts, checkpoints):
+    cfg = load_config(checkpoints["moe"])
+    session = load(artifacts["moe"])
+    stored = read_aligned_safetensors(artifacts["moe"] / "weights.safetensors")
+    experts = sum(a.nbytes for n, a in stored.items() if ".experts." in n)
+    assert experts > 0
+    dense = sum(a.nbytes for n, a in stored.items() if ".experts." not in n)
+    assert decode_weight_bytes(session) == dense + experts * cfg.top_k_experts // cfg.num_experts
