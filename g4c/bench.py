@@ -1,12 +1,15 @@
 """Measure a compiled artifact: prefill/decode speed, time to first token, memory and the decode roofline.
 
-Imports only numpy and the compiler-free runtime, so `g4c bench ARTIFACT` also runs on a device.
+Imports only numpy and the compiler-free runtime (the TVM compiler only if it is installed, for one
+bandwidth kernel), so `g4c bench ARTIFACT` also runs on a device.
 
 Decode is memory-bound: one step reads every weight the decode program touches (an embedding table
 gathered by one row costs one row, the tied LM head costs the whole table) plus the KV rows attention
 reads. The roofline ratio is that byte count / step time / memory bandwidth, and the bandwidth is
-measured in the same run by multi-threaded reads of a buffer far larger than the caches
-(`read_bandwidth`; numpy releases the GIL inside these kernels, so the threads run in parallel).
+measured in the same run (`measured_bandwidth`): the best rate among multi-threaded numpy/BLAS reads
+of a buffer far larger than the caches and g4c's own GEMV kernel streaming 1 GiB. Single-stream
+reductions (a `sum`) under-report what a GEMV with several weight rows in flight per thread reaches,
+which is how an engine could "beat" a roofline measured with `torch.sum`.
 
 Context scaling: decode at context N needs N positions in the KV cache, but prefilling 32K tokens on a
 CPU takes many minutes. The cost of a decode step depends on how many cache rows attention reads, not
