@@ -73,7 +73,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     report("building library", 1, 1)
 
     with atomic_directory(out, overwrite) as tmp:
-        lib.export_library(str(tmp / LIBRARY))
+        target.export_library(lib, str(tmp / LIBRARY))
         save_file(tensors, str(tmp / WEIGHTS))
         _write_host_tables(tmp, lowered, weights)
         manifest = {

@@ -39,7 +39,8 @@ BackendOpt = typer.Option("reference", "--backend",
                           help="reference (numpy interpreter) or tvm (compiled kernels; compiles MODEL in memory "
                                "unless it is an artifact). Artifacts always run compiled.")
 BACKENDS = ("reference", "tvm")
-TargetOpt = typer.Option("llvm", "--target", help="Compile target for --backend tvm (llvm = this CPU).")
+TargetOpt = typer.Option("llvm", "--target", help="Compile target: llvm (this CPU), arm or arm:<profile> "
+                         "(cortex-a76, cortex-a78, cortex-x1, cortex-a710, cortex-a55; cross-compiled).")
 MaxContextOpt = typer.Option(4096, "--max-context", help="Compiled runs: KV capacity of global layers (positions).")
 PassesOpt = typer.Option("all", "--passes", help="Optimization passes: all (default), none, or a comma list (see `g4c passes`).")
 DumpAfterOpt = typer.Option(None, "--dump-after", help="Write the IR (text + DOT) after these passes (comma list; 'input' = before any).")
@@ -83,11 +84,22 @@ def _session(model: str, backend: str, random_weights: bool, seed: int, layers: 
     from g4c.reference import ReferenceSession
 
     names = resolve_passes(passes)  # validate before loading weights
+    if backend == "tvm":
+        _runnable_target(target)
     loaded = _model(model, random_weights, seed, layers)
     if backend == "tvm":
         return loaded.directory, loaded.cfg.eos_token_id, _compile_in_memory(loaded, target, max_context)
     session = ReferenceSession(loaded.cfg, loaded.weights, names, _split(dump_after), dump_dir)
     return loaded.directory, loaded.cfg.eos_token_id, session
+
+
+def _runnable_target(name: str) -> None:
+    """Refuse, before any work, targets whose artifacts cannot execute on this machine."""
+    from g4c.targets.base import get_target
+
+    if not get_target(name).runs_here:
+        raise G4CError(f"target {name} builds artifacts for another device: compile them with "
+                       f"`g4c compile MODEL --target {name} -o DIR` and run DIR there")
 
 
 def _compile_in_memory(loaded, target: str, max_context: int):
@@ -409,9 +421,7 @@ def bench(model: str = typer.Argument(..., help="Compiled artifact, checkpoint d
 
     if prompt_len < 1 or gen < 1 or threads < 1 or context < 0:
         raise G4CError("--prompt-len, --gen and --threads must be >= 1 and --context >= 0")
-    from g4c.targets.base import get_target
-
-    get_target(target)  # unknown targets fail before any work
+    _runnable_target(target)  # unknown or foreign targets fail before any work
     os.environ["TVM_NUM_THREADS"] = str(threads)  # read when the runtime's thread pool starts
     with tempfile.TemporaryDirectory(prefix="g4c-bench-") as tmp:
         directory = Path(model)

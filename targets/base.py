@@ -15,12 +15,31 @@ class Target:
     schedule: Callable[[str, object], object]  # (kernel name, PrimFunc) → scheduled IRModule/PrimFunc
     library_suffix: str = ".so"
     options: dict = field(default_factory=dict)
+    export: Callable[[object, str], None] | None = None  # (built library, path); default export_library
+
+    def export_library(self, lib, path: str) -> None:
+        if self.export is not None:
+            self.export(lib, path)
+        else:
+            lib.export_library(path)
+
+    @property
+    def runs_here(self) -> bool:
+        """Whether artifacts for this target execute on this machine (the host CPU)."""
+        return self.name == "llvm"
+
+
+TARGETS = ("llvm", "arm", "arm:<profile>")
 
 
 def get_target(name: str) -> Target:
+    """`llvm` (this CPU), `arm` (= arm:cortex-a76) or `arm:<profile>` (see targets/arm.py)."""
+    from g4c.targets.arm import arm_target
     from g4c.targets.llvm import host_target
 
-    targets = {"llvm": host_target}
-    if name not in targets:
-        raise G4CError(f"unknown target {name!r}: available targets are {', '.join(targets)}")
-    return targets[name]()
+    kind, _, profile = name.partition(":")
+    if kind == "llvm" and not profile:
+        return host_target()
+    if kind == "arm":
+        return arm_target(profile) if profile else arm_target()
+    raise G4CError(f"unknown target {name!r}: available targets are {', '.join(TARGETS)}")

@@ -151,6 +151,16 @@ def _load_runtime_library(directory: Path) -> None:
                         "or set G4C_TVM_RUNTIME")
 
 
+def _check_machine(manifest: dict) -> None:
+    """An artifact's kernels are machine code for its target's CPU: say so instead of failing in dlopen."""
+    import platform
+
+    wanted = "aarch64" if manifest.get("target", "").startswith("arm") else None
+    here = platform.machine().lower()
+    if wanted and here not in (wanted, "arm64"):
+        raise ArtifactError(f"artifact was compiled for {manifest['target']} ({wanted}); this machine is {here}")
+
+
 class CompiledSession(Session):
     """Calls the artifact's Relax VM entry functions; the KV caches are numpy buffers the kernels
     update in place."""
@@ -161,6 +171,7 @@ class CompiledSession(Session):
 
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
+        _check_machine(self.manifest)
         self._ffi = tvm_ffi
         _load_runtime_library(self.directory)
         try:
