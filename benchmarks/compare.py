@@ -8,8 +8,9 @@ llama.cpp's vocabulary; g4c compiles it for the host (fp32 and fp16 weights); ll
 convert_hf_to_gguf.py converts the same checkpoint to GGUF f32/f16; then each engine runs in its own
 process (benchmarks/engines.py) with the same thread count and prompt. The memory bandwidth is measured
 at the start of every round (g4c.bench.measured_bandwidth; the best is kept, like each engine's best
-round) and every decode speed is compared with the roofline bandwidth / bytes read per step. Writes benchmarks/results/<host>.json, benchmarks/results/<host>.png
-and benchmarks/RESULTS.md (never edit RESULTS.md by hand: rerun this script).
+round) and every decode speed is compared with the roofline bandwidth / bytes read per step.
+Writes benchmarks/results/<host>.json, benchmarks/results/<host>.png and benchmarks/RESULTS.md
+(never edit RESULTS.md by hand: rerun this script).
 """
 
 from __future__ import annotations
@@ -81,7 +82,11 @@ def gguf(ckpt: Path, precision: str) -> Path:
     if not path.is_file():
         tmp = path.with_suffix(".partial")
         need_disk(ckpt.parent, _size(ckpt) * (1.0 if precision == "f32" else 0.5) / 1e9)
-        run([sys.executable, LLAMA_SRC / "convert_hf_to_gguf.py", ckpt, "--outtype", precision, "--outfile", tmp])
+        try:
+            run([sys.executable, LLAMA_SRC / "convert_hf_to_gguf.py", ckpt, "--outtype", precision, "--outfile", tmp])
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no half-written GGUF left behind
+            raise
         tmp.rename(path)
     return path
 
