@@ -6,8 +6,8 @@
 #
 # First use builds the environment (needs root for apt, ~1 min, ~700 MB under $G4C_CACHE/arm): Debian's
 # qemu-user, an arm64 Python 3.11 sysroot (Debian bookworm packages unpacked, not installed), and
-# aarch64 wheels of g4c's runtime dependencies (apache-tvm-ffi, numpy, safetensors; apache-tvm only
-# for its libtvm_runtime.so). `g4c` and `python` then run under qemu-aarch64 with
+# aarch64 wheels of g4c's runtime dependencies (apache-tvm-ffi, numpy, safetensors, and only
+# libtvm_runtime.so out of apache-tvm: no compiler, as on a device). `g4c` and `python` then run under qemu-aarch64 with
 # QEMU_CPU=${QEMU_CPU:-cortex-a76} (the Raspberry Pi 5 core: instructions it lacks fault, as on the
 # board). The repository's g4c is installed into the sysroot on every call, so edits are picked up.
 set -euo pipefail
@@ -51,7 +51,8 @@ setup_site() {
     --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
     --python-version "$PY" --implementation cp --abi "cp${PY/./}" --abi abi3 --abi none \
     apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 numpy ml_dtypes safetensors typer rich click
-  rm -f "$SITE/tvm/lib/libtvm_compiler.so"  # the compiler never runs on the device: 240 MB saved
+  # devices get no compiler: keep only TVM's runtime library, drop the 300 MB `tvm` package
+  mkdir -p "$SITE/.lib" && mv "$SITE/tvm/lib/libtvm_runtime.so" "$SITE/.lib/" && rm -rf "$SITE/tvm" "$SITE"/apache_tvm-*
   touch "$SITE/.complete"
 }
 
@@ -69,5 +70,5 @@ case "$cmd" in
   *) echo "arm-emu.sh: run 'g4c ...' or 'python ...'" >&2; exit 2 ;;
 esac
 export QEMU_CPU="${QEMU_CPU:-cortex-a76}" QEMU_LD_PREFIX="$SYSROOT"
-export PYTHONPATH="$SITE/.g4c:$SITE" PYTHONHOME="$SYSROOT/usr" G4C_TVM_RUNTIME="$SITE/tvm/lib/libtvm_runtime.so"
+export PYTHONPATH="$SITE/.g4c:$SITE" PYTHONHOME="$SYSROOT/usr" G4C_TVM_RUNTIME="$SITE/.lib/libtvm_runtime.so"
 exec qemu-aarch64 -L "$SYSROOT" "$SYSROOT/usr/bin/python$PY" "$@"
