@@ -3,9 +3,9 @@ complete, remove it on any failure (used by `init-random` and `compile`)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path

@@ -56,6 +56,10 @@ def aligned(array: np.ndarray) -> np.ndarray:
     return out
 
 
+class ArtifactError(G4CError):
+    """A missing, corrupt, modified or incompatible artifact."""
+
+
 # safetensors dtype -> numpy storage; bf16 travels to the kernels as its uint16 bit pattern (DLPack from
 # numpy has no bf16), which is also how the kernels read it
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32}
@@ -90,10 +94,6 @@ def read_aligned_safetensors(path: Path) -> dict[str, np.ndarray]:
                 raise ArtifactError(f"{path}: truncated at tensor {name}")
             tensors[name] = array
     return tensors
-
-
-class ArtifactError(G4CError):
-    """A missing, corrupt, modified or incompatible artifact."""
 
 
 def sha256_file(path: Path) -> str:
