@@ -286,6 +286,8 @@ def main() -> None:
     parser.add_argument("--moe-precisions", default="f32",
                         help="MoE slice precisions (f32 alone needs ~30 GB of disk for checkpoint, artifact, GGUF)")
     parser.add_argument("--keep", action="store_true", help="keep checkpoints, artifacts and GGUFs in --work")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                        help="only re-render RESULTS.md and the plot from a saved results JSON (e.g. after editing NOTES.md)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--gen", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per engine (best is kept)")
@@ -297,6 +299,9 @@ def main() -> None:
     parser.add_argument("--notes", type=Path, default=HERE / "NOTES.md",
                         help="Markdown appended to RESULTS.md (analysis of the gaps)")
     args = parser.parse_args()
+    if args.render:
+        write_reports(json.loads(args.render.read_text()), args)
+        return
     args.bandwidths = []
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # g4c's GEMV bandwidth kernel, in this process
     args.work.mkdir(parents=True, exist_ok=True)
@@ -318,6 +323,11 @@ def main() -> None:
     results["bandwidth_rounds_gb_s"] = [round(b, 1) for b in args.bandwidths]
     results["bandwidth_threads"] = args.threads
     roofline(results, results["bandwidth_gb_s"])
+    write_reports(results, args)
+
+
+def write_reports(results: dict, args) -> None:
+    """results/<host>.json, results/<host>.png and RESULTS.md (with NOTES.md appended)."""
     out_dir = args.out / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = results["machine"]["host"]
