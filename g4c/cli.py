@@ -93,6 +93,25 @@ def _session(model: str, backend: str, random_weights: bool, seed: int, layers: 
     return loaded.directory, loaded.cfg.eos_token_id, session
 
 
+def _compile_in_child(model: str, output: Path, target: str, random_weights: bool, seed: int,
+                      layers: Optional[int], dtype: str) -> Path:
+    """`g4c compile` in a child process, so the compiler's memory (weights in several forms) is
+    returned before the artifact is loaded: peak memory is the larger of the two, not their sum."""
+    import subprocess
+
+    args = [sys.executable, "-m", "g4c.cli", "compile", model, "-o", str(output), "--target", target,
+            "--dtype", dtype, "--seed", str(seed)]
+    args += ["--random-weights"] if random_weights else []
+    args += ["--layers", str(layers)] if layers else []
+    with err.status(f"compiling {model} for {target}"):
+        result = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        raise G4CError(lines[-1].removeprefix("g4c: error: ") if lines else f"compiling {model} failed "
+                       f"(exit status {result.returncode})")
+    return output
+
+
 def _runnable_target(name: str) -> None:
     """Refuse, before any work, targets whose artifacts cannot execute on this machine."""
     from g4c.targets.base import get_target
@@ -426,12 +445,7 @@ def bench(model: str = typer.Argument(..., help="Compiled artifact, checkpoint d
     with tempfile.TemporaryDirectory(prefix="g4c-bench-") as tmp:
         directory = Path(model)
         if not is_artifact(model):
-            from g4c.dtypes import canonical_dtype
-
-            loaded = _model(model, random_weights, seed, layers)
-            directory = _compile_with_progress(loaded.cfg, loaded.weights, target, Path(tmp) / "artifact",
-                                               dtype=canonical_dtype(dtype))
-            del loaded
+            directory = _compile_in_child(model, Path(tmp) / "artifact", target, random_weights, seed, layers, dtype)
         with err.status("measuring memory bandwidth"):  # before loading: its buffers must not add to peak RSS
             bandwidth = measured_bandwidth(threads)
         session = load(directory, max_context=max(context, prompt_len) + gen + 8, prefill_chunk=prompt_len)
