@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
 
@@ -30,11 +29,7 @@ def prompt(vocab: int, length: int) -> list[int]:
     return [2] + np.random.default_rng(1234).integers(10, vocab, size=length - 1).tolist()
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def median_step(step, first: int, gen: int, warmup: int = 2) -> tuple[float, int]:
+def median_step(step, first: int, gen: int, warmup: int = 2) -> float:
     """Median seconds of `gen` calls of step(token) -> next token, after `warmup` untimed calls."""
     token = first
     for _ in range(warmup):
@@ -44,7 +39,7 @@ def median_step(step, first: int, gen: int, warmup: int = 2) -> tuple[float, int
         t0 = time.perf_counter()
         token = step(token)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), token
+    return statistics.median(times)
 
 
 # -- g4c ----------------------------------------------------------------------------------------------
@@ -56,6 +51,10 @@ def run_g4c(args) -> dict:
     session = load(args.model, max_context=max(lens + contexts) + args.gen + 8, prefill_chunk=max(lens))
     vocab = session.vocab_size
     result = {"prefill": {}, "decode": {}, "ttft_s": {}}
+
+    def step(t: int) -> int:
+        return int(np.argmax(session.decode(t)))
+
     session.prefill(prompt(vocab, 8))  # page the weights in
     for n in lens:
         session.reset()
@@ -67,12 +66,10 @@ def run_g4c(args) -> dict:
         result["prefill"][n], result["ttft_s"][n] = n / elapsed, elapsed
         if n == lens[0] and args.logits:
             np.save(args.logits, logits.astype(np.float32))
-        step, _ = median_step(lambda t: int(np.argmax(session.decode(t))), first, args.gen)
-        result["decode"][n] = 1 / step
+        result["decode"][n] = 1 / median_step(step, first, args.gen)
     for n in contexts:
         decode_at_context(session, n)
-        step, _ = median_step(lambda t: int(np.argmax(session.decode(t))), 5, args.gen)
-        result["decode"][n] = 1 / step
+        result["decode"][n] = 1 / median_step(step, 5, args.gen)
     result["decode_bytes"] = {n: decode_weight_bytes(session) + kv_read_bytes(session, n)
                               for n in sorted(set(lens + contexts))}
     result["weight_dtype"] = session.manifest["weight_dtype"]
@@ -109,7 +106,7 @@ def run_transformers(args) -> dict:
             def step(t: int) -> int:
                 return next_token(model(torch.tensor([[t]]), past_key_values=cache, use_cache=True))
 
-            result["decode"][n] = 1 / median_step(step, first, args.gen)[0]
+            result["decode"][n] = 1 / median_step(step, first, args.gen)
         for n in args.contexts:
             cache = _random_cache(model, n)
 
@@ -118,7 +115,7 @@ def run_transformers(args) -> dict:
                 return next_token(model(torch.tensor([[t]]), past_key_values=cache, use_cache=True,
                                         position_ids=torch.tensor([[position]])))
 
-            result["decode"][n] = 1 / median_step(step, 5, args.gen)[0]
+            result["decode"][n] = 1 / median_step(step, 5, args.gen)
     return result
 
 
@@ -170,7 +167,7 @@ def run_llama_cpp(args) -> dict:
         result["prefill"][n], result["ttft_s"][n] = n / elapsed, elapsed
         if n == args.prompt_lens[0] and args.logits:
             np.save(args.logits, logits)
-        result["decode"][n] = 1 / median_step(step, first, args.gen)[0]
+        result["decode"][n] = 1 / median_step(step, first, args.gen)
     return result
 
 
@@ -192,6 +189,8 @@ def main() -> None:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before the TVM runtime starts its thread pool
     t0 = time.time()
     result = ENGINES[args.engine](args)
+    from g4c.bench import peak_rss_mb
+
     result.update(peak_rss_mb=peak_rss_mb(), threads=args.threads, wall_s=round(time.time() - t0, 1))
     print(json.dumps(result))
 

@@ -81,8 +81,9 @@ def read_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> flo
     return best
 
 
-def gemv_bandwidth(threads: int, megabytes: int = 1024, repeats: int = 5) -> float:
-    """Read rate (GB/s) of g4c's own host GEMV kernel over a `megabytes` fp32 matrix: with a
+def gemv_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Read rate (GB/s) of g4c's own host GEMV kernel (on $TVM_NUM_THREADS threads) over a `megabytes`
+    fp32 matrix: with a
     cache-resident input vector, a GEMV is a pure stream of the matrix, and its multi-row schedule
     (8 weight rows in flight per thread) reads faster than single-stream reductions. Needs the TVM
     compiler; 0.0 where it is not installed (devices), so the numpy kernels decide there."""
@@ -119,7 +120,7 @@ def _timed(call) -> float:
 
 def measured_bandwidth(threads: int) -> float:
     """The machine's read bandwidth for the roofline: the best of the numpy/BLAS kernels and g4c's GEMV."""
-    return max(read_bandwidth(threads), gemv_bandwidth(threads))
+    return max(read_bandwidth(threads), gemv_bandwidth())
 
 
 def peak_rss_mb() -> float:
