@@ -28,7 +28,9 @@ from g4c.config import ModelConfig
 from g4c.dtypes import canonical_dtype, dtype_name, numpy_dtype
 from g4c.frontend import build_graph
 from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
+from g4c.errors import G4CError
 from g4c.runtime.artifact import FORMAT, FORMAT_VERSION, HOST, LIBRARY, MANIFEST, WEIGHTS, sha256_file
+from g4c.runtime.wgpu_session import SHADERS
 from g4c.weights import Weights
 PROGRAMS = {"prefill": ("prefill", 1), "prefill_all": ("prefill", None), "decode": ("decode", None)}
 
@@ -46,6 +48,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     """Lower, schedule, build and write an artifact (see the module docstring)."""
     import tvm
 
+    from g4c.codegen import wgsl
     from g4c.codegen.kernels import STORAGE
     from g4c.codegen.lower import lower
     from g4c.codegen.relax_module import build_module, signature
@@ -56,7 +59,9 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     check_writable(out, overwrite)  # before minutes of building
     report = progress or (lambda stage, done, total: None)
     graphs = optimized_graphs(cfg, weights)
-    lowered = lower(cfg, graphs, weights.f32, canonical_dtype(dtype))
+    lowered = lower(cfg, graphs, weights.f32, canonical_dtype(dtype), gpu=target.gpu)
+    if target.runtime == "wgpu":
+        _check_wgpu_dtype(target, lowered.weight_dtype)
     names = sorted(lowered.kernels)
     scheduled = {}
     for i, name in enumerate(names):
@@ -64,16 +69,25 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         report("scheduling kernels", i + 1, len(names))
     entry = signature(lowered)
     tensors = _pack_weights(lowered, entry.weights, weights, report)
-    storage = {name: (a.shape, STORAGE[dtype_name(a.dtype)]) for name, a in tensors.items()}
-    mod = build_module(lowered, entry, scheduled, storage)
     report("building library", 0, 1)
     t0 = time.time()
-    lib = tvm.compile(mod, target=target.tvm_target(), relax_pipeline="default")
+    extra = {}
+    if target.runtime == "wgpu":
+        _check_bindings(target, tensors)
+        shaders, launches = wgsl.build(scheduled, target.tvm_target())
+        extra = {"runtime": "wgpu", "launches": {k: [x.to_json() for x in v] for k, v in launches.items()}}
+    else:
+        storage = {name: (a.shape, STORAGE[dtype_name(a.dtype)]) for name, a in tensors.items()}
+        lib = tvm.compile(build_module(lowered, entry, scheduled, storage), target=target.tvm_target(),
+                          relax_pipeline="default")
     build_seconds = time.time() - t0
     report("building library", 1, 1)
 
     with atomic_directory(out, overwrite) as tmp:
-        target.export_library(lib, str(tmp / LIBRARY))
+        if target.runtime == "wgpu":
+            (tmp / SHADERS).write_text(shaders)
+        else:
+            target.export_library(lib, str(tmp / LIBRARY))
         save_file(tensors, str(tmp / WEIGHTS))
         _write_host_tables(tmp, lowered, weights)
         manifest = {
@@ -83,11 +97,29 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
             "entry": entry.to_json(), "kernels": names,
             "programs": {k: p.to_json() for k, p in lowered.programs.items()},  # kernel sequences, for inspection
             "kv_slots": {k: asdict(v) for k, v in lowered.kv_slots.items()},
-            "kv_plan": graphs["decode"].meta.get("kv_plan", []), "host_tables": lowered.host_tables,
+            "kv_plan": graphs["decode"].meta.get("kv_plan", []), "host_tables": lowered.host_tables, **extra,
             "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
+
+
+def _check_wgpu_dtype(target, weight_dtype: str) -> None:
+    """WGSL has no bf16 and no 16-bit integers; fp16 needs a profile with shader-f16."""
+    if weight_dtype == "bfloat16":
+        raise G4CError(f"--target {target.name} cannot store bf16 weights (WGSL has no bf16): use "
+                       "--dtype float16 or float32")
+    if weight_dtype == "float16" and not target.options.get("fp16"):
+        raise G4CError(f"Vulkan profile {target.options['profile']} has no fp16 (shader-f16): use --dtype float32 "
+                       "or a profile with fp16 (vulkan:adreno-7xx, vulkan:mali-g7xx)")
+
+
+def _check_bindings(target, tensors: dict[str, np.ndarray]) -> None:
+    limit = target.options["max_binding"]
+    for name, array in tensors.items():
+        if array.nbytes > limit:
+            raise G4CError(f"weight {name} ({array.nbytes / 2**20:.0f} MiB) exceeds the {limit >> 20} MiB storage "
+                           f"binding of Vulkan profile {target.options['profile']}")
 
 
 def _pack_weights(lowered, used: list[str], weights: Weights, report: Progress) -> dict[str, np.ndarray]:

@@ -8,6 +8,8 @@ every prompt length. Kernels are destination-passing: the last parameters are ou
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 from tvm import te, tirx
@@ -17,8 +19,22 @@ F32 = "float32"
 I64 = "int64"
 
 
+_INDEX = contextvars.ContextVar("g4c_index_dtype", default=I64)
+
+
+@contextlib.contextmanager
+def index_dtype(dtype: str):
+    """Build kernels with `dtype` token counts, ids and positions (GPU targets: int32, as WGSL has no
+    64-bit integers and 32-bit index math is cheaper on every GPU)."""
+    token = _INDEX.set(dtype)
+    try:
+        yield
+    finally:
+        _INDEX.reset(token)
+
+
 def _t() -> tirx.Var:
-    return tirx.Var("T", I64)
+    return tirx.Var("T", _INDEX.get())
 
 
 def _prim(args, name: str) -> tirx.PrimFunc:
@@ -39,7 +55,7 @@ def _load(value, dtype: str):
 def embed(vocab: int, hidden: int, scale: float, name: str, dtype: str = "float32") -> tirx.PrimFunc:
     t = _t()
     table = te.placeholder((vocab, hidden), STORAGE[dtype], name="table")
-    ids = te.placeholder((t,), I64, name="ids")
+    ids = te.placeholder((t,), _INDEX.get(), name="ids")
     out = te.compute((t, hidden), lambda i, j: _load(table[ids[i], j], dtype) * tirx.const(scale, F32), name="out")
     return _prim([table, ids, out], name)
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from g4c.codegen import gpu_kernels as G
 from g4c.codegen import kernels as K
 from g4c.config import ModelConfig, RopeSpec
 from g4c.ir import Graph, Node
@@ -63,12 +64,18 @@ class Lowered:
     host_tables: list[str]
     weight_dtype: str = "float32"  # storage of GEMM/embedding/expert weights; the rest stays fp32
     half_weights: set[str] = field(default_factory=set)  # weights stored in weight_dtype
+    gpu: bool = False  # GPU kernels (`g4c.codegen.gpu_kernels`) and int32 ids/positions
+
+    @property
+    def index_dtype(self) -> str:
+        return "int32" if self.gpu else "int64"
 
 
 class _Lowering:
     def __init__(self, cfg: ModelConfig, weights: Callable[[str], np.ndarray], lowered: Lowered, program: Program):
         self.cfg, self.weights, self.out, self.prog = cfg, weights, lowered, program
         self.refs: dict[int, str] = {}
+        self.k = G if lowered.gpu else K  # kernels that have a GPU form
 
     # -- helpers -----------------------------------------------------------------------------------
     def kernel(self, name: str, build: Callable[[], object]) -> str:
@@ -192,7 +199,8 @@ class _Lowering:
         src = self.ref(n.inputs[0])
         # the source buffer's layout (e.g. PLE inputs are [T, L*P] here, [T, L, P] in the graph)
         trailing = self.prog.buffers[src[2:]][0][1:] if src.startswith("a:") else list(n.type.shape[1:])
-        out = self.buf(n.name, [n.attrs["count"], *trailing], n.type.dtype)
+        dtype = self.out.index_dtype if n.type.dtype == "int64" else n.type.dtype  # positions: the index dtype
+        out = self.buf(n.name, [n.attrs["count"], *trailing], dtype)
         self.call("last", src, out, count=n.attrs["count"])
         return out
 
@@ -250,11 +258,11 @@ class _Lowering:
             for slot, new in cached:
                 self.out.kv_slots[slot] = KVSlot(slot, a["layer"], nkv, hd, ring, a["window"])
                 name = f"cache_write_{nkv}x{hd}"
-                kern = self.kernel(name, lambda: K.cache_write(nkv, hd, name))
+                kern = self.kernel(name, lambda: self.k.cache_write(nkv, hd, name))
                 self.call(kern, f"kv:{slot}", new, pos)
         window = a["window"]
         name = f"attention_{nh}x{nkv}x{hd}_w{window}{'_kfromv' if k_from_v else ''}"
-        kern = self.kernel(name, lambda: K.attention(nh, nkv, hd, window, 1.0, name, k_from_v))
+        kern = self.kernel(name, lambda: self.k.attention(nh, nkv, hd, window, 1.0, name, k_from_v))
         attn = self.buf(f"{n.name}_attn", (rows, nh, hd))
         if k_from_v:  # the k_norm that rebuilds K: this layer's own, or its donor's (input 7 of a reuse node)
             k_norm = n.inputs[5] if a["role"] == "own" else n.inputs[7]
@@ -268,7 +276,7 @@ class _Lowering:
 
     def _heads(self, proj, pos, w, inv_freq, total, offset, heads, hd, eps, weighted, rope, out_name, rows) -> str:
         name = f"heads_{total}_{offset}_{heads}x{hd}_{'w' if weighted else 'nw'}_{'rope' if rope else 'norope'}_{eps:g}"
-        kern = self.kernel(name, lambda: K.head_norm_rope(total, offset, heads, hd, eps, weighted, rope, name))
+        kern = self.kernel(name, lambda: self.k.head_norm_rope(total, offset, heads, hd, eps, weighted, rope, name))
         out = self.buf(out_name, (rows, heads, hd))
         args = [proj, pos] + ([w] if weighted else []) + ([inv_freq] if rope else [])
         self.call(kern, *args, out)
@@ -321,27 +329,39 @@ class _Lowering:
         self.call(kern, self.ref(r), self.weight(scale), z)
         logits = self.linear(z, self.weight(w_router), hidden, experts, f"{n.name}_router_logits", rows)
         kname = f"router_topk_{experts}_{top_k}"
-        kern = self.kernel(kname, lambda: K.router_topk(experts, top_k, kname))
-        idx = self.buf(f"{n.name}_idx", (rows, top_k), "int64")
+        kern = self.kernel(kname, lambda: self.k.router_topk(experts, top_k, kname))
+        idx = self.buf(f"{n.name}_idx", (rows, top_k), self.out.index_dtype)
         wts = self.buf(f"{n.name}_w", (rows, top_k))
         self.call(kern, logits, self.weight(pes), idx, wts)
         e_in = self.rms(self.ref(r), self.weight(pre_norm), hidden, eps, f"{n.name}_in", rows)
         w_gate_up, w_down = self.weight(gate_up), self.weight(down)
         dt = self.stored(w_gate_up)
         self.stored(w_down)
-        kname = f"moe_experts_{hidden}x{inter}x{experts}_{top_k}_{dt}"
-        kern = self.kernel(kname, lambda: K.moe_experts(hidden, inter, experts, top_k, kname, dt))
         e_out = self.buf(f"{n.name}_experts", (rows, hidden))
-        self.call(kern, e_in, idx, wts, w_gate_up, w_down, e_out)
+        shape = f"{hidden}x{inter}x{experts}_{top_k}_{dt}"
+        if self.out.gpu:  # two kernels: the activations go through memory instead of float atomics
+            act = self.buf(f"{n.name}_act", (rows, top_k, inter))
+            gate_up_kernel = self.kernel(f"moe_gate_up_{shape}",
+                                         lambda: G.moe_gate_up(hidden, inter, experts, top_k, f"moe_gate_up_{shape}", dt))
+            self.call(gate_up_kernel, e_in, idx, wts, w_gate_up, act)
+            down_kernel = self.kernel(f"moe_down_{shape}",
+                                      lambda: G.moe_down(hidden, inter, experts, top_k, f"moe_down_{shape}", dt))
+            self.call(down_kernel, act, idx, w_down, e_out)
+        else:
+            kern = self.kernel(f"moe_experts_{shape}",
+                               lambda: K.moe_experts(hidden, inter, experts, top_k, f"moe_experts_{shape}", dt))
+            self.call(kern, e_in, idx, wts, w_gate_up, w_down, e_out)
         return self.rms(e_out, self.weight(post_norm), hidden, eps, n.name, rows)
 
 
 def lower(cfg: ModelConfig, graphs: dict[str, Graph], weights: Callable[[str], np.ndarray],
-          weight_dtype: str = "float32") -> Lowered:
-    """Lower the optimized graphs (prefill, prefill_all, decode) into one kernel set and their programs."""
-    out = Lowered({}, {}, {}, {}, [], weight_dtype)
-    for mode, graph in graphs.items():
-        program = Program(mode)
-        _Lowering(cfg, weights, out, program).lower(graph)
-        out.programs[mode] = program
+          weight_dtype: str = "float32", gpu: bool = False) -> Lowered:
+    """Lower the optimized graphs (prefill, prefill_all, decode) into one kernel set and their programs;
+    `gpu` picks the GPU kernels and int32 indices."""
+    out = Lowered({}, {}, {}, {}, [], weight_dtype, gpu=gpu)
+    with K.index_dtype(out.index_dtype):
+        for mode, graph in graphs.items():
+            program = Program(mode)
+            _Lowering(cfg, weights, out, program).lower(graph)
+            out.programs[mode] = program
     return out

@@ -16,6 +16,8 @@ class Target:
     library_suffix: str = ".so"
     options: dict = field(default_factory=dict)
     export: Callable[[object, str], None] | None = None  # (built library, path); default export_library
+    runtime: str = "relax-vm"  # what executes the artifact: the Relax VM (g4c.runtime.artifact) or "wgpu"
+    gpu: bool = False  # GPU kernels (int32 indices, g4c.codegen.gpu_kernels)
 
     def export_library(self, lib, path: str) -> None:
         if self.export is not None:
@@ -26,20 +28,24 @@ class Target:
     @property
     def runs_here(self) -> bool:
         """Whether artifacts for this target execute on this machine (the host CPU)."""
-        return self.name == "llvm"
+        return self.name == "llvm" or self.runtime == "wgpu"  # wgpu finds a Vulkan device or says why not
 
 
-TARGETS = ("llvm", "arm", "arm:<profile>")
+TARGETS = ("llvm", "arm", "arm:<profile>", "vulkan", "vulkan:<profile>")
 
 
 def get_target(name: str) -> Target:
-    """`llvm` (this CPU), `arm` (= arm:cortex-a76) or `arm:<profile>` (see targets/arm.py)."""
+    """`llvm` (this CPU), `arm` (= arm:cortex-a76) or `arm:<profile>` (see targets/arm.py), `vulkan`
+    (= vulkan:generic) or `vulkan:<profile>` (see targets/vulkan.py)."""
     from g4c.targets.arm import arm_target
     from g4c.targets.llvm import host_target
+    from g4c.targets.vulkan import vulkan_target
 
     kind, _, profile = name.partition(":")
     if kind == "llvm" and not profile:
         return host_target()
     if kind == "arm":
         return arm_target(profile) if profile else arm_target()
+    if kind == "vulkan":
+        return vulkan_target(profile) if profile else vulkan_target()
     raise G4CError(f"unknown target {name!r}: available targets are {', '.join(TARGETS)}")

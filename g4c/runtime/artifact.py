@@ -235,6 +235,11 @@ class CompiledSession(Session):
         return aligned(np.concatenate([view[int(i): int(i) + 1] for i in ids]).astype(np.float32))
 
 
-def load(directory: str | Path, max_context: int | None = None, prefill_chunk: int = 64) -> CompiledSession:
-    """Open a compiled artifact: `g4c.load(DIR).generate([2, 17, 99], 16)`."""
+def load(directory: str | Path, max_context: int | None = None, prefill_chunk: int = 64) -> Session:
+    """Open a compiled artifact: `g4c.load(DIR).generate([2, 17, 99], 16)`. Vulkan artifacts run
+    through wgpu (`g4c.runtime.wgpu_session`), the others through the Relax VM."""
+    if read_manifest(directory, check_files=False).get("runtime") == "wgpu":
+        from g4c.runtime.wgpu_session import WgpuSession
+
+        return WgpuSession(directory, max_context, prefill_chunk)
     return CompiledSession(directory, max_context, prefill_chunk)

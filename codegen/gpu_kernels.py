@@ -1,0 +1,346 @@
+"""GPU implementations of the fused ops whose CPU kernels (`g4c.codegen.kernels`) do not map onto
+GPU threads: attention, per-head norm + RoPE, cache writes, MoE routing and experts.
+
+These are written for GPUs directly (TensorIR with thread bindings, shared memory and barriers),
+share their math helpers with the CPU kernels, and are used by every GPU target (WebGPU/Vulkan,
+CUDA, Metal): one source of truth per kernel. All indices are int32 (WGSL has no 64-bit integers),
+arithmetic is fp32. The other ops (linear, norms, elementwise) are TE kernels scheduled by dlight.
+
+Each kernel is marked `tirx.is_scheduled`, so dlight leaves it as written.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from g4c.codegen.kernels import F32, STORAGE, _gelu, _load
+
+I32 = "int32"
+THREADS = 64  # threads per workgroup for row-wise kernels
+NEG = -3.0e38  # score of a masked key
+
+
+def _attrs(name: str) -> dict:
+    return {"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True}
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, scaling: float,
+              name: str, k_from_v: bool = False) -> tirx.PrimFunc:
+    """Causal GQA attention (same contract as `kernels.attention`) as one workgroup per (query,
+    head) with an online softmax: the keys stream through in chunks of THREADS (one key's score per
+    thread, kept in shared memory), and each thread accumulates its slice of head_dim, so no
+    [T, heads, S] intermediate exists and any cache length S fits. Sliding layers pass their ring of
+    `window` slots, so they read only the window."""
+    group, per, nt = q_heads // kv_heads, _ceil(head_dim, THREADS), THREADS
+    half, win = head_dim // 2, window or 0
+
+    attrs = _attrs(name)
+    def key_plain(k, v, kn, freq, j, kvh, kp, d):
+        return k[j, kvh, d]
+
+    def key_rebuilt(k, v, kn, freq, j, kvh, kp, d):  # k_eq_v: K = rope(V * k_norm) at the key's position
+        angle = kp.astype(F32) * freq[d % half]
+        up, down = (d + half) % head_dim, (d + head_dim - half) % head_dim
+        partner = tirx.if_then_else(d < half, -v[j, kvh, up] * kn[up], v[j, kvh, down] * kn[down])
+        return v[j, kvh, d] * kn[d] * tirx.cos(angle) + partner * tirx.sin(angle)
+
+    key_at = key_rebuilt if k_from_v else key_plain
+
+    @T.macro
+    def body(q, k, v, pos, kn, freq, out, t, s):
+        for blk in T.thread_binding(t * q_heads, thread="blockIdx.x"):
+            for tid in T.thread_binding(nt, thread="threadIdx.x"):
+                sc = T.alloc_buffer((nt,), F32, scope="shared")
+                acc = T.alloc_buffer((per,), F32, scope="local")
+                run = T.alloc_buffer((3,), F32, scope="local")  # running max, running sum, chunk max
+                dot = T.alloc_buffer((2,), F32, scope="local")  # dot product, score
+                i = blk // q_heads
+                h = blk % q_heads
+                last = pos[t - 1]
+                run[0] = T.float32(NEG)
+                run[1] = T.float32(0)
+                for r in range(per):
+                    acc[r] = T.float32(0)
+                for c in range(T.ceildiv(s, nt)):
+                    j = c * nt + tid
+                    kp = j + s * T.floordiv(last - j, s)
+                    dot[1] = T.float32(NEG)
+                    if j < s and j <= last and kp <= pos[i] and (win == 0 or pos[i] - kp < win):
+                        dot[0] = T.float32(0)
+                        for d in range(head_dim):
+                            dot[0] = dot[0] + q[i, h, d] * key_at(k, v, kn, freq, j, h // group, kp, d)
+                        dot[1] = dot[0] * T.float32(scaling)
+                    sc[tid] = dot[1]
+                    run[2] = run[0]
+                    for u in range(nt):
+                        run[2] = T.max(run[2], sc[u])
+                    run[1] = run[1] * T.exp(run[0] - run[2])
+                    for r in range(per):
+                        acc[r] = acc[r] * T.exp(run[0] - run[2])
+                    run[0] = run[2]
+                    for u in range(nt):
+                        dot[1] = sc[u]  # a shared load may not sit in a branch condition
+                        if dot[1] > T.float32(NEG / 2):
+                            dot[0] = T.exp(dot[1] - run[0])
+                            run[1] = run[1] + dot[0]
+                            for r in range(per):
+                                if r * nt + tid < head_dim:
+                                    acc[r] = acc[r] + dot[0] * v[c * nt + u, h // group, r * nt + tid]
+                for r in range(per):
+                    if r * nt + tid < head_dim:
+                        out[i, h, r * nt + tid] = acc[r] / run[1]
+
+    if k_from_v:
+        @T.prim_func
+        def func(q_h: T.handle, v_h: T.handle, pos_h: T.handle, kn_h: T.handle, f_h: T.handle, out_h: T.handle):
+            T.func_attr(attrs)
+            t, s = T.int32(), T.int32()
+            q = T.match_buffer(q_h, (t, q_heads, head_dim), F32)
+            v = T.match_buffer(v_h, (s, kv_heads, head_dim), F32)
+            pos = T.match_buffer(pos_h, (t,), I32)
+            kn = T.match_buffer(kn_h, (head_dim,), F32)
+            freq = T.match_buffer(f_h, (half,), F32)
+            out = T.match_buffer(out_h, (t, q_heads, head_dim), F32)
+            body(q, v, v, pos, kn, freq, out, t, s)
+        return func
+
+    @T.prim_func
+    def func_plain(q_h: T.handle, k_h: T.handle, v_h: T.handle, pos_h: T.handle, out_h: T.handle):
+        T.func_attr(attrs)
+        t, s = T.int32(), T.int32()
+        q = T.match_buffer(q_h, (t, q_heads, head_dim), F32)
+        k = T.match_buffer(k_h, (s, kv_heads, head_dim), F32)
+        v = T.match_buffer(v_h, (s, kv_heads, head_dim), F32)
+        pos = T.match_buffer(pos_h, (t,), I32)
+        out = T.match_buffer(out_h, (t, q_heads, head_dim), F32)
+        body(q, k, v, pos, q, q, out, t, s)
+    return func_plain
+
+
+def head_norm_rope(total: int, offset: int, heads: int, head_dim: int, eps: float, weighted: bool, rope: bool,
+                   name: str) -> tirx.PrimFunc:
+    """`kernels.head_norm_rope` as one workgroup per (token, head): the threads share the RMS sum
+    through shared memory, then each rotates its slice of head_dim (the RoPE partner element is
+    normalised again rather than exchanged, which costs one extra load)."""
+    nt = min(THREADS, 1 << (head_dim - 1).bit_length())
+    per, half = _ceil(head_dim, nt), head_dim // 2
+
+    attrs = _attrs(name)
+    def normed(src, w, i, h, d, inv):
+        value = src[i, (offset + h) * head_dim + d] * inv
+        return value * w[d] if weighted else value
+
+    def rotated(src, w, pos, freq, i, h, d, inv):
+        angle = pos[i].astype(F32) * freq[d % half]
+        up, down = (d + half) % head_dim, (d + head_dim - half) % head_dim
+        partner = tirx.if_then_else(d < half, -normed(src, w, i, h, up, inv), normed(src, w, i, h, down, inv))
+        return normed(src, w, i, h, d, inv) * tirx.cos(angle) + partner * tirx.sin(angle)
+
+    @T.macro
+    def body(src, pos, w, freq, out, t):
+        for blk in T.thread_binding(t * heads, thread="blockIdx.x"):
+            for tid in T.thread_binding(nt, thread="threadIdx.x"):
+                red = T.alloc_buffer((nt,), F32, scope="shared")
+                inv = T.alloc_buffer((1,), F32, scope="local")
+                i = blk // heads
+                h = blk % heads
+                inv[0] = T.float32(0)
+                for r in range(per):
+                    if r * nt + tid < head_dim:
+                        inv[0] = inv[0] + src[i, (offset + h) * head_dim + r * nt + tid] * src[
+                            i, (offset + h) * head_dim + r * nt + tid]
+                red[tid] = inv[0]
+                inv[0] = T.float32(0)
+                for u in range(nt):
+                    inv[0] = inv[0] + red[u]
+                inv[0] = T.pow(inv[0] / T.float32(head_dim) + T.float32(eps), T.float32(-0.5))
+                for r in range(per):
+                    if r * nt + tid < head_dim:
+                        if rope:
+                            out[i, h, r * nt + tid] = rotated(src, w, pos, freq, i, h, r * nt + tid, inv[0])
+                        else:
+                            out[i, h, r * nt + tid] = normed(src, w, i, h, r * nt + tid, inv[0])
+
+    # Four signatures (weight? rope?) around one body; absent operands are passed as `src`.
+    if weighted and rope:
+        @T.prim_func
+        def func_wr(s_h: T.handle, p_h: T.handle, w_h: T.handle, f_h: T.handle, o_h: T.handle):
+            T.func_attr(attrs)
+            t = T.int32()
+            src = T.match_buffer(s_h, (t, total), F32)
+            pos = T.match_buffer(p_h, (t,), I32)
+            w = T.match_buffer(w_h, (head_dim,), F32)
+            freq = T.match_buffer(f_h, (max(half, 1),), F32)
+            out = T.match_buffer(o_h, (t, heads, head_dim), F32)
+            body(src, pos, w, freq, out, t)
+        return func_wr
+    if weighted:
+        @T.prim_func
+        def func_w(s_h: T.handle, p_h: T.handle, w_h: T.handle, o_h: T.handle):
+            T.func_attr(attrs)
+            t = T.int32()
+            src = T.match_buffer(s_h, (t, total), F32)
+            pos = T.match_buffer(p_h, (t,), I32)
+            w = T.match_buffer(w_h, (head_dim,), F32)
+            out = T.match_buffer(o_h, (t, heads, head_dim), F32)
+            body(src, pos, w, src, out, t)
+        return func_w
+    if rope:
+        raise NotImplementedError("RoPE without a norm weight does not occur in Gemma 4")
+
+    @T.prim_func
+    def func_n(s_h: T.handle, p_h: T.handle, o_h: T.handle):
+        T.func_attr(attrs)
+        t = T.int32()
+        src = T.match_buffer(s_h, (t, total), F32)
+        pos = T.match_buffer(p_h, (t,), I32)
+        out = T.match_buffer(o_h, (t, heads, head_dim), F32)
+        body(src, pos, src, src, out, t)
+    return func_n
+
+
+def cache_write(kv_heads: int, head_dim: int, name: str) -> tirx.PrimFunc:
+    """`kernels.cache_write`: one thread per written element."""
+    width = kv_heads * head_dim
+
+    attrs = _attrs(name)
+    @T.prim_func
+    def func(cache_h: T.handle, new_h: T.handle, pos_h: T.handle):
+        T.func_attr(attrs)
+        r, t = T.int32(), T.int32()
+        cache = T.match_buffer(cache_h, (r, kv_heads, head_dim), F32)
+        new = T.match_buffer(new_h, (t, kv_heads, head_dim), F32)
+        pos = T.match_buffer(pos_h, (t,), I32)
+        for blk in T.thread_binding(T.ceildiv(t * width, THREADS), thread="blockIdx.x"):
+            for tid in T.thread_binding(THREADS, thread="threadIdx.x"):
+                if blk * THREADS + tid < t * width:
+                    cache[T.floormod(pos[(blk * THREADS + tid) // width], r), (blk * THREADS + tid) % width // head_dim,
+                          (blk * THREADS + tid) % head_dim] = new[(blk * THREADS + tid) // width,
+                                                                   (blk * THREADS + tid) % width // head_dim,
+                                                                   (blk * THREADS + tid) % head_dim]
+    return func
+
+
+def router_topk(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
+    """`kernels.router_topk` with one thread per token (experts ≤ a few hundred: a serial scan)."""
+    attrs = _attrs(name)
+    @T.prim_func
+    def func(logits_h: T.handle, pes_h: T.handle, idx_h: T.handle, w_h: T.handle):
+        T.func_attr(attrs)
+        t = T.int32()
+        logits = T.match_buffer(logits_h, (t, experts), F32)
+        pes = T.match_buffer(pes_h, (experts,), F32)
+        idx = T.match_buffer(idx_h, (t, top_k), I32)
+        w = T.match_buffer(w_h, (t, top_k), F32)
+        for blk in T.thread_binding(T.ceildiv(t, THREADS), thread="blockIdx.x"):
+            for tid in T.thread_binding(THREADS, thread="threadIdx.x"):
+                taken = T.alloc_buffer((experts,), I32, scope="local")
+                acc = T.alloc_buffer((3,), F32, scope="local")  # max logit, softmax sum, top-k sum
+                best = T.alloc_buffer((1,), I32, scope="local")
+                i = blk * THREADS + tid
+                if i < t:
+                    acc[0] = T.float32(NEG)
+                    for e in range(experts):
+                        acc[0] = T.max(acc[0], logits[i, e])
+                        taken[e] = 0
+                    acc[1] = T.float32(0)
+                    for e in range(experts):
+                        acc[1] = acc[1] + T.exp(logits[i, e] - acc[0])
+                    acc[2] = T.float32(0)
+                    for j in range(top_k):
+                        best[0] = -1
+                        for e in range(experts):
+                            if taken[e] == 0:
+                                if best[0] < 0:
+                                    best[0] = e
+                                elif logits[i, e] > logits[i, best[0]]:
+                                    best[0] = e
+                        taken[best[0]] = 1
+                        idx[i, j] = best[0]
+                        w[i, j] = T.exp(logits[i, best[0]] - acc[0]) / acc[1]
+                        acc[2] = acc[2] + w[i, j]
+                    for j in range(top_k):
+                        w[i, j] = w[i, j] / acc[2] * pes[idx[i, j]]
+    return func
+
+
+def moe_gate_up(hidden: int, inter: int, experts: int, top_k: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
+    """act[t, j, c] = gelu(gate_e[c]·x[t]) · (up_e[c]·x[t]) · w[t, j] for e = idx[t, j]: one workgroup
+    per (token, slot, row); the threads split the dot product (coalesced weight reads) and reduce
+    through shared memory. With `moe_down`, the GPU form of `kernels.moe_experts`."""
+    storage, nt = STORAGE[dtype], THREADS
+
+    attrs = _attrs(name)
+    @T.prim_func
+    def func(x_h: T.handle, idx_h: T.handle, w_h: T.handle, gu_h: T.handle, act_h: T.handle):
+        T.func_attr(attrs)
+        t = T.int32()
+        x = T.match_buffer(x_h, (t, hidden), F32)
+        idx = T.match_buffer(idx_h, (t, top_k), I32)
+        w = T.match_buffer(w_h, (t, top_k), F32)
+        gate_up = T.match_buffer(gu_h, (experts, 2 * inter, hidden), storage)
+        act = T.match_buffer(act_h, (t, top_k, inter), F32)
+        for blk in T.thread_binding(t * top_k * inter, thread="blockIdx.x"):
+            for tid in T.thread_binding(nt, thread="threadIdx.x"):
+                red = T.alloc_buffer((2, nt), F32, scope="shared")
+                sums = T.alloc_buffer((2,), F32, scope="local")
+                i = blk // (top_k * inter)
+                j = blk // inter % top_k
+                c = blk % inter
+                sums[0] = T.float32(0)
+                sums[1] = T.float32(0)
+                for r in range(_ceil(hidden, nt)):
+                    if r * nt + tid < hidden:
+                        sums[0] = sums[0] + x[i, r * nt + tid] * _load(gate_up[idx[i, j], c, r * nt + tid], dtype)
+                        sums[1] = sums[1] + x[i, r * nt + tid] * _load(gate_up[idx[i, j], inter + c, r * nt + tid],
+                                                                       dtype)
+                red[0, tid] = sums[0]
+                red[1, tid] = sums[1]
+                if tid == 0:
+                    sums[0] = T.float32(0)
+                    sums[1] = T.float32(0)
+                    for u in range(nt):
+                        sums[0] = sums[0] + red[0, u]
+                        sums[1] = sums[1] + red[1, u]
+                    act[i, j, c] = _gelu(sums[0]) * sums[1] * w[i, j]
+    return func
+
+
+def moe_down(hidden: int, inter: int, experts: int, top_k: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
+    """out[t, o] = Σ_j down_e[o]·act[t, j] for e = idx[t, j]: one workgroup per (token, output row)."""
+    storage, nt = STORAGE[dtype], THREADS
+
+    attrs = _attrs(name)
+    @T.prim_func
+    def func(act_h: T.handle, idx_h: T.handle, down_h: T.handle, out_h: T.handle):
+        T.func_attr(attrs)
+        t = T.int32()
+        act = T.match_buffer(act_h, (t, top_k, inter), F32)
+        idx = T.match_buffer(idx_h, (t, top_k), I32)
+        down = T.match_buffer(down_h, (experts, hidden, inter), storage)
+        out = T.match_buffer(out_h, (t, hidden), F32)
+        for blk in T.thread_binding(t * hidden, thread="blockIdx.x"):
+            for tid in T.thread_binding(nt, thread="threadIdx.x"):
+                red = T.alloc_buffer((nt,), F32, scope="shared")
+                total = T.alloc_buffer((1,), F32, scope="local")
+                i = blk // hidden
+                o = blk % hidden
+                total[0] = T.float32(0)
+                for j in range(top_k):
+                    for r in range(_ceil(inter, nt)):
+                        if r * nt + tid < inter:
+                            total[0] = total[0] + act[i, j, r * nt + tid] * _load(down[idx[i, j], o, r * nt + tid],
+                                                                                 dtype)
+                red[tid] = total[0]
+                if tid == 0:
+                    total[0] = T.float32(0)
+                    for u in range(nt):
+                        total[0] = total[0] + red[u]
+                    out[i, o] = total[0]
+    return func
+

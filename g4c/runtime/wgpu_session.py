@@ -1,0 +1,245 @@
+"""Run a Vulkan (`--target vulkan`) artifact on a GPU through wgpu (wgpu-native: Vulkan, Metal, D3D12).
+
+The artifact holds the WGSL of every kernel (`kernels.wgsl`) and, in the manifest, each program's
+kernel calls and each kernel's launches (bindings, uniform words, grid; see `g4c.codegen.wgsl`).
+This session uploads the weights once, allocates the KV caches from the plan, and runs a program by
+recording every launch of it into one command buffer: one submission (and one read-back of the
+logits) per prefill chunk or decode step. Activation buffers are kept per token count and reused.
+
+Nothing here imports TVM: numpy, safetensors and `wgpu` only. `WGPU_BACKEND_TYPE=Vulkan` forces
+the Vulkan backend (CI runs on Mesa's lavapipe).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from g4c.config import config_from_dict
+from g4c.errors import G4CError
+from g4c.runtime.artifact import HOST, MANIFEST, WEIGHTS, ArtifactError, read_manifest
+from g4c.runtime.session import Session
+
+SHADERS = "kernels.wgsl"
+MAX_GROUPS = 65535  # workgroups per grid dimension (WebGPU default limit)
+INDEX = np.int32  # ids and positions: WGSL has no 64-bit integers
+
+
+def evaluate(tree, args: list[int]) -> int:
+    """Value of a launch-size expression tree (`g4c.codegen.wgsl`): ints, ["arg", j], [op, a, b]."""
+    if isinstance(tree, int):
+        return tree
+    op, a, b = tree[0], tree[1], tree[2] if len(tree) > 2 else None
+    if op == "arg":
+        return args[a]
+    x, y = evaluate(a, args), evaluate(b, args)
+    return {"+": x + y, "-": x - y, "*": x * y, "//": x // y, "%": x % y, "min": min(x, y), "max": max(x, y)}[op]
+
+
+def split_source(source: str) -> dict[str, str]:
+    """`kernels.wgsl` → {device kernel name: its WGSL module}."""
+    sections: dict[str, str] = {}
+    for chunk in source.split("// Function: ")[1:]:
+        name, _, body = chunk.partition("\n")
+        body = body.lstrip("/-\n")
+        if body.strip():
+            sections[name.strip()] = body
+    return sections
+
+
+def _device(needs_f16: bool, needs_binding: int):
+    import wgpu
+
+    adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
+    if adapter is None:
+        raise G4CError("no WebGPU/Vulkan adapter found (install a Vulkan driver, e.g. mesa-vulkan-drivers)")
+    limits = adapter.limits
+    if needs_binding > limits["max-storage-buffer-binding-size"]:
+        raise G4CError(f"a tensor of {needs_binding} bytes exceeds this device's storage binding limit "
+                       f"({limits['max-storage-buffer-binding-size']}): compile for a profile with a smaller "
+                       "max_binding")
+    features = ["shader-f16"] if needs_f16 else []
+    if needs_f16 and "shader-f16" not in adapter.features:
+        raise G4CError(f"{adapter.info['device']} has no shader-f16: compile with --dtype float32")
+    wanted = ("max-storage-buffer-binding-size", "max-buffer-size", "max-storage-buffers-per-shader-stage",
+              "max-compute-workgroup-storage-size", "max-compute-invocations-per-workgroup")
+    device = adapter.request_device_sync(required_features=features,
+                                         required_limits={k: limits[k] for k in wanted})
+    return adapter, device
+
+
+def workgroups(width: int, height: int) -> tuple[tuple[int, int, int], int]:
+    """Dispatch size for a (width, height) grid and the kernel's packGridDimX: widths above the
+    per-dimension limit fold into z, and the kernel skips blocks past packGridDimX = width - 1."""
+    x = min(width, MAX_GROUPS)
+    return (x, height, -(-width // x)), width - 1
+
+
+class Kernels:
+    """The compiled WGSL kernels of an artifact on one device, and how to launch them."""
+
+    def __init__(self, device, sources: dict[str, str], launches: dict[str, list[dict]]):
+        self.device, self.launches = device, launches
+        self.pipelines = {}
+        for launch in (x for group in launches.values() for x in group):
+            name = launch["kernel"]
+            if name in self.pipelines:
+                continue
+            if name not in sources:
+                raise ArtifactError(f"{SHADERS} has no kernel {name}")
+            module = device.create_shader_module(code=sources[name])
+            self.pipelines[name] = device.create_compute_pipeline(layout="auto",
+                                                                  compute={"module": module, "entry_point": name})
+
+    def dispatch(self, compute, kernel: str, args: list[tuple]) -> None:
+        """Record `kernel` on the compute pass; args are (buffer, shape, itemsize) per kernel parameter."""
+        import wgpu
+
+        for launch in self.launches[kernel]:
+            words = [int(args[p][1][d]) for p, d in launch["scalars"]]
+            width, height = (evaluate(g, words) for g in launch["grid"])
+            if width == 0 or height == 0:
+                continue
+            groups, pack = workgroups(width, height)
+            pod = struct.pack(f"<{len(words)}iI", *words, pack)  # PODArgs: shape words (i32), packGridDimX
+            pod += b"\0" * (-len(pod) % 16)
+            uniform = self.device.create_buffer_with_data(data=pod, usage=wgpu.BufferUsage.UNIFORM)
+            pipeline = self.pipelines[launch["kernel"]]
+            entries = [{"binding": i, "resource": {"buffer": args[p][0], "offset": 0,
+                                                   "size": max(4, int(np.prod(args[p][1])) * args[p][2])}}
+                       for i, p in enumerate(launch["buffers"])]
+            entries.append({"binding": len(entries), "resource": {"buffer": uniform, "offset": 0, "size": len(pod)}})
+            group = self.device.create_bind_group(layout=pipeline.get_bind_group_layout(0), entries=entries)
+            compute.set_pipeline(pipeline)
+            compute.set_bind_group(0, group)
+            compute.dispatch_workgroups(*groups)
+
+
+class WgpuSession(Session):
+    """prefill/decode of a Vulkan artifact on a wgpu device."""
+
+    def __init__(self, directory: str | Path, max_context: int | None = None, prefill_chunk: int = 64):
+        import wgpu
+        from safetensors import safe_open
+        from safetensors.numpy import load_file
+
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self.config = self.manifest["config"]
+        model = config_from_dict(self.config, source=str(self.directory / MANIFEST))
+        self.vocab_size = model.input_vocab_size
+        self.max_context = min(max_context or 4096, model.max_position_embeddings)
+        self.prefill_chunk = max(1, prefill_chunk)
+        weights = load_file(str(self.directory / WEIGHTS))
+        needs_f16 = any(a.dtype == np.float16 for a in weights.values())
+        self.adapter, self.device = _device(needs_f16, max((a.nbytes for a in weights.values()), default=0))
+        self.device_name = f"{self.adapter.info['device']} ({self.adapter.info['backend_type']})"
+        storage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
+        self._storage = storage
+        self.weights = {n: self.device.create_buffer_with_data(data=np.ascontiguousarray(a), usage=storage)
+                        for n, a in weights.items()}
+        self._weight_shapes = {n: a.shape for n, a in weights.items()}
+        self._weight_sizes = {n: a.dtype.itemsize for n, a in weights.items()}
+        del weights  # uploaded once; host copies freed
+        self.host = safe_open(str(self.directory / HOST), framework="numpy") if (self.directory / HOST).is_file() else None
+        self.caches, self._cache_rows = {}, {}
+        for slot, info in self.manifest["kv_slots"].items():
+            rows = (info["window"] + self.prefill_chunk - 1) if info["ring"] else self.max_context
+            self._cache_rows[slot] = rows
+            self.caches[slot] = self.device.create_buffer(size=rows * info["kv_heads"] * info["head_dim"] * 4,
+                                                          usage=storage)
+        try:
+            sources = split_source((self.directory / SHADERS).read_text())
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {SHADERS}: {exc}") from None
+        self.kernels = Kernels(self.device, sources, self.manifest["launches"])
+        self._activations: dict[tuple[str, int], dict[str, object]] = {}
+        self.reset()
+
+    # -- Session API -------------------------------------------------------------------------------
+    def reset(self) -> None:
+        encoder = self.device.create_command_encoder()
+        for buffer in self.caches.values():
+            encoder.clear_buffer(buffer)
+        self.device.queue.submit([encoder.finish()])
+        self.position = 0
+
+    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        ids = self.check_tokens(tokens)
+        outputs = [self._run("prefill_all" if all_logits else "prefill", ids[start: start + self.prefill_chunk])
+                   for start in range(0, ids.size, self.prefill_chunk)]
+        return np.concatenate(outputs) if all_logits else outputs[-1][-1]
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._run("decode", self.check_tokens([token]))[0]
+
+    # -- execution ---------------------------------------------------------------------------------
+    def _run(self, name: str, ids: np.ndarray) -> np.ndarray:
+        program = self.manifest["programs"][name]
+        count, length = ids.size, self.position + ids.size
+        buffers = self._program_buffers(program, count)
+        queue = self.device.queue
+        queue.write_buffer(buffers["in:ids"][0], 0, ids.astype(INDEX))
+        queue.write_buffer(buffers["in:positions"][0], 0, np.arange(self.position, length, dtype=INDEX))
+        for slot, buffer in self.caches.items():  # full caches are seen as their first `length` rows
+            info = self.manifest["kv_slots"][slot]
+            rows = self._cache_rows[slot] if info["ring"] else length
+            buffers[f"kv:{slot}"] = (buffer, (rows, info["kv_heads"], info["head_dim"]), 4)
+        encoder = self.device.create_command_encoder()
+        compute = None
+        for step in program["steps"]:
+            kernel, args = step["kernel"], step["args"]
+            if kernel == "rows":
+                queue.write_buffer(buffers[args[1]][0], 0, self._ple_rows(ids, step["attrs"]["table"]))
+            elif kernel == "reshape":
+                src = buffers[args[0]]
+                buffers[args[1]] = (src[0], self._shape(program, args[1], count), src[2])
+            elif kernel == "last":
+                compute = self._end(compute)
+                src, dst = buffers[args[0]], buffers[args[1]]
+                size = int(np.prod(dst[1])) * dst[2]
+                encoder.copy_buffer_to_buffer(src[0], int(np.prod(src[1])) * src[2] - size, dst[0], 0, size)
+            else:
+                compute = compute or encoder.begin_compute_pass()
+                self.kernels.dispatch(compute, kernel, [buffers[a] for a in args])
+        self._end(compute)
+        logits = buffers[program["outputs"]["logits"]]
+        queue.submit([encoder.finish()])
+        data = queue.read_buffer(logits[0], 0, int(np.prod(logits[1])) * 4)
+        self.position = length
+        return np.frombuffer(data, dtype=np.float32).reshape(logits[1]).copy()
+
+    @staticmethod
+    def _end(compute):
+        if compute is not None:
+            compute.end()
+        return None
+
+    def _shape(self, program: dict, ref: str, count: int) -> tuple[int, ...]:
+        shape, _ = program["buffers"][ref[2:]]
+        return tuple(count if d == "T" else int(d) for d in shape)
+
+    def _program_buffers(self, program: dict, count: int) -> dict[str, tuple]:
+        """(buffer, shape, itemsize) of every reference of the program: weights, inputs and the
+        activations for `count` tokens (allocated once per program and token count)."""
+        key = (program["name"], count)
+        if key not in self._activations:
+            made = {}
+            for ref, (shape, dtype) in program["buffers"].items():
+                dims = self._shape(program, f"a:{ref}", count)
+                size = max(4, int(np.prod(dims)) * np.dtype(dtype).itemsize)
+                made[f"a:{ref}"] = (self.device.create_buffer(size=size, usage=self._storage), dims,
+                                    np.dtype(dtype).itemsize)
+            made["in:ids"] = (self.device.create_buffer(size=count * 4, usage=self._storage), (count,), 4)
+            made["in:positions"] = (self.device.create_buffer(size=count * 4, usage=self._storage), (count,), 4)
+            for name, buffer in self.weights.items():
+                made[f"w:{name}"] = (buffer, self._weight_shapes[name], self._weight_sizes[name])
+            self._activations[key] = made
+        return dict(self._activations[key])
+
+    def _ple_rows(self, ids: np.ndarray, table: str) -> np.ndarray:
+        view = self.host.get_slice(table)
+        return np.ascontiguousarray(np.concatenate([view[int(i): int(i) + 1] for i in ids]).astype(np.float32))
