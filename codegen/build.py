@@ -59,7 +59,8 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     check_writable(out, overwrite)  # before minutes of building
     report = progress or (lambda stage, done, total: None)
     graphs = optimized_graphs(cfg, weights)
-    lowered = lower(cfg, graphs, weights.f32, canonical_dtype(dtype), gpu=target.gpu)
+    lowered = lower(cfg, graphs, weights.f32, canonical_dtype(dtype), gpu=target.gpu,
+                    max_binding=target.options.get("max_binding"))
     if target.runtime == "wgpu":
         _check_wgpu_dtype(target, lowered.weight_dtype)
     names = sorted(lowered.kernels)
@@ -118,8 +119,8 @@ def _check_bindings(target, tensors: dict[str, np.ndarray]) -> None:
     limit = target.options["max_binding"]
     for name, array in tensors.items():
         if array.nbytes > limit:
-            raise G4CError(f"weight {name} ({array.nbytes / 2**20:.0f} MiB) exceeds the {limit >> 20} MiB storage "
-                           f"binding of Vulkan profile {target.options['profile']}")
+            raise G4CError(f"weight {name} ({array.nbytes} bytes) exceeds the {limit}-byte storage binding of "
+                           f"Vulkan profile {target.options['profile']}")
 
 
 def _pack_weights(lowered, used: list[str], weights: Weights, report: Progress) -> dict[str, np.ndarray]:

@@ -344,3 +344,44 @@ def moe_down(hidden: int, inter: int, experts: int, top_k: int, name: str, dtype
                     out[i, o] = total[0]
     return func
 
+
+
+def embed_rows(lo: int, rows: int, hidden: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
+    """out[i] = table[ids[i] - lo] for the tokens whose id falls in this slice [lo, lo + rows) of an
+    embedding table split to fit a storage binding; other rows of `out` are left to the other slices
+    (every id lies in exactly one)."""
+    storage, nt = STORAGE[dtype], THREADS
+    attrs = _attrs(name)
+
+    @T.prim_func
+    def func(table_h: T.handle, ids_h: T.handle, out_h: T.handle):
+        T.func_attr(attrs)
+        t = T.int32()
+        table = T.match_buffer(table_h, (rows, hidden), storage)
+        ids = T.match_buffer(ids_h, (t,), I32)
+        out = T.match_buffer(out_h, (t, hidden), F32)
+        for blk in T.thread_binding(t, thread="blockIdx.x"):
+            for tid in T.thread_binding(nt, thread="threadIdx.x"):
+                for r in range(_ceil(hidden, nt)):
+                    if r * nt + tid < hidden and lo <= ids[blk] and ids[blk] < lo + rows:
+                        out[blk, r * nt + tid] = _load(table[ids[blk] - lo, r * nt + tid], dtype)
+    return func
+
+
+def place_columns(lo: int, width: int, total: int, name: str) -> tirx.PrimFunc:
+    """out[:, lo:lo+width] = part: reassembles logits computed slice by slice over a split LM head."""
+    nt = THREADS
+    attrs = _attrs(name)
+
+    @T.prim_func
+    def func(part_h: T.handle, out_h: T.handle):
+        T.func_attr(attrs)
+        t = T.int32()
+        part = T.match_buffer(part_h, (t, width), F32)
+        out = T.match_buffer(out_h, (t, total), F32)
+        for blk in T.thread_binding(T.ceildiv(t * width, nt), thread="blockIdx.x"):
+            for tid in T.thread_binding(nt, thread="threadIdx.x"):
+                if blk * nt + tid < t * width:
+                    out[(blk * nt + tid) // width, lo + (blk * nt + tid) % width] = part[
+                        (blk * nt + tid) // width, (blk * nt + tid) % width]
+    return func

@@ -65,6 +65,7 @@ class Lowered:
     weight_dtype: str = "float32"  # storage of GEMM/embedding/expert weights; the rest stays fp32
     half_weights: set[str] = field(default_factory=set)  # weights stored in weight_dtype
     gpu: bool = False  # GPU kernels (`g4c.codegen.gpu_kernels`) and int32 ids/positions
+    max_binding: int | None = None  # GPU: bytes one storage binding may hold; bigger tables are split
 
     @property
     def index_dtype(self) -> str:
@@ -122,6 +123,18 @@ class _Lowering:
         self.call(kern, x, w, out)
         return out
 
+    def split_linear(self, x: str, w: str, k: int, n: int, out_name: str, rows) -> str:
+        """`linear`, slice by slice when w is too big for one storage binding (the tied LM head)."""
+        slices = self.row_slices(w, n, k)
+        if not slices:
+            return self.linear(x, w, k, n, out_name, rows)
+        out = self.buf(out_name, (rows, n))
+        for lo, hi, part in slices:
+            piece = self.linear(x, part, k, hi - lo, f"{out_name}_{lo}", rows)
+            name = f"place_columns_{lo}_{hi - lo}_{n}"
+            self.call(self.kernel(name, lambda: G.place_columns(lo, hi - lo, n, name)), piece, out)
+        return out
+
     def rms(self, x: str, w: str | None, dim: int, eps: float, out_name: str, rows) -> str:
         name = f"rms_norm_{dim}_{'w' if w else 'nw'}_{eps:g}"
         kern = self.kernel(name, lambda: K.rms_norm(dim, eps, w is not None, name))
@@ -143,11 +156,36 @@ class _Lowering:
             self.refs[id(node)] = handler(node)
         self.prog.outputs = {k: self.ref(v) for k, v in graph.outputs.items()}
 
+    def row_slices(self, w: str, rows: int, width: int) -> list[tuple[int, int, str]] | None:
+        """[(lo, hi, weight ref)] slices of a [rows, width] table too big for one storage binding
+        (None if it fits): the slices are weights of their own, cut at compile time."""
+        limit, itemsize = self.out.max_binding, 2 if self.out.weight_dtype != "float32" else 4
+        if not limit or rows * width * itemsize <= limit:
+            return None
+        step = max(64, limit // (width * itemsize) // 64 * 64)
+        name, slices = w[2:], []
+        for lo in range(0, rows, step):
+            hi = min(rows, lo + step)
+            part = f"{name}.rows{lo}-{hi}"
+            source = self.out.packed.get(name) or (lambda name=name: self.weights(name))
+            self.out.packed.setdefault(part, lambda source=source, lo=lo, hi=hi: source()[lo:hi])
+            self.stored(f"w:{part}")
+            slices.append((lo, hi, f"w:{part}"))
+        return slices
+
     def op_embedding(self, n: Node) -> str:
         table, ids = n.inputs
         vocab, hidden = table.type.shape
         w = self.weight(table)
         dt = self.stored(w)
+        slices = self.row_slices(w, vocab, hidden)
+        if slices:
+            out = self.buf(n.name, n.type.shape)
+            for lo, hi, part in slices:
+                name = f"embed_rows_{lo}_{hi - lo}x{hidden}_{dt}"
+                self.call(self.kernel(name, lambda: G.embed_rows(lo, hi - lo, hidden, name, dt)), part,
+                          self.ref(ids), out)
+            return out
         name = f"embed_{vocab}x{hidden}_{dt}"
         kern = self.kernel(name, lambda: K.embed(vocab, hidden, 1.0, name, dt))
         out = self.buf(n.name, n.type.shape)
@@ -221,7 +259,7 @@ class _Lowering:
         vocab = w.type.shape[0]
         h = self.rms(self.ref(x), self.weight(norm), hidden, n.attrs["eps"], f"{n.name}_in", rows)
         cap = n.attrs["softcap"]
-        logits = self.linear(h, self.weight(w), hidden, vocab, f"{n.name}_raw" if cap else n.name, rows)
+        logits = self.split_linear(h, self.weight(w), hidden, vocab, f"{n.name}_raw" if cap else n.name, rows)
         if cap is None:
             return logits
         name = f"softcap_{vocab}_{cap:g}"
@@ -355,10 +393,10 @@ class _Lowering:
 
 
 def lower(cfg: ModelConfig, graphs: dict[str, Graph], weights: Callable[[str], np.ndarray],
-          weight_dtype: str = "float32", gpu: bool = False) -> Lowered:
+          weight_dtype: str = "float32", gpu: bool = False, max_binding: int | None = None) -> Lowered:
     """Lower the optimized graphs (prefill, prefill_all, decode) into one kernel set and their programs;
-    `gpu` picks the GPU kernels and int32 indices."""
-    out = Lowered({}, {}, {}, {}, [], weight_dtype, gpu=gpu)
+    `gpu` picks the GPU kernels and int32 indices, `max_binding` splits tables bigger than that."""
+    out = Lowered({}, {}, {}, {}, [], weight_dtype, gpu=gpu, max_binding=max_binding)
     with K.index_dtype(out.index_dtype):
         for mode, graph in graphs.items():
             program = Program(mode)

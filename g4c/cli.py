@@ -13,6 +13,8 @@ User errors print one line on stderr and exit with status 1.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import sys
 from pathlib import Path
@@ -133,11 +135,10 @@ def _compile_in_memory(loaded, target: str, max_context: int):
     return load(_compile_with_progress(loaded.cfg, loaded.weights, target, tmp / "artifact"), max_context)
 
 
-def _compile_with_progress(cfg, weights, target: str, output: Path, overwrite: bool = False,
-                           dtype: str = "float32") -> Path:
+@contextlib.contextmanager
+def _progress():
+    """A `report(stage, done, total)` callback drawing one rich progress bar per stage (on a terminal)."""
     from rich.progress import Progress
-
-    from g4c.codegen.build import compile_model
 
     with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
         tasks: dict[str, object] = {}
@@ -147,6 +148,14 @@ def _compile_with_progress(cfg, weights, target: str, output: Path, overwrite: b
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=done, total=total)
 
+        yield report
+
+
+def _compile_with_progress(cfg, weights, target: str, output: Path, overwrite: bool = False,
+                           dtype: str = "float32") -> Path:
+    from g4c.codegen.build import compile_model
+
+    with _progress() as report:
         return compile_model(cfg, weights, target, output, overwrite=overwrite, progress=report, dtype=dtype)
 
 
@@ -321,6 +330,20 @@ def compile_(model: str = typer.Argument(..., help="Checkpoint directory or pres
 
         shutil.copy(loaded.directory / "tokenizer.json", path / "tokenizer.json")
     out.print(f"wrote {path} (target {target}, {loaded.cfg.num_hidden_layers} layers)")
+
+
+@app.command("spirv")
+def spirv(artifact: Path = typer.Argument(..., help="A --target vulkan artifact."),
+          output: Path = typer.Option(..., "-o", "--output", help="Directory for the .spv modules."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory.")):
+    """Translate a Vulkan artifact's WGSL kernels to SPIR-V (naga) and validate them (spirv-val).
+
+    Example: g4c spirv /tmp/e2b.vulkan -o /tmp/e2b.spirv   (needs node/npm and spirv-tools)"""
+    from g4c.targets.spirv import emit_spirv
+
+    with _progress() as report:
+        names = emit_spirv(artifact, output, overwrite, report)
+    out.print(f"wrote {output}: {len(names)} SPIR-V modules (spirv-val: valid for Vulkan 1.1) + launches.json")
 
 
 @app.command("passes")

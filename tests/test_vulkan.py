@@ -130,3 +130,39 @@ def test_vulkan_refuses_bf16_and_fp16_without_shader_f16(capsys):
     err = capsys.readouterr().err
     assert "WGSL has no bf16" in err and "has no fp16" in err and "unknown Vulkan profile 'mali-g1'" in err
     assert not os.path.exists("/tmp/never")
+
+
+def test_tables_bigger_than_a_binding_are_split(checkpoints, references, tmp_path, monkeypatch):
+    """With a 50 KiB binding limit the 57.6 KB embedding table (tied LM head) is cut into row slices:
+    one gather kernel per slice, the LM head computed slice by slice and its columns reassembled."""
+    from g4c.targets import vulkan
+
+    monkeypatch.setitem(vulkan.PROFILES, "generic", vulkan.VulkanProfile(threads=256, fp16=False,
+                                                                         max_binding=50 << 10))
+    loaded = load_model(str(checkpoints["e"]))
+    directory = compile_model(loaded.cfg, loaded.weights, "vulkan", tmp_path / "split")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert [w for w in manifest["entry"]["weights"] if w.startswith("embed_tokens")] == [
+        "embed_tokens.weight.rows0-256", "embed_tokens.weight.rows256-300"]
+    logits = load(directory).prefill(PROMPT, all_logits=True)
+    assert np.abs(logits - reference_logits(references["e"], PROMPT)).max() <= 1e-4
+
+
+def test_spirv_of_every_kernel_is_valid_for_vulkan(vulkan_artifacts, tmp_path, capsys):
+    """`g4c spirv`: naga translates each WGSL kernel, spirv-val accepts every module (Vulkan 1.1)."""
+    import shutil
+
+    tools = ("node", "npm", "spirv-val")
+    if not all(shutil.which(t) for t in tools):
+        if os.environ.get("CI"):
+            raise RuntimeError("CI must install nodejs, npm and spirv-tools (.ci/run does)")
+        pytest.skip("needs node, npm and spirv-val")
+    output = tmp_path / "spirv"
+    assert main(["spirv", str(vulkan_artifacts["moe"]), "-o", str(output)]) == 0
+    manifest = json.loads((vulkan_artifacts["moe"] / "manifest.json").read_text())
+    entries = {x["kernel"] for group in manifest["launches"].values() for x in group}
+    assert {p.stem for p in output.glob("*.spv")} == entries
+    assert all(p.read_bytes()[:4] == bytes.fromhex("03022307") for p in output.glob("*.spv"))  # SPIR-V magic
+    assert json.loads((output / "launches.json").read_text()) == manifest["launches"]
+    assert main(["spirv", str(vulkan_artifacts["moe"]), "-o", str(output)]) == 1  # exists: refused
+    assert "exists" in capsys.readouterr().err
