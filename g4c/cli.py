@@ -42,7 +42,10 @@ BackendOpt = typer.Option("reference", "--backend",
                                "unless it is an artifact). Artifacts always run compiled.")
 BACKENDS = ("reference", "tvm")
 TargetOpt = typer.Option("llvm", "--target", help="Compile target: llvm (this CPU), arm or arm:<profile> "
-                         "(cortex-a76, cortex-a78, cortex-x1, cortex-a710, cortex-a55; cross-compiled).")
+                         "(cortex-a76, cortex-a78, cortex-x1, cortex-a710, cortex-a55; cross-compiled), vulkan or "
+                         "vulkan:<profile> (generic, adreno-7xx, mali-g7xx; WGSL run through wgpu).")
+RpcOpt = typer.Option(None, "--rpc", help="Run the artifact on a TVM RPC server at HOST:PORT (e.g. "
+                      "python -m g4c.runtime.rpc_server on the device).")
 MaxContextOpt = typer.Option(4096, "--max-context", help="Compiled runs: KV capacity of global layers (positions).")
 PassesOpt = typer.Option("all", "--passes", help="Optimization passes: all (default), none, or a comma list (see `g4c passes`).")
 DumpAfterOpt = typer.Option(None, "--dump-after", help="Write the IR (text + DOT) after these passes (comma list; 'input' = before any).")
@@ -71,16 +74,24 @@ def _config(model: str, layers: Optional[int]):
 
 def _session(model: str, backend: str, random_weights: bool, seed: int, layers: Optional[int],
              passes: str = "all", dump_after: Optional[str] = None, dump_dir: Optional[Path] = None,
-             target: str = "llvm", max_context: int = 4096):
-    """(tokenizer directory or None, eos ids, session) for a checkpoint, preset or compiled artifact."""
+             target: str = "llvm", max_context: int = 4096, rpc: Optional[str] = None):
+    """(tokenizer directory or None, eos ids, session) for a checkpoint, preset or compiled artifact
+    (run on an RPC server when `rpc` is HOST:PORT)."""
     from g4c.runtime.artifact import is_artifact, load
 
     if backend not in BACKENDS:
         raise G4CError(f"unknown backend {backend!r}: available backends are {', '.join(BACKENDS)}")
     if max_context < 1:
         raise G4CError(f"--max-context must be >= 1, got {max_context}")
+    if rpc is not None and not is_artifact(model):
+        raise G4CError("--rpc runs a compiled artifact: g4c compile MODEL --target <the device's> -o DIR first")
     if is_artifact(model):
-        session = load(model, max_context)
+        if rpc is not None:
+            from g4c.runtime.remote import RemoteSession
+
+            session = RemoteSession(model, rpc, max_context)
+        else:
+            session = load(model, max_context)
         return Path(model), session.config.get("eos_token_id"), session
     from g4c.passes import resolve_passes
     from g4c.reference import ReferenceSession
@@ -244,12 +255,13 @@ def logits(model: str = typer.Argument(..., help="Checkpoint directory or preset
            output: Path = typer.Option(..., "-o", "--output", help="Where to save float32 logits [T, vocab] (.npy)."),
            backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
            layers: Optional[int] = LayersOpt, passes: str = PassesOpt, dump_after: Optional[str] = DumpAfterOpt,
-           dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt, max_context: int = MaxContextOpt):
+           dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt, max_context: int = MaxContextOpt,
+           rpc: Optional[str] = RpcOpt):
     """Float32 logits [T, vocab] of the prompt, saved as .npy (MODEL may be a compiled artifact).
 
     Example: g4c logits tiny-e --random-weights --tokens 2,17,99 -o out.npy"""
     _, _, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir, target,
-                             max_context)
+                             max_context, rpc)
     result = session.prefill(parse_tokens(tokens), all_logits=True).astype(np.float32)
     np.save(output, result)
     out.print(f"wrote {output}: logits {list(result.shape)}, last-token argmax {int(np.argmax(result[-1]))}")
@@ -266,7 +278,8 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
              stop: str = typer.Option("eos", "--stop", help="Stop tokens: 'eos' (the config's), 'none', or ids."),
              backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
              layers: Optional[int] = LayersOpt, passes: str = PassesOpt, dump_after: Optional[str] = DumpAfterOpt,
-             dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt, max_context: int = MaxContextOpt):
+             dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt, max_context: int = MaxContextOpt,
+             rpc: Optional[str] = RpcOpt):
     """Continue a prompt; the new token ids are the last line of stdout, comma-separated.
 
     Example: g4c generate tiny-e --random-weights --tokens 2,17,99 --max-new-tokens 8"""
@@ -276,7 +289,7 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
         raise G4CError("give exactly one of --tokens or --prompt")
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     directory, eos, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir,
-                                       target, max_context)
+                                       target, max_context, rpc)
     tokenizer = None
     if prompt is not None:
         tokenizer = _tokenizer(directory, model)

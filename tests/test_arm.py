@@ -82,3 +82,17 @@ def test_foreign_artifacts_and_targets_are_refused_here(arm_artifacts, capsys):
     assert main(["compile", "tiny-e", "--random-weights", "--target", "arm:m1", "-o", "/tmp/never"]) == 1
     err = capsys.readouterr().err
     assert "builds artifacts for another device" in err and "unknown ARM profile 'm1'" in err
+
+
+def test_arm_artifact_over_rpc_to_a_server_inside_qemu(arm_artifacts, references, tmp_path, capsys):
+    """The client uploads the aarch64 kernels to g4c's RPC server running under qemu-aarch64."""
+    from test_rpc import free_port, run_remotely, start_server
+
+    port = free_port()
+    server = start_server([str(EMU), "python", "-m", "g4c.runtime.rpc_server"], port, sessions=2)
+    try:
+        logits, new = run_remotely(arm_artifacts["dense"], port, tmp_path, capsys)
+    finally:
+        server.wait(timeout=120)
+    assert np.abs(logits - reference_logits(references["dense"], PROMPT)).max() <= 1e-4
+    assert new == reference_greedy(references["dense"], PROMPT[:6], 32)

@@ -16,7 +16,6 @@ import ctypes
 import hashlib
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -206,15 +205,6 @@ class CompiledSession(Session):
         for cache in self.caches.values():
             cache.fill(0)
         self.position = 0
-
-    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        ids = self.check_tokens(tokens)
-        outputs = [self._run("prefill_all" if all_logits else "prefill", ids[start: start + self.prefill_chunk])
-                   for start in range(0, ids.size, self.prefill_chunk)]
-        return np.concatenate(outputs) if all_logits else outputs[-1][-1]
-
-    def decode(self, token: int) -> np.ndarray:
-        return self._run("decode", self.check_tokens([token]))[0]
 
     def _run(self, name: str, ids: np.ndarray) -> np.ndarray:
         length = self.position + ids.size

@@ -19,13 +19,22 @@ class Session:
     vocab_size: int
     max_context: int
     position: int = 0  # tokens already in the KV cache
+    prefill_chunk: int = 64  # compiled backends run a long prompt as chunks of this many tokens
 
     def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Feed tokens after the cached ones; logits of the last token [vocab] (or [T, vocab])."""
-        raise NotImplementedError
+        ids = self.check_tokens(tokens)
+        outputs = [self._run("prefill_all" if all_logits else "prefill", ids[start: start + self.prefill_chunk])
+                   for start in range(0, ids.size, self.prefill_chunk)]
+        return np.concatenate(outputs) if all_logits else outputs[-1][-1]
 
     def decode(self, token: int) -> np.ndarray:
         """Feed one token; its logits [vocab]."""
+        return self._run("decode", self.check_tokens([token]))[0]
+
+    def _run(self, program: str, ids: np.ndarray) -> np.ndarray:
+        """Compiled backends: run `program` (prefill, prefill_all, decode) on these ids, advance the
+        position and return the logits it produces."""
         raise NotImplementedError
 
     def reset(self) -> None:

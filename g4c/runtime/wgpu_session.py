@@ -13,7 +13,6 @@ the Vulkan backend (CI runs on Mesa's lavapipe).
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -166,15 +165,6 @@ class WgpuSession(Session):
             encoder.clear_buffer(buffer)
         self.device.queue.submit([encoder.finish()])
         self.position = 0
-
-    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        ids = self.check_tokens(tokens)
-        outputs = [self._run("prefill_all" if all_logits else "prefill", ids[start: start + self.prefill_chunk])
-                   for start in range(0, ids.size, self.prefill_chunk)]
-        return np.concatenate(outputs) if all_logits else outputs[-1][-1]
-
-    def decode(self, token: int) -> np.ndarray:
-        return self._run("decode", self.check_tokens([token]))[0]
 
     # -- execution ---------------------------------------------------------------------------------
     def _run(self, name: str, ids: np.ndarray) -> np.ndarray:
