@@ -79,8 +79,9 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         extra = {"runtime": "wgpu", "launches": {k: [x.to_json() for x in v] for k, v in launches.items()}}
     else:
         storage = {name: (a.shape, STORAGE[dtype_name(a.dtype)]) for name, a in tensors.items()}
+        pipeline = target.relax_pipeline() if target.relax_pipeline else "default"
         lib = tvm.compile(build_module(lowered, entry, scheduled, storage), target=target.tvm_target(),
-                          relax_pipeline="default")
+                          relax_pipeline=pipeline)
     build_seconds = time.time() - t0
     report("building library", 1, 1)
 
@@ -94,6 +95,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "g4c_version": g4c.__version__,
             "tvm_version": tvm.__version__, "target": target.name, "target_spec": str(target.tvm_target()),
+            "device": target.device,
             "dtype": "float32", "weight_dtype": lowered.weight_dtype, "config": cfg.to_hf_dict(), "build_seconds": round(build_seconds, 2),
             "entry": entry.to_json(), "kernels": names,
             "programs": {k: p.to_json() for k, p in lowered.programs.items()},  # kernel sequences, for inspection

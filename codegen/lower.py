@@ -13,6 +13,7 @@ gathered by the runtime), `last` (the last n rows) and `reshape`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -80,9 +81,11 @@ class _Lowering:
 
     # -- helpers -----------------------------------------------------------------------------------
     def kernel(self, name: str, build: Callable[[], object]) -> str:
-        if name not in self.out.kernels:
-            self.out.kernels[name] = build()
-        return name
+        """Register kernel `name` (built once); names are made C/WGSL identifiers (eps 1e-06 → 1e_06)."""
+        symbol = re.sub(r"\W", "_", name)
+        if symbol not in self.out.kernels:
+            self.out.kernels[symbol] = build().with_attr("global_symbol", symbol)
+        return symbol
 
     def buf(self, name: str, shape, dtype: str = "float32") -> str:
         self.prog.buffers[name] = (list(shape), dtype)

@@ -57,10 +57,11 @@ def _tensor(shape, dtype: str):
 
 
 def _entry(bb, program: Program, lowered: Lowered, sig: EntrySignature, gvars, weight_shapes, last_kernels) -> None:
+    index = lowered.index_dtype  # ids/positions: int64 on CPUs, int32 on GPUs (Relax shapes stay int64)
     tokens = tirx.Var("T", "int64")
     dims = {"T": tokens}
     env: dict[str, relax.Expr] = {}
-    params = [relax.Var("ids", _tensor((tokens,), "int64")), relax.Var("positions", _tensor((tokens,), "int64"))]
+    params = [relax.Var("ids", _tensor((tokens,), index)), relax.Var("positions", _tensor((tokens,), index))]
     env["in:ids"], env["in:positions"] = params
     if PLE_ROWS in sig.inputs:
         width = _ple_width(program)

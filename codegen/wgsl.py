@@ -107,10 +107,7 @@ def build(kernels: dict[str, object], target) -> tuple[str, dict[str, list[Launc
     import tvm
     from tvm.tirx.build import split_host_device_mods, tir_to_runtime
 
-    symbols = {name: re.sub(r"\W", "_", name) for name in kernels}  # WGSL identifiers: no '-' or '.'
-    if len(set(symbols.values())) != len(symbols):
-        raise G4CError("two kernel names map to the same WGSL identifier")
-    mod = tvm.IRModule({symbols[n]: f.with_attr("global_symbol", symbols[n]) for n, f in kernels.items()})
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in kernels.items()})  # names are identifiers
     lowered = tvm.tirx.transform.BindTarget(target.with_host(target.host))(mod)
     pipeline, finalize_host, finalize_device = tvm.tirx.get_default_tir_pipeline(target)
     # no common-subexpression elimination: it would hand kernels host-computed values as parameters,
@@ -121,7 +118,7 @@ def build(kernels: dict[str, object], target) -> tuple[str, dict[str, list[Launc
     device_funcs = {gv.name_hint: f for d in devices.values() for gv, f in d.functions.items()}
     launches = {}
     for name, kernel in kernels.items():
-        order = _call_order(host[symbols[name]], set(device_funcs))
+        order = _call_order(host[name], set(device_funcs))
         if not order:
             raise G4CError(f"kernel {name} has no GPU launch (is it scheduled?)")
         launches[name] = [_device_launch(device_funcs[d], kernel) for d in order]

@@ -18,6 +18,8 @@ class Target:
     export: Callable[[object, str], None] | None = None  # (built library, path); default export_library
     runtime: str = "relax-vm"  # what executes the artifact: the Relax VM (g4c.runtime.artifact) or "wgpu"
     gpu: bool = False  # GPU kernels (int32 indices, g4c.codegen.gpu_kernels)
+    device: str = "cpu"  # where the Relax VM runs the kernels: "cpu" or "cuda"
+    relax_pipeline: Callable[[], object] | None = None  # Relax lowering; None: TVM's "default" for the target
 
     def export_library(self, lib, path: str) -> None:
         if self.export is not None:
@@ -31,12 +33,14 @@ class Target:
         return self.name == "llvm" or self.runtime == "wgpu"  # wgpu finds a Vulkan device or says why not
 
 
-TARGETS = ("llvm", "arm", "arm:<profile>", "vulkan", "vulkan:<profile>")
+TARGETS = ("llvm", "arm", "arm:<profile>", "vulkan", "vulkan:<profile>", "cuda", "cuda:<arch>")
 
 
 def get_target(name: str) -> Target:
     """`llvm` (this CPU), `arm` (= arm:cortex-a76) or `arm:<profile>` (see targets/arm.py), `vulkan`
-    (= vulkan:generic) or `vulkan:<profile>` (see targets/vulkan.py)."""
+    (= vulkan:generic) or `vulkan:<profile>` (see targets/vulkan.py), `cuda` (= cuda:sm_90) or
+    `cuda:<arch>` (see targets/cuda.py)."""
+    from g4c.targets.cuda import cuda_target
     from g4c.targets.arm import arm_target
     from g4c.targets.llvm import host_target
     from g4c.targets.vulkan import vulkan_target
@@ -48,4 +52,6 @@ def get_target(name: str) -> Target:
         return arm_target(profile) if profile else arm_target()
     if kind == "vulkan":
         return vulkan_target(profile) if profile else vulkan_target()
+    if kind == "cuda":
+        return cuda_target(profile) if profile else cuda_target()
     raise G4CError(f"unknown target {name!r}: available targets are {', '.join(TARGETS)}")
