@@ -14,6 +14,7 @@ nothing behind.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -31,7 +32,7 @@ from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
 from g4c.errors import G4CError
 from g4c.runtime.artifact import FORMAT, FORMAT_VERSION, HOST, LIBRARY, MANIFEST, WEIGHTS, sha256_file
 from g4c.runtime.wgpu_session import SHADERS
-from g4c.weights import Weights
+from g4c.weights import Weights, derived_shape, derived_weight
 PROGRAMS = {"prefill": ("prefill", 1), "prefill_all": ("prefill", None), "decode": ("decode", None)}
 
 Progress = Callable[[str, int, int], None]
@@ -44,8 +45,12 @@ def optimized_graphs(cfg: ModelConfig, weights: Weights) -> dict:
 
 
 def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir: str | Path,
-                  overwrite: bool = False, progress: Progress | None = None, dtype: str = "float32") -> Path:
-    """Lower, schedule, build and write an artifact (see the module docstring)."""
+                  overwrite: bool = False, progress: Progress | None = None, dtype: str = "float32",
+                  bundle_runtime: bool = False, weights_from_seed: bool = False) -> Path:
+    """Lower, schedule, build and write an artifact (see the module docstring). `bundle_runtime` copies
+    the TVM runtime libraries the target needs into it; `weights_from_seed` (random weights only)
+    writes no weight files: the runtime regenerates them from the seed, so a benchmark artifact of a
+    full-size model stays a few MB."""
     import tvm
 
     from g4c.codegen import wgsl
@@ -55,6 +60,8 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     from g4c.targets.base import get_target
 
     target = get_target(target_name)
+    seed = _seed_of(weights) if weights_from_seed else None
+    libraries = _runtime_libraries(target) if bundle_runtime else []
     out = Path(out_dir)
     check_writable(out, overwrite)  # before minutes of building
     report = progress or (lambda stage, done, total: None)
@@ -69,7 +76,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         scheduled[name] = target.schedule(name, lowered.kernels[name])
         report("scheduling kernels", i + 1, len(names))
     entry = signature(lowered)
-    tensors = _pack_weights(lowered, entry.weights, weights, report)
+    tensors = _pack_weights(lowered, entry.weights, weights, report, shapes_only=seed is not None)
     report("building library", 0, 1)
     t0 = time.time()
     extra = {}
@@ -90,13 +97,19 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
             (tmp / SHADERS).write_text(shaders)
         else:
             target.export_library(lib, str(tmp / LIBRARY))
-        save_file(tensors, str(tmp / WEIGHTS))
-        _write_host_tables(tmp, lowered, weights)
+        if seed is None:
+            save_file(tensors, str(tmp / WEIGHTS))
+            _write_host_tables(tmp, lowered, weights)
+        else:
+            extra["weights_from_seed"] = seed
+        for library in libraries:
+            shutil.copy(library, tmp / library.name)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "g4c_version": g4c.__version__,
             "tvm_version": tvm.__version__, "target": target.name, "target_spec": str(target.tvm_target()),
-            "device": target.device,
-            "dtype": "float32", "weight_dtype": lowered.weight_dtype, "config": cfg.to_hf_dict(), "build_seconds": round(build_seconds, 2),
+            "device": target.device, "index_dtype": lowered.index_dtype,
+            "dtype": "float32", "weight_dtype": lowered.weight_dtype, "half_weights": sorted(lowered.half_weights),
+            "weight_recipes": lowered.recipes, "config": cfg.to_hf_dict(), "build_seconds": round(build_seconds, 2),
             "entry": entry.to_json(), "kernels": names,
             "programs": {k: p.to_json() for k, p in lowered.programs.items()},  # kernel sequences, for inspection
             "kv_slots": {k: asdict(v) for k, v in lowered.kv_slots.items()},
@@ -105,6 +118,27 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
+
+
+def _seed_of(weights: Weights) -> dict:
+    from g4c.weights import RandomWeights
+
+    if not isinstance(weights.source, RandomWeights):
+        raise G4CError("--weights-from-seed needs --random-weights (a checkpoint's weights cannot be regenerated)")
+    return {"seed": weights.source.seed, "dtype": weights.source.dtype("")}
+
+
+def _runtime_libraries(target) -> list[Path]:
+    from g4c.runtime.artifact import RUNTIME_LIBRARIES, find_runtime_library
+
+    if target.runtime != "relax-vm" or target.name.startswith("arm"):
+        raise G4CError(f"--bundle-runtime copies this machine's TVM runtime: it applies to llvm and cuda targets, "
+                       f"not {target.name}")
+    found = {name: find_runtime_library(name) for name in RUNTIME_LIBRARIES[target.device]}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        raise G4CError(f"--bundle-runtime: {', '.join(missing)} not found (install apache-tvm; CUDA: the toolkit)")
+    return list(found.values())
 
 
 def _check_wgpu_dtype(target, weight_dtype: str) -> None:
@@ -125,14 +159,19 @@ def _check_bindings(target, tensors: dict[str, np.ndarray]) -> None:
                            f"Vulkan profile {target.options['profile']}")
 
 
-def _pack_weights(lowered, used: list[str], weights: Weights, report: Progress) -> dict[str, np.ndarray]:
-    """Every weight the entry functions take, packed and converted to its storage dtype."""
+def _pack_weights(lowered, used: list[str], weights: Weights, report: Progress,
+                  shapes_only: bool = False) -> dict[str, np.ndarray]:
+    """Every weight the entry functions take, packed and converted to its storage dtype (`shapes_only`:
+    zero-stride stand-ins with the right shape and dtype, for artifacts whose weights come from a seed)."""
     tensors: dict[str, np.ndarray] = {}
     for i, name in enumerate(used):
-        producer = lowered.packed.get(name)
-        array = producer() if producer else weights.f32(name)
-        dtype = lowered.weight_dtype if name in lowered.half_weights else "float32"
-        tensors[name] = np.ascontiguousarray(np.asarray(array, dtype=np.float32).astype(numpy_dtype(dtype)))
+        dtype = numpy_dtype(lowered.weight_dtype if name in lowered.half_weights else "float32")
+        if shapes_only:
+            shape = derived_shape(name, lowered.recipes, weights.source.shape)
+            tensors[name] = np.broadcast_to(np.zeros((), dtype), shape)
+        else:
+            array = derived_weight(name, lowered.recipes, weights.f32)
+            tensors[name] = np.ascontiguousarray(np.asarray(array, dtype=np.float32).astype(dtype))
         report("packing weights", i + 1, len(used))
     return tensors
 

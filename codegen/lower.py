@@ -60,7 +60,7 @@ class KVSlot:
 class Lowered:
     kernels: dict[str, object]  # name → PrimFunc
     programs: dict[str, Program]
-    packed: dict[str, Callable[[], np.ndarray]]  # derived weight name → producer
+    recipes: dict[str, dict]  # derived weight name → how to make it (g4c.weights.derived_weight)
     kv_slots: dict[str, KVSlot]
     host_tables: list[str]
     weight_dtype: str = "float32"  # storage of GEMM/embedding/expert weights; the rest stays fp32
@@ -104,13 +104,13 @@ class _Lowering:
             name = f"packed.{node.name}"
             parts = [i.attrs["name"] for i in node.inputs]
             axis = node.attrs["axis"]
-            self.out.packed.setdefault(name, lambda: np.concatenate([self.weights(p) for p in parts], axis=axis))
+            self.out.recipes.setdefault(name, {"concat": parts, "axis": axis})
             return f"w:{name}"
         raise NotImplementedError(f"weight operand %{node.name} is a {node.op}")
 
     def rope_table(self, spec: RopeSpec, head_dim: int) -> str:
         name = f"rope.{spec.rope_type}.{spec.theta:g}.{spec.partial_rotary_factor:g}.{head_dim}"
-        self.out.packed.setdefault(name, lambda: spec.inv_freq(head_dim))
+        self.out.recipes.setdefault(name, {"rope": [spec.rope_type, spec.theta, spec.partial_rotary_factor, head_dim]})
         return f"w:{name}"
 
     def stored(self, w: str) -> str:
@@ -170,8 +170,7 @@ class _Lowering:
         for lo in range(0, rows, step):
             hi = min(rows, lo + step)
             part = f"{name}.rows{lo}-{hi}"
-            source = self.out.packed.get(name) or (lambda name=name: self.weights(name))
-            self.out.packed.setdefault(part, lambda source=source, lo=lo, hi=hi: source()[lo:hi])
+            self.out.recipes.setdefault(part, {"rows": [name, lo, hi]})
             self.stored(f"w:{part}")
             slices.append((lo, hi, f"w:{part}"))
         return slices
@@ -205,7 +204,7 @@ class _Lowering:
 
     def op_scale(self, n: Node) -> str:
         value = float(n.attrs["value"])
-        self.out.packed.setdefault(f"const.{value!r}", lambda: np.array([value], np.float32))
+        self.out.recipes.setdefault(f"const.{value!r}", {"const": value})
         return self.scale_rows(n, n.inputs[0], f"w:const.{value!r}")
 
     def op_mul(self, n: Node) -> str:  # x * layer_scalar

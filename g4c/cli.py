@@ -43,7 +43,8 @@ BackendOpt = typer.Option("reference", "--backend",
 BACKENDS = ("reference", "tvm")
 TargetOpt = typer.Option("llvm", "--target", help="Compile target: llvm (this CPU), arm or arm:<profile> "
                          "(cortex-a76, cortex-a78, cortex-x1, cortex-a710, cortex-a55; cross-compiled), vulkan or "
-                         "vulkan:<profile> (generic, adreno-7xx, mali-g7xx; WGSL run through wgpu).")
+                         "vulkan:<profile> (generic, adreno-7xx, mali-g7xx; WGSL run through wgpu), cuda or "
+                         "cuda:<arch> (sm_80, sm_86, sm_89, sm_90; fatbin built with nvcc).")
 RpcOpt = typer.Option(None, "--rpc", help="Run the artifact on a TVM RPC server at HOST:PORT (e.g. "
                       "python -m g4c.runtime.rpc_server on the device).")
 MaxContextOpt = typer.Option(4096, "--max-context", help="Compiled runs: KV capacity of global layers (positions).")
@@ -163,11 +164,12 @@ def _progress():
 
 
 def _compile_with_progress(cfg, weights, target: str, output: Path, overwrite: bool = False,
-                           dtype: str = "float32") -> Path:
+                           dtype: str = "float32", **options) -> Path:
     from g4c.codegen.build import compile_model
 
     with _progress() as report:
-        return compile_model(cfg, weights, target, output, overwrite=overwrite, progress=report, dtype=dtype)
+        return compile_model(cfg, weights, target, output, overwrite=overwrite, progress=report, dtype=dtype,
+                             **options)
 
 
 def _split(text: Optional[str]) -> list[str]:
@@ -326,7 +328,16 @@ def compile_(model: str = typer.Argument(..., help="Checkpoint directory or pres
              layers: Optional[int] = LayersOpt,
              dtype: str = typer.Option("fp32", "--dtype", help="Storage of GEMM/embedding/expert weights: fp32, "
                                        "fp16 or bf16 (activations, norms, softmax and accumulation stay fp32)."),
-             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory.")):
+             overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory."),
+             arch: Optional[str] = typer.Option(None, "--arch", help="CUDA arch for --target cuda: sm_80, sm_86, "
+                                                "sm_89, sm_90 (same as --target cuda:ARCH)."),
+             bundle_runtime: bool = typer.Option(False, "--bundle-runtime", help="Copy the TVM runtime libraries "
+                                                 "the target needs into DIR (libtvm_runtime.so; CUDA: + "
+                                                 "libtvm_runtime_cuda.so, libcudart): DIR then runs with only "
+                                                 "numpy and apache-tvm-ffi."),
+             weights_from_seed: bool = typer.Option(False, "--weights-from-seed", help="With --random-weights: "
+                                                    "write no weight files; the runtime regenerates them from "
+                                                    "the seed (small benchmark artifacts).")):
     """Compile MODEL to TVM kernels: DIR gets the library, packed weights and manifest.json.
 
     Example: g4c compile tiny-e --random-weights -o /tmp/tiny-e.g4c && g4c generate /tmp/tiny-e.g4c --tokens 2,17"""
@@ -334,10 +345,15 @@ def compile_(model: str = typer.Argument(..., help="Checkpoint directory or pres
 
     from g4c.dtypes import canonical_dtype
 
+    if arch is not None:
+        if target not in ("cuda", "llvm"):
+            raise G4CError(f"--arch applies to --target cuda, not {target}")
+        target = f"cuda:{arch}"
     get_target(target)  # unknown targets and dtypes fail before any work
     dtype = canonical_dtype(dtype)
     loaded = _model(model, random_weights, seed, layers)
-    path = _compile_with_progress(loaded.cfg, loaded.weights, target, output, overwrite, dtype)
+    path = _compile_with_progress(loaded.cfg, loaded.weights, target, output, overwrite, dtype,
+                                  bundle_runtime=bundle_runtime, weights_from_seed=weights_from_seed)
     if loaded.directory is not None and (loaded.directory / "tokenizer.json").is_file():
         import shutil
 

@@ -34,7 +34,8 @@ HOST = "host.safetensors"
 
 
 ALIGNMENT = 64  # TVM kernels assume 64-byte aligned buffers (aligned vector loads)
-DEVICE_CPU = 1  # DLPack device type
+DEVICE_CPU = 1  # DLPack device types
+DEVICE_CUDA = 2
 POOLED_ALLOCATOR = 2  # Relax VM allocator kind
 
 
@@ -134,20 +135,39 @@ def is_artifact(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def _load_runtime_library(directory: Path) -> None:
-    """Load TVM's runtime library (thread pool of the parallel kernels) without importing the compiler:
-    $G4C_TVM_RUNTIME, else one bundled in the artifact, else the one inside an installed TVM wheel."""
+RUNTIME_LIBRARIES = {"cpu": ["libtvm_runtime.so"],
+                     "cuda": ["libtvm_runtime.so", "libcudart.so.13", "libtvm_runtime_cuda.so"]}
+
+
+def find_runtime_library(name: str, directory: Path | None = None) -> Path | None:
+    """A TVM runtime library (or libcudart): $G4C_TVM_RUNTIME's folder, the artifact `directory`
+    (--bundle-runtime), an installed TVM wheel, the nvidia-cuda-runtime wheel, the CUDA toolkit."""
     import sys
 
-    candidates = [Path(os.environ["G4C_TVM_RUNTIME"])] if os.environ.get("G4C_TVM_RUNTIME") else []
-    candidates.append(directory / "libtvm_runtime.so")
-    candidates += [Path(p) / "tvm" / "lib" / "libtvm_runtime.so" for p in sys.path if p]
-    for candidate in candidates:
-        if candidate.is_file():
-            ctypes.CDLL(str(candidate), mode=ctypes.RTLD_GLOBAL)
-            return
-    raise ArtifactError("libtvm_runtime.so not found: install apache-tvm, bundle it in the artifact, "
-                        "or set G4C_TVM_RUNTIME")
+    candidates = []
+    if os.environ.get("G4C_TVM_RUNTIME"):
+        runtime = Path(os.environ["G4C_TVM_RUNTIME"])
+        candidates.append(runtime if name == "libtvm_runtime.so" else runtime.parent / name)
+    if directory is not None:
+        candidates.append(directory / name)
+    candidates += [Path(p) / "tvm" / "lib" / name for p in sys.path if p]
+    candidates += [Path(p) / "nvidia" / "cu13" / "lib" / name for p in sys.path if p]
+    candidates += [Path("/usr/local/cuda/lib64") / name, Path("/usr/local/cuda/lib") / name]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _load_runtime_library(directory: Path, device: str = "cpu") -> None:
+    """Load the TVM runtime libraries an artifact needs (the CPU thread pool; the CUDA module loader)
+    without importing the compiler."""
+    for name in RUNTIME_LIBRARIES[device]:
+        found = find_runtime_library(name, directory)
+        if found is None:
+            raise ArtifactError(f"{name} not found: install apache-tvm, compile with --bundle-runtime, "
+                                "or set G4C_TVM_RUNTIME")
+        try:
+            ctypes.CDLL(str(found), mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:
+            raise ArtifactError(f"cannot load {found}: {exc}") from None
 
 
 def _check_machine(manifest: dict) -> None:
@@ -172,10 +192,15 @@ class CompiledSession(Session):
         self.manifest = read_manifest(self.directory)
         _check_machine(self.manifest)
         self._ffi = tvm_ffi
-        _load_runtime_library(self.directory)
+        self.device = self.manifest.get("device", "cpu")
+        _load_runtime_library(self.directory, self.device)
+        self._gpu = GpuMemory(tvm_ffi) if self.device == "cuda" else None
         try:
             self.vm = tvm_ffi.load_module(str(self.directory / LIBRARY))["vm_load_executable"]()
-            self.vm["vm_initialization"](DEVICE_CPU, 0, POOLED_ALLOCATOR)
+            if self._gpu:  # the kernels' device, then the host
+                self.vm["vm_initialization"](DEVICE_CUDA, 0, POOLED_ALLOCATOR, DEVICE_CPU, 0, POOLED_ALLOCATOR)
+            else:
+                self.vm["vm_initialization"](DEVICE_CPU, 0, POOLED_ALLOCATOR)
         except Exception as exc:  # noqa: BLE001 - surfaced as one line
             raise ArtifactError(f"cannot load the compiled model: {exc}") from None
         self.config = self.manifest["config"]
@@ -184,8 +209,12 @@ class CompiledSession(Session):
         self.max_context = min(max_context or 4096, model.max_position_embeddings)
         self.prefill_chunk = max(1, prefill_chunk)
         entry = self.manifest["entry"]
-        self.weights = read_aligned_safetensors(self.directory / WEIGHTS)
-        self.host = safe_open(str(self.directory / HOST), framework="numpy") if (self.directory / HOST).is_file() else None
+        if self.manifest.get("weights_from_seed") is not None:
+            self.weights, self._host_tables = seeded_weights(self.manifest, model)
+        else:
+            self.weights = read_aligned_safetensors(self.directory / WEIGHTS)
+            host = safe_open(str(self.directory / HOST), framework="numpy") if (self.directory / HOST).is_file() else None
+            self._host_tables = {t: host.get_slice(t) for t in self.manifest["host_tables"]}
         self.caches: dict[str, np.ndarray] = {}
         for slot in entry["caches"]:
             info = self.manifest["kv_slots"][slot]
@@ -193,36 +222,104 @@ class CompiledSession(Session):
             self.caches[slot] = aligned_empty((rows, info["kv_heads"], info["head_dim"]), np.float32)
         # weights and ring buffers never move: their DLPack wrappers are made once; a full cache is
         # passed as its first P+T rows, so attention reads only the positions that exist
-        self._weights = [tvm_ffi.from_dlpack(self.weights[n]) for n in entry["weights"]]
-        self._rings = {s: tvm_ffi.from_dlpack(c) for s, c in self.caches.items()
-                       if self.manifest["kv_slots"][s]["ring"]}
+        self._index = np.int32 if self.manifest.get("index_dtype") == "int32" else np.int64
+        if self._gpu:  # weights and caches live in GPU memory; the host copies are dropped
+            self._weights = [self._gpu.upload(self.weights[n]) for n in entry["weights"]]
+            self.weights = {}
+            self._device_caches = {s: self._gpu.upload(c) for s, c in self.caches.items()}
+        else:
+            self._weights = [tvm_ffi.from_dlpack(self.weights[n]) for n in entry["weights"]]
+            self._device_caches = {s: tvm_ffi.from_dlpack(c) for s, c in self.caches.items()}
+        self._rings = {s: c for s, c in self._device_caches.items() if self.manifest["kv_slots"][s]["ring"]}
         self._functions = {name: self.vm[name] for name in self.manifest["programs"]}
         self._ple = entry["inputs"][2:] == ["ple_rows"]
         self.reset()
 
     # -- Session API -------------------------------------------------------------------------------
     def reset(self) -> None:
-        for cache in self.caches.values():
+        for slot, cache in self.caches.items():
             cache.fill(0)
+            if self._gpu:
+                self._gpu.copy(self._ffi.from_dlpack(cache), self._device_caches[slot])
         self.position = 0
 
     def _run(self, name: str, ids: np.ndarray) -> np.ndarray:
         length = self.position + ids.size
-        inputs = [aligned(np.ascontiguousarray(ids, dtype=np.int64)),
-                  aligned(np.arange(self.position, length, dtype=np.int64))]
+        inputs = [aligned(np.ascontiguousarray(ids, dtype=self._index)),
+                  aligned(np.arange(self.position, length, dtype=self._index))]
         if self._ple:
             inputs.append(self._ple_rows(ids))
-        caches = [self._rings[s] if s in self._rings else self._ffi.from_dlpack(c[:length])
-                  for s, c in self.caches.items()]
-        result = self._functions[name](*[self._ffi.from_dlpack(a) for a in inputs], *self._weights, *caches)
+        caches = [self._rings[s] if s in self._rings else self._first_rows(s, length) for s in self.caches]
+        if self._gpu:
+            tensors = [self._gpu.upload(a) for a in inputs]
+        else:
+            tensors = [self._ffi.from_dlpack(a) for a in inputs]
+        result = self._functions[name](*tensors, *self._weights, *caches)
         self.position = length
+        if self._gpu:
+            return self._gpu.download(result[0])
         return np.array(np.from_dlpack(result[0]), dtype=np.float32)  # copy out of the VM's memory pool
 
+    def _first_rows(self, slot: str, rows: int):
+        if self._gpu:
+            return self._gpu.view(self._device_caches[slot], (rows, *self.caches[slot].shape[1:]))
+        return self._ffi.from_dlpack(self.caches[slot][:rows])
+
     def _ple_rows(self, ids: np.ndarray) -> np.ndarray:
-        """Per-layer-embedding rows of these tokens, read from the memory-mapped host table."""
+        """Per-layer-embedding rows of these tokens, read from the host table (memory-mapped file)."""
         (table,) = self.manifest["host_tables"]
-        view = self.host.get_slice(table)
+        view = self._host_tables[table]
         return aligned(np.concatenate([view[int(i): int(i) + 1] for i in ids]).astype(np.float32))
+
+
+def seeded_weights(manifest: dict, model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The weights (as stored) and host tables of a `--weights-from-seed` artifact, regenerated from
+    the seed exactly as the compiler made them (g4c.weights is numpy-only)."""
+    from g4c.dtypes import numpy_dtype
+    from g4c.weights import RandomWeights, derived_weight
+
+    spec = manifest["weights_from_seed"]
+    source = RandomWeights(model, spec["seed"], spec["dtype"])
+    recipes, half = manifest["weight_recipes"], set(manifest["half_weights"])
+
+    def stored(name: str, array: np.ndarray, dtype: str) -> np.ndarray:
+        array = np.asarray(array, dtype=np.float32).astype(numpy_dtype(dtype))
+        return aligned(array.view(np.uint16) if dtype == "bfloat16" else array)
+
+    def base(name: str) -> np.ndarray:
+        return source.get(name).astype(np.float32)
+
+    weights = {n: stored(n, derived_weight(n, recipes, base), manifest["weight_dtype"] if n in half else "float32")
+               for n in manifest["entry"]["weights"]}
+    host = {t: base(t).astype(numpy_dtype(manifest["weight_dtype"])) for t in manifest["host_tables"]}
+    return weights, host
+
+
+class GpuMemory:
+    """Tensors in GPU memory through the TVM runtime's own allocator and copies (no compiler, no torch)."""
+
+    def __init__(self, tvm_ffi, device: str = "cuda"):
+        self.ffi = tvm_ffi
+        self.device = tvm_ffi.device(device, 0)
+        self.alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+        self.copy = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromTo")
+        self.create_view = tvm_ffi.get_global_func("runtime.TVMTensorCreateView")
+
+    def empty(self, shape, dtype: str):
+        return self.alloc(self.ffi.Shape(tuple(shape)), self.ffi.dtype(dtype), self.device, "global")
+
+    def upload(self, array: np.ndarray):
+        tensor = self.empty(array.shape, str(array.dtype) if array.dtype != np.uint16 else "uint16")
+        self.copy(self.ffi.from_dlpack(np.ascontiguousarray(array)), tensor)
+        return tensor
+
+    def download(self, tensor) -> np.ndarray:
+        out = np.empty(tuple(tensor.shape), dtype=np.float32)
+        self.copy(tensor, self.ffi.from_dlpack(out))
+        return out
+
+    def view(self, tensor, shape):
+        return self.create_view(tensor, self.ffi.Shape(tuple(shape)), tensor.dtype, 0)
 
 
 def load(directory: str | Path, max_context: int | None = None, prefill_chunk: int = 64) -> Session:

@@ -1,0 +1,100 @@
+"""The CUDA target without a GPU: lowering with the shared GPU kernels, nvcc's ahead-of-time fatbin in
+the exported library (no CUDA source left to compile at load time), the runtime bundle, and the
+manifest a GPU machine needs. Running it is scripts/gpu_check.sh's job on a GPU machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+
+import pytest
+
+from g4c.cli import main
+from g4c.codegen.build import compile_model
+from g4c.model import load_model
+from g4c.targets.cuda import fatbin_blob
+
+if shutil.which("nvcc") is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must provide nvcc (.ci/run installs the nvidia-cuda-nvcc wheel)")
+    pytest.skip("needs nvcc (the CUDA toolkit, or pip install nvidia-cuda-nvcc)", allow_module_level=True)
+
+FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # fatbin header 0xBA55ED50, little-endian
+
+
+def _cuda_module(library: bytes) -> tuple[bytes, bytes]:
+    """(format, data) of the serialised CUDA module inside an exported library."""
+    at = library.find(struct.pack("<Q", 4) + b"cuda" + b"\0" * 0)
+    while at >= 0:
+        size = struct.unpack_from("<Q", library, at + 12)[0]
+        fmt_len = struct.unpack_from("<Q", library, at + 20)[0]
+        if fmt_len < 16:
+            fmt = library[at + 28: at + 28 + fmt_len]
+            return fmt, library[at + 20: at + 20 + size]
+        at = library.find(struct.pack("<Q", 4) + b"cuda", at + 1)
+    raise AssertionError("no CUDA module in the library")
+
+
+@pytest.fixture(scope="module")
+def cuda_artifacts(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda")
+    out = {}
+    for family in ("e", "moe"):
+        loaded = load_model(str(checkpoints[family]))
+        out[family] = compile_model(loaded.cfg, loaded.weights, "cuda:sm_90", root / family, bundle_runtime=True)
+    return out
+
+
+@pytest.mark.parametrize("family", ["e", "moe"])
+def test_cuda_library_holds_a_fatbin_and_no_source(family, cuda_artifacts):
+    library = (cuda_artifacts[family] / "kernels.so").read_bytes()
+    fmt, block = _cuda_module(library)
+    assert fmt == b"fatbin" and FATBIN_MAGIC in block
+    assert b"__global__" not in library and b"extern \"C\"" not in block  # nothing left for NVRTC
+    manifest = json.loads((cuda_artifacts[family] / "manifest.json").read_text())
+    assert manifest["target"] == "cuda:sm_90" and manifest["device"] == "cuda"
+    assert manifest["index_dtype"] == "int32"
+    assert json.loads(manifest["target_spec"])["arch"] == "sm_90"
+    kernels = manifest["kernels"]
+    for kind in ("attention", "heads", "cache_write", "linear"):
+        assert any(k.startswith(kind) for k in kernels), kind
+    if family == "moe":
+        assert any(k.startswith("moe_gate_up") for k in kernels) and any(k.startswith("router_topk") for k in kernels)
+
+
+def test_cuda_bundle_has_the_runtime_libraries(cuda_artifacts):
+    directory = cuda_artifacts["e"]
+    names = {p.name for p in directory.iterdir()}
+    assert {"libtvm_runtime.so", "libtvm_runtime_cuda.so", "libcudart.so.13", "kernels.so"} <= names
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert {"libtvm_runtime.so", "libtvm_runtime_cuda.so", "libcudart.so.13"} <= set(manifest["files"])
+    size = sum(p.stat().st_size for p in directory.iterdir())
+    assert size < 16 << 20  # an artifact plus its runtime is small enough to carry to a device
+
+
+def test_fatbin_blob_rewrites_only_cuda_modules():
+    source = "extern \"C\" __global__ void k() {}"
+    module = struct.pack("<Q", 4) + b"cuda" + b"FMAP" + struct.pack("<Q", len(source)) + source.encode()
+    other = b"\x01\x02\x03"
+    payload = (struct.pack("<Q", 4) + b"_lib" + struct.pack("<Q", len(other)) + other +
+               struct.pack("<Q", 4) + b"cuda" + struct.pack("<Q", len(module)) + module)
+    blob = struct.pack("<Q", len(payload)) + payload
+    out = fatbin_blob(blob, [source], lambda code: b"FATBIN" + code[:3].encode())
+    assert out[8:8 + 12 + 8 + 3] == payload[:23]  # the other module untouched
+    assert out.endswith(struct.pack("<Q", 6) + b"fatbin" + b"FMAP" + struct.pack("<Q", 9) + b"FATBINext")
+    assert struct.unpack_from("<Q", out)[0] == len(out) - 8
+
+
+def test_cuda_cli_arch_and_refusals(capsys, tmp_path):
+    assert main(["compile", "tiny-dense", "--random-weights", "--target", "cuda", "--arch", "sm_80",
+                 "--weights-from-seed", "-o", str(tmp_path / "a")]) == 0
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["target"] == "cuda:sm_80" and manifest["weights_from_seed"]["seed"] == 0
+    assert not (tmp_path / "a" / "weights.safetensors").exists()
+    assert main(["compile", "tiny-dense", "--random-weights", "--target", "cuda:sm_70", "-o", str(tmp_path / "b")]) == 1
+    assert main(["generate", str(tmp_path / "a"), "--tokens", "2,3"]) == 1  # no GPU here: one line
+    err = capsys.readouterr().err
+    assert "unknown CUDA arch 'sm_70'" in err
+    assert not (tmp_path / "b").exists()
