@@ -82,29 +82,33 @@ def run_transformers(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
-                                                 attn_implementation=args.attn).eval()
+    device = args.device
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype),
+                                                 attn_implementation=args.attn).eval().to(device)
     vocab = model.config.vocab_size
-    result = {"prefill": {}, "decode": {}, "ttft_s": {}}
+    result = {"prefill": {}, "decode": {}, "ttft_s": {}, "device": device, "dtype": args.dtype}
 
     def next_token(out) -> int:
-        return int(out.logits[0, -1].argmax())
+        return int(out.logits[0, -1].argmax())  # int() waits for the GPU
+
+    def tensor(rows):
+        return torch.tensor(rows, device=device)
 
     with torch.inference_mode():
-        model(torch.tensor([prompt(vocab, 8)]))  # warm-up
+        model(tensor([prompt(vocab, 8)]))  # warm-up
         for n in args.prompt_lens:
-            ids = torch.tensor([prompt(vocab, n)])
+            ids = tensor([prompt(vocab, n)])
             t0 = time.perf_counter()
             out = model(ids, use_cache=True)
             first = next_token(out)
             elapsed = time.perf_counter() - t0
             result["prefill"][n], result["ttft_s"][n] = n / elapsed, elapsed
             if n == args.prompt_lens[0] and args.logits:
-                np.save(args.logits, out.logits[0, -1].float().numpy())
+                np.save(args.logits, out.logits[0, -1].float().cpu().numpy())
             cache = out.past_key_values
 
             def step(t: int) -> int:
-                return next_token(model(torch.tensor([[t]]), past_key_values=cache, use_cache=True))
+                return next_token(model(tensor([[t]]), past_key_values=cache, use_cache=True))
 
             result["decode"][n] = 1 / median_step(step, first, args.gen)
         for n in args.contexts:
@@ -112,8 +116,8 @@ def run_transformers(args) -> dict:
 
             def step(t: int) -> int:
                 position = cache.get_seq_length()
-                return next_token(model(torch.tensor([[t]]), past_key_values=cache, use_cache=True,
-                                        position_ids=torch.tensor([[position]])))
+                return next_token(model(tensor([[t]]), past_key_values=cache, use_cache=True,
+                                        position_ids=tensor([[position]])))
 
             result["decode"][n] = 1 / median_step(step, 5, args.gen)
     return result
@@ -123,15 +127,16 @@ def _random_cache(model, context: int):
     """A transformers cache holding `context` positions of random K/V (sliding layers keep window - 1)."""
     import torch
 
-    out = model(torch.tensor([[2, 5, 6, 7]]), use_cache=True)
+    out = model(torch.tensor([[2, 5, 6, 7]], device=model.device), use_cache=True)
     cache = out.past_key_values
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None or not layer.is_initialized:
             continue
         rows = min(context, layer.sliding_window - 1) if getattr(layer, "is_sliding", False) else context
         b, h, _, d = layer.keys.shape
-        layer.keys = torch.randn(b, h, rows, d)
-        layer.values = torch.randn(b, h, rows, layer.values.shape[-1])
+        like = {"dtype": layer.keys.dtype, "device": layer.keys.device}
+        layer.keys = torch.randn(b, h, rows, d, **like)
+        layer.values = torch.randn(b, h, rows, layer.values.shape[-1], **like)
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length = context
     return cache
@@ -183,6 +188,8 @@ def main() -> None:
     parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",") if x], default=[])
     parser.add_argument("--gen", type=int, default=16)
     parser.add_argument("--attn", default="eager", help="transformers attention: eager or sdpa")
+    parser.add_argument("--device", default="cpu", help="transformers device: cpu or cuda")
+    parser.add_argument("--dtype", default="float32", help="transformers weights: float32 or bfloat16")
     parser.add_argument("--flash-attn", action="store_true", help="llama.cpp flash attention")
     parser.add_argument("--logits", help="write the first prompt's last-position logits here (.npy)")
     args = parser.parse_args()
