@@ -107,7 +107,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "g4c_version": g4c.__version__,
             "tvm_version": tvm.__version__, "target": target.name, "target_spec": str(target.tvm_target()),
-            "device": target.device, "index_dtype": lowered.index_dtype,
+            "device": target.device, "index_dtype": lowered.index_dtype, "library": target.library,
             "dtype": "float32", "weight_dtype": lowered.weight_dtype, "half_weights": sorted(lowered.half_weights),
             "weight_recipes": lowered.recipes, "config": cfg.to_hf_dict(), "build_seconds": round(build_seconds, 2),
             "entry": entry.to_json(), "kernels": names,

@@ -20,6 +20,7 @@ class Target:
     gpu: bool = False  # GPU kernels (int32 indices, g4c.codegen.gpu_kernels)
     device: str = "cpu"  # where the Relax VM runs the kernels: "cpu" or "cuda"
     relax_pipeline: Callable[[], object] | None = None  # Relax lowering; None: TVM's "default" for the target
+    library: str = "kernels.so"  # the library the runtime loads (metal: kernels.dylib, linked on the Mac)
 
     def export_library(self, lib, path: str) -> None:
         if self.export is not None:
@@ -33,14 +34,16 @@ class Target:
         return self.name == "llvm" or self.runtime == "wgpu"  # wgpu finds a Vulkan device or says why not
 
 
-TARGETS = ("llvm", "arm", "arm:<profile>", "vulkan", "vulkan:<profile>", "cuda", "cuda:<arch>")
+TARGETS = ("llvm", "arm", "arm:<profile>", "vulkan", "vulkan:<profile>", "cuda", "cuda:<arch>", "metal",
+           "metal:<profile>")
 
 
 def get_target(name: str) -> Target:
     """`llvm` (this CPU), `arm` (= arm:cortex-a76) or `arm:<profile>` (see targets/arm.py), `vulkan`
     (= vulkan:generic) or `vulkan:<profile>` (see targets/vulkan.py), `cuda` (= cuda:sm_90) or
-    `cuda:<arch>` (see targets/cuda.py)."""
+    `cuda:<arch>` (see targets/cuda.py), `metal` (= metal:apple-m1) or `metal:<profile>` (targets/metal.py)."""
     from g4c.targets.cuda import cuda_target
+    from g4c.targets.metal import metal_target
     from g4c.targets.arm import arm_target
     from g4c.targets.llvm import host_target
     from g4c.targets.vulkan import vulkan_target
@@ -54,4 +57,6 @@ def get_target(name: str) -> Target:
         return vulkan_target(profile) if profile else vulkan_target()
     if kind == "cuda":
         return cuda_target(profile) if profile else cuda_target()
+    if kind == "metal":
+        return metal_target(profile) if profile else metal_target()
     raise G4CError(f"unknown target {name!r}: available targets are {', '.join(TARGETS)}")

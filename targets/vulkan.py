@@ -34,18 +34,20 @@ PROFILES = {
 DEFAULT_PROFILE = "generic"
 
 
-def gpu_schedule(tvm_target):
+def gpu_schedule(tvm_target, matmul: bool = True):
     """(kernel name, PrimFunc) → PrimFunc scheduled for a GPU: hand-written GPU kernels are kept,
-    everything else goes through dlight's GEMV/GEMM/reduction/fallback rules."""
+    everything else goes through dlight's GEMV/GEMM/reduction/fallback rules (`matmul=False` leaves
+    GEMMs to the fallback rule)."""
     def schedule(name: str, func):
         import tvm
         from tvm.s_tir import dlight as dl
 
         if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
             return func
+        rules = [dl.gpu.GEMV()] + ([dl.gpu.Matmul()] if matmul else [])
+        rules += [dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
         with tvm_target:
-            mod = dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Matmul(), dl.gpu.Reduction(),
-                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(tvm.IRModule({name: func}))
+            mod = dl.ApplyDefaultSchedule(*rules)(tvm.IRModule({name: func}))
         return mod[name]
     return schedule
 

@@ -35,7 +35,7 @@ HOST = "host.safetensors"
 
 ALIGNMENT = 64  # TVM kernels assume 64-byte aligned buffers (aligned vector loads)
 DEVICE_CPU = 1  # DLPack device types
-DEVICE_CUDA = 2
+DEVICE_TYPES = {"cpu": DEVICE_CPU, "cuda": 2, "metal": 8}
 POOLED_ALLOCATOR = 2  # Relax VM allocator kind
 
 
@@ -136,7 +136,8 @@ def is_artifact(path: str | Path) -> bool:
 
 
 RUNTIME_LIBRARIES = {"cpu": ["libtvm_runtime.so"],
-                     "cuda": ["libtvm_runtime.so", "libcudart.so.13", "libtvm_runtime_cuda.so"]}
+                     "cuda": ["libtvm_runtime.so", "libcudart.so.13", "libtvm_runtime_cuda.so"],
+                     "metal": ["libtvm_runtime.dylib"]}  # TVM's macOS wheel: Metal built in
 
 
 def find_runtime_library(name: str, directory: Path | None = None) -> Path | None:
@@ -174,6 +175,9 @@ def _check_machine(manifest: dict) -> None:
     """An artifact's kernels are machine code for its target's CPU: say so instead of failing in dlopen."""
     import platform
 
+    if manifest.get("device") == "metal" and platform.system() != "Darwin":
+        raise ArtifactError(f"artifact was compiled for {manifest['target']} (macOS, Metal): run link.sh in it on "
+                            "the Mac first, and run it there")
     wanted = "aarch64" if manifest.get("target", "").startswith("arm") else None
     here = platform.machine().lower()
     if wanted and here not in (wanted, "arm64"):
@@ -194,11 +198,16 @@ class CompiledSession(Session):
         self._ffi = tvm_ffi
         self.device = self.manifest.get("device", "cpu")
         _load_runtime_library(self.directory, self.device)
-        self._gpu = GpuMemory(tvm_ffi) if self.device == "cuda" else None
+        self._gpu = GpuMemory(tvm_ffi, self.device) if self.device != "cpu" else None
+        library = self.directory / self.manifest.get("library", LIBRARY)
+        if not library.is_file():
+            hint = ": run link.sh in it on the Mac first" if self.device == "metal" else ""
+            raise ArtifactError(f"{library} is missing{hint}")
         try:
-            self.vm = tvm_ffi.load_module(str(self.directory / LIBRARY))["vm_load_executable"]()
+            self.vm = tvm_ffi.load_module(str(library))["vm_load_executable"]()
             if self._gpu:  # the kernels' device, then the host
-                self.vm["vm_initialization"](DEVICE_CUDA, 0, POOLED_ALLOCATOR, DEVICE_CPU, 0, POOLED_ALLOCATOR)
+                self.vm["vm_initialization"](DEVICE_TYPES[self.device], 0, POOLED_ALLOCATOR, DEVICE_CPU, 0,
+                                             POOLED_ALLOCATOR)
             else:
                 self.vm["vm_initialization"](DEVICE_CPU, 0, POOLED_ALLOCATOR)
         except Exception as exc:  # noqa: BLE001 - surfaced as one line
@@ -298,7 +307,7 @@ def seeded_weights(manifest: dict, model) -> tuple[dict[str, np.ndarray], dict[s
 class GpuMemory:
     """Tensors in GPU memory through the TVM runtime's own allocator and copies (no compiler, no torch)."""
 
-    def __init__(self, tvm_ffi, device: str = "cuda"):
+    def __init__(self, tvm_ffi, device: str):
         self.ffi = tvm_ffi
         self.device = tvm_ffi.device(device, 0)
         self.alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
