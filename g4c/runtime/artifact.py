@@ -185,10 +185,13 @@ def _check_machine(manifest: dict) -> None:
 
 
 class CompiledSession(Session):
-    """Calls the artifact's Relax VM entry functions; the KV caches are numpy buffers the kernels
-    update in place."""
+    """Calls the artifact's Relax VM entry functions. On the CPU the weights and KV caches are numpy
+    buffers the kernels use (and update) in place; on a GPU they are device tensors from the TVM
+    runtime's allocator. `runtime_memory=True` uses runtime tensors on the CPU too (the GPU code path,
+    testable without a GPU)."""
 
-    def __init__(self, directory: str | Path, max_context: int | None = None, prefill_chunk: int = 64):
+    def __init__(self, directory: str | Path, max_context: int | None = None, prefill_chunk: int = 64,
+                 runtime_memory: bool = False):
         import tvm_ffi
         from safetensors import safe_open
 
@@ -198,7 +201,7 @@ class CompiledSession(Session):
         self._ffi = tvm_ffi
         self.device = self.manifest.get("device", "cpu")
         _load_runtime_library(self.directory, self.device)
-        self._gpu = GpuMemory(tvm_ffi, self.device) if self.device != "cpu" else None
+        self._gpu = GpuMemory(tvm_ffi, self.device) if self.device != "cpu" or runtime_memory else None
         library = self.directory / self.manifest.get("library", LIBRARY)
         if not library.is_file():
             hint = ": run link.sh in it on the Mac first" if self.device == "metal" else ""
