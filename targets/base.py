@@ -34,6 +34,13 @@ class Target:
         return self.name == "llvm" or self.runtime == "wgpu"  # wgpu finds a Vulkan device or says why not
 
 
+def module_tree(mod):
+    """A built TVM module and everything it imports (host module, CUDA/Metal device modules)."""
+    yield mod
+    for child in mod.imports:
+        yield from module_tree(child)
+
+
 TARGETS = ("llvm", "arm", "arm:<profile>", "vulkan", "vulkan:<profile>", "cuda", "cuda:<arch>", "metal",
            "metal:<profile>")
 

@@ -14,7 +14,7 @@ import shutil
 import struct
 
 from g4c.errors import G4CError
-from g4c.targets.base import Target
+from g4c.targets.base import Target, module_tree
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 DEFAULT_ARCH = "sm_90"  # H100
@@ -98,7 +98,7 @@ def cuda_target(arch: str = DEFAULT_ARCH) -> Target:
 
         if shutil.which("nvcc") is None:
             raise G4CError("--target cuda compiles its kernels ahead of time with nvcc: install the CUDA toolkit")
-        sources = [m.inspect_source() for m in _modules(lib.mod) if m.kind == "cuda"]
+        sources = [m.inspect_source() for m in module_tree(lib.mod) if m.kind == "cuda"]
         pack = tvm_ffi.get_global_func("runtime.ModulePackImportsToTensor")
 
         def pack_imports(mod, is_system_lib, prefix, workspace_dir):
@@ -135,9 +135,3 @@ def relax_pipeline(tvm_target):
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
-
-
-def _modules(mod):
-    yield mod
-    for child in mod.imports:
-        yield from _modules(child)

@@ -11,7 +11,7 @@ enabled) then run it like any other artifact.
 from __future__ import annotations
 
 from g4c.errors import G4CError
-from g4c.targets.base import Target
+from g4c.targets.base import Target, module_tree
 
 PROFILES = {"apple-m1": "apple-m1", "apple-m2": "apple-m2", "apple-m3": "apple-m3", "apple-m4": "apple-m4"}
 DEFAULT_PROFILE = "apple-m1"  # the code runs on every later Apple-silicon Mac
@@ -56,7 +56,7 @@ def metal_target(profile: str = DEFAULT_PROFILE) -> Target:
 
         directory = Path(path).parent
         lib.export_library(str(directory / "kernels.tar"), fcompile=tar.tar)
-        sources = [m.inspect_source() for m in _modules(lib.mod) if m.kind == "metal"]
+        sources = [m.inspect_source() for m in module_tree(lib.mod) if m.kind == "metal"]
         (directory / "kernels.metal").write_text("\n".join(sources))
         (directory / "link.sh").write_text(LINK_SCRIPT)
         (directory / "link.sh").chmod(0o755)
@@ -69,9 +69,3 @@ def _pipeline(tvm_target):
     from g4c.targets.cuda import relax_pipeline
 
     return relax_pipeline(tvm_target)
-
-
-def _modules(mod):
-    yield mod
-    for child in mod.imports:
-        yield from _modules(child)
