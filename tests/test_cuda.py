@@ -26,7 +26,7 @@ FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # fatbin header 0xBA55ED50, little-end
 
 def _cuda_module(library: bytes) -> tuple[bytes, bytes]:
     """(format, data) of the serialised CUDA module inside an exported library."""
-    at = library.find(struct.pack("<Q", 4) + b"cuda" + b"\0" * 0)
+    at = library.find(struct.pack("<Q", 4) + b"cuda")
     while at >= 0:
         size = struct.unpack_from("<Q", library, at + 12)[0]
         fmt_len = struct.unpack_from("<Q", library, at + 20)[0]
