@@ -29,14 +29,24 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def attention_parts(window: int | None) -> int:
+    """Key-range partitions (split-K) of a GPU attention: a decode step has only q_heads queries, so a
+    long global cache is cut into 16 ranges scanned side by side; a sliding ring (window + chunk
+    slots) into 4."""
+    return 4 if window else 16
+
+
 def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, scaling: float,
               name: str, k_from_v: bool = False) -> tirx.PrimFunc:
-    """Causal GQA attention (same contract as `kernels.attention`) as one workgroup per (query,
-    head) with an online softmax: the keys stream through in chunks of THREADS (one key's score per
-    thread, kept in shared memory), and each thread accumulates its slice of head_dim, so no
-    [T, heads, S] intermediate exists and any cache length S fits. Sliding layers pass their ring of
-    `window` slots, so they read only the window."""
+    """Causal GQA attention (same contract as `kernels.attention`, except the output) over one of
+    `attention_parts(window)` key ranges per workgroup: workgroup (query, head, range) streams its keys
+    in chunks of THREADS (one key's score per thread, in shared memory) with an online softmax, each
+    thread accumulating its slice of head_dim, so no [T, heads, S] intermediate exists and any cache
+    length S fits. It writes the unnormalised sum, the running max and the softmax denominator
+    [T, heads, parts, head_dim + 2]; `attention_merge` combines the ranges. Sliding layers pass their
+    ring of window slots, so they read only the window."""
     group, per, nt = q_heads // kv_heads, _ceil(head_dim, THREADS), THREADS
+    parts = attention_parts(window)
     half, win = head_dim // 2, window or 0
 
     attrs = _attrs(name)
@@ -53,24 +63,27 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
 
     @T.macro
     def body(q, k, v, pos, kn, freq, out, t, s):
-        for blk in T.thread_binding(t * q_heads, thread="blockIdx.x"):
+        for blk in T.thread_binding(t * q_heads * parts, thread="blockIdx.x"):
             for tid in T.thread_binding(nt, thread="threadIdx.x"):
                 sc = T.alloc_buffer((nt,), F32, scope="shared")
                 acc = T.alloc_buffer((per,), F32, scope="local")
                 run = T.alloc_buffer((3,), F32, scope="local")  # running max, running sum, chunk max
                 dot = T.alloc_buffer((2,), F32, scope="local")  # dot product, score
-                i = blk // q_heads
-                h = blk % q_heads
+                i = blk // (q_heads * parts)
+                h = blk // parts % q_heads
+                p = blk % parts
+                chunk = T.ceildiv(s, parts)
                 last = pos[t - 1]
                 run[0] = T.float32(NEG)
                 run[1] = T.float32(0)
                 for r in range(per):
                     acc[r] = T.float32(0)
-                for c in range(T.ceildiv(s, nt)):
-                    j = c * nt + tid
+                for c in range(T.ceildiv(chunk, nt)):
+                    j = p * chunk + c * nt + tid
                     kp = j + s * T.floordiv(last - j, s)
                     dot[1] = T.float32(NEG)
-                    if j < s and j <= last and kp <= pos[i] and (win == 0 or pos[i] - kp < win):
+                    if j < s and j < (p + 1) * chunk and j <= last and kp <= pos[i] and (
+                            win == 0 or pos[i] - kp < win):
                         dot[0] = T.float32(0)
                         for d in range(head_dim):
                             dot[0] = dot[0] + q[i, h, d] * key_at(k, v, kn, freq, j, h // group, kp, d)
@@ -90,10 +103,14 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
                             run[1] = run[1] + dot[0]
                             for r in range(per):
                                 if r * nt + tid < head_dim:
-                                    acc[r] = acc[r] + dot[0] * v[c * nt + u, h // group, r * nt + tid]
+                                    acc[r] = acc[r] + dot[0] * v[p * chunk + c * nt + u, h // group,
+                                                                 r * nt + tid]
                 for r in range(per):
                     if r * nt + tid < head_dim:
-                        out[i, h, r * nt + tid] = acc[r] / run[1]
+                        out[i, h, p, r * nt + tid] = acc[r]
+                if tid == 0:
+                    out[i, h, p, head_dim] = run[0]
+                    out[i, h, p, head_dim + 1] = run[1]
 
     if k_from_v:
         @T.prim_func
@@ -105,7 +122,7 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
             pos = T.match_buffer(pos_h, (t,), I32)
             kn = T.match_buffer(kn_h, (head_dim,), F32)
             freq = T.match_buffer(f_h, (half,), F32)
-            out = T.match_buffer(out_h, (t, q_heads, head_dim), F32)
+            out = T.match_buffer(out_h, (t, q_heads, parts, head_dim + 2), F32)
             body(q, v, v, pos, kn, freq, out, t, s)
         return func
 
@@ -117,9 +134,41 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
         k = T.match_buffer(k_h, (s, kv_heads, head_dim), F32)
         v = T.match_buffer(v_h, (s, kv_heads, head_dim), F32)
         pos = T.match_buffer(pos_h, (t,), I32)
-        out = T.match_buffer(out_h, (t, q_heads, head_dim), F32)
+        out = T.match_buffer(out_h, (t, q_heads, parts, head_dim + 2), F32)
         body(q, k, v, pos, q, q, out, t, s)
     return func_plain
+
+
+def attention_merge(q_heads: int, head_dim: int, parts: int, name: str) -> tirx.PrimFunc:
+    """out[t, h] = Σ_p acc_p·e^(m_p − M) / Σ_p l_p·e^(m_p − M), M = max_p m_p: the exact softmax over
+    the key ranges of `attention` (an empty range has m = −3e38 and contributes e^(−∞) = 0)."""
+    nt = min(THREADS, 1 << (head_dim - 1).bit_length())
+    attrs = _attrs(name)
+
+    @T.prim_func
+    def func(part_h: T.handle, out_h: T.handle):
+        T.func_attr(attrs)
+        t = T.int32()
+        part = T.match_buffer(part_h, (t, q_heads, parts, head_dim + 2), F32)
+        out = T.match_buffer(out_h, (t, q_heads, head_dim), F32)
+        for blk in T.thread_binding(t * q_heads, thread="blockIdx.x"):
+            for tid in T.thread_binding(nt, thread="threadIdx.x"):
+                stat = T.alloc_buffer((3,), F32, scope="local")  # max, denominator, numerator
+                i = blk // q_heads
+                h = blk % q_heads
+                stat[0] = T.float32(NEG)
+                for p in range(parts):
+                    stat[0] = T.max(stat[0], part[i, h, p, head_dim])
+                stat[1] = T.float32(0)
+                for p in range(parts):
+                    stat[1] = stat[1] + part[i, h, p, head_dim + 1] * T.exp(part[i, h, p, head_dim] - stat[0])
+                for r in range(_ceil(head_dim, nt)):
+                    if r * nt + tid < head_dim:
+                        stat[2] = T.float32(0)
+                        for p in range(parts):
+                            stat[2] = stat[2] + part[i, h, p, r * nt + tid] * T.exp(part[i, h, p, head_dim] - stat[0])
+                        out[i, h, r * nt + tid] = stat[2] / stat[1]
+    return func
 
 
 def head_norm_rope(total: int, offset: int, heads: int, head_dim: int, eps: float, weighted: bool, rope: bool,

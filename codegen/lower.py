@@ -304,11 +304,19 @@ class _Lowering:
         name = f"attention_{nh}x{nkv}x{hd}_w{window}{'_kfromv' if k_from_v else ''}"
         kern = self.kernel(name, lambda: self.k.attention(nh, nkv, hd, window, 1.0, name, k_from_v))
         attn = self.buf(f"{n.name}_attn", (rows, nh, hd))
+        parts = None
+        if self.out.gpu:  # split-K: the key ranges' partial softmaxes, merged by a second kernel
+            parts = G.attention_parts(window)
+            partial = self.buf(f"{n.name}_attn_parts", (rows, nh, parts, hd + 2))
+        result = partial if parts else attn
         if k_from_v:  # the k_norm that rebuilds K: this layer's own, or its donor's (input 7 of a reuse node)
             k_norm = n.inputs[5] if a["role"] == "own" else n.inputs[7]
-            self.call(kern, q, f"kv:{a['v_slot']}", pos, self.weight(k_norm), inv_freq, attn)
+            self.call(kern, q, f"kv:{a['v_slot']}", pos, self.weight(k_norm), inv_freq, result)
         else:
-            self.call(kern, q, f"kv:{a['k_slot']}", f"kv:{a['v_slot']}", pos, attn)
+            self.call(kern, q, f"kv:{a['k_slot']}", f"kv:{a['v_slot']}", pos, result)
+        if parts:
+            merge = f"attention_merge_{nh}x{hd}_{parts}"
+            self.call(self.kernel(merge, lambda: G.attention_merge(nh, hd, parts, merge)), partial, attn)
         w_o = n.inputs[5] if a["role"] == "reuse" else n.inputs[6]
         flat = self.buf(f"{n.name}_attn_flat", (rows, nh * hd))
         self.call("reshape", attn, flat)
