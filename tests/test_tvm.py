@@ -185,3 +185,20 @@ def test_runtime_memory_path_matches_numpy_buffers(artifacts):
     plain.reset()
     device.reset()
     assert plain.generate(prompt[:4], 12) == device.generate(prompt[:4], 12)
+
+
+def test_weights_from_seed_artifact_matches_the_written_one(tmp_path):
+    """--weights-from-seed writes no weight files; the runtime regenerates them (packed q/k/v, RoPE
+    tables, the PLE table) bit-identically."""
+    from g4c.cli import main
+    from g4c.runtime.artifact import load
+
+    assert main(["compile", "tiny-e", "--random-weights", "--seed", "3", "-o", str(tmp_path / "full")]) == 0
+    assert main(["compile", "tiny-e", "--random-weights", "--seed", "3", "--weights-from-seed",
+                 "-o", str(tmp_path / "seed")]) == 0
+    assert not (tmp_path / "seed" / "weights.safetensors").exists()
+    assert not (tmp_path / "seed" / "host.safetensors").exists()
+    prompt = [2, 17, 99, 5, 8, 1, 44]
+    full, seeded = load(tmp_path / "full"), load(tmp_path / "seed")
+    assert np.array_equal(full.prefill(prompt, all_logits=True), seeded.prefill(prompt, all_logits=True))
+    assert main(["compile", str(tmp_path / "full"), "--weights-from-seed", "-o", str(tmp_path / "x")]) == 1

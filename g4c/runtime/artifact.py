@@ -193,7 +193,6 @@ class CompiledSession(Session):
     def __init__(self, directory: str | Path, max_context: int | None = None, prefill_chunk: int = 64,
                  runtime_memory: bool = False):
         import tvm_ffi
-        from safetensors import safe_open
 
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
@@ -221,12 +220,7 @@ class CompiledSession(Session):
         self.max_context = min(max_context or 4096, model.max_position_embeddings)
         self.prefill_chunk = max(1, prefill_chunk)
         entry = self.manifest["entry"]
-        if self.manifest.get("weights_from_seed") is not None:
-            self.weights, self._host_tables = seeded_weights(self.manifest, model)
-        else:
-            self.weights = read_aligned_safetensors(self.directory / WEIGHTS)
-            host = safe_open(str(self.directory / HOST), framework="numpy") if (self.directory / HOST).is_file() else None
-            self._host_tables = {t: host.get_slice(t) for t in self.manifest["host_tables"]}
+        self.weights, self._host_tables = artifact_weights(self.directory, self.manifest, model)
         self.caches: dict[str, np.ndarray] = {}
         for slot in entry["caches"]:
             info = self.manifest["kv_slots"][slot]
@@ -282,6 +276,20 @@ class CompiledSession(Session):
         (table,) = self.manifest["host_tables"]
         view = self._host_tables[table]
         return aligned(np.concatenate([view[int(i): int(i) + 1] for i in ids]).astype(np.float32))
+
+
+def artifact_weights(directory: Path, manifest: dict, model) -> tuple[dict[str, np.ndarray], dict]:
+    """(weights as stored, {host table: row-sliceable}) of an artifact: read from its files (aligned;
+    host tables memory-mapped), or regenerated from the seed for --weights-from-seed artifacts."""
+    from safetensors import safe_open
+
+    if manifest.get("weights_from_seed") is not None:
+        return seeded_weights(manifest, model)
+    weights = read_aligned_safetensors(directory / WEIGHTS)
+    if not manifest["host_tables"]:
+        return weights, {}
+    host = safe_open(str(directory / HOST), framework="numpy")
+    return weights, {t: host.get_slice(t) for t in manifest["host_tables"]}
 
 
 def seeded_weights(manifest: dict, model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from g4c.config import config_from_dict
 from g4c.errors import G4CError
-from g4c.runtime.artifact import HOST, LIBRARY, MANIFEST, POOLED_ALLOCATOR, WEIGHTS, read_manifest
+from g4c.runtime.artifact import LIBRARY, MANIFEST, POOLED_ALLOCATOR, artifact_weights, read_manifest
 from g4c.runtime.session import Session
 
 RPC_SESS_MASK = 128  # tvm.rpc.base: remote device types carry the session index above this
@@ -34,8 +34,6 @@ class RemoteSession(Session):
     def __init__(self, directory: str | Path, address: str, max_context: int | None = None,
                  prefill_chunk: int = 64, key: str = ""):
         import tvm
-        from safetensors import safe_open
-        from safetensors.numpy import load_file
         from tvm import rpc
 
         self.directory = Path(directory)
@@ -65,11 +63,10 @@ class RemoteSession(Session):
         self.max_context = min(max_context or 4096, model.max_position_embeddings)
         self.prefill_chunk = max(1, prefill_chunk)
         entry = self.manifest["entry"]
-        weights = load_file(str(self.directory / WEIGHTS))
+        weights, self._host_tables = artifact_weights(self.directory, self.manifest, model)
         self._new_tensor = tvm.runtime.tensor
         self._weights = [self._tensor(weights[n]) for n in entry["weights"]]
         del weights
-        self.host = safe_open(str(self.directory / HOST), framework="numpy") if (self.directory / HOST).is_file() else None
         # full caches are passed whole: the attention kernels treat slots past the last position as empty
         self._shapes = {}
         for slot in entry["caches"]:
@@ -92,7 +89,7 @@ class RemoteSession(Session):
         inputs = [ids.astype(np.int64), np.arange(self.position, length, dtype=np.int64)]
         if self._ple:
             (table,) = self.manifest["host_tables"]
-            view = self.host.get_slice(table)
+            view = self._host_tables[table]
             inputs.append(np.concatenate([view[int(i): int(i) + 1] for i in ids]).astype(np.float32))
         result = self.vm[name](*[self._tensor(a) for a in inputs], *self._weights, *self._caches)
         self.position = length

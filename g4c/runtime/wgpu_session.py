@@ -19,7 +19,7 @@ import numpy as np
 
 from g4c.config import config_from_dict
 from g4c.errors import G4CError
-from g4c.runtime.artifact import HOST, MANIFEST, WEIGHTS, ArtifactError, read_manifest
+from g4c.runtime.artifact import MANIFEST, ArtifactError, artifact_weights, read_manifest
 from g4c.runtime.session import Session
 
 SHADERS = "kernels.wgsl"
@@ -122,8 +122,6 @@ class WgpuSession(Session):
 
     def __init__(self, directory: str | Path, max_context: int | None = None, prefill_chunk: int = 64):
         import wgpu
-        from safetensors import safe_open
-        from safetensors.numpy import load_file
 
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
@@ -132,7 +130,7 @@ class WgpuSession(Session):
         self.vocab_size = model.input_vocab_size
         self.max_context = min(max_context or 4096, model.max_position_embeddings)
         self.prefill_chunk = max(1, prefill_chunk)
-        weights = load_file(str(self.directory / WEIGHTS))
+        weights, self._host_tables = artifact_weights(self.directory, self.manifest, model)
         needs_f16 = any(a.dtype == np.float16 for a in weights.values())
         self.adapter, self.device = _device(needs_f16, max((a.nbytes for a in weights.values()), default=0))
         self.device_name = f"{self.adapter.info['device']} ({self.adapter.info['backend_type']})"
@@ -143,7 +141,6 @@ class WgpuSession(Session):
         self._weight_shapes = {n: a.shape for n, a in weights.items()}
         self._weight_sizes = {n: a.dtype.itemsize for n, a in weights.items()}
         del weights  # uploaded once; host copies freed
-        self.host = safe_open(str(self.directory / HOST), framework="numpy") if (self.directory / HOST).is_file() else None
         self.caches, self._cache_rows = {}, {}
         for slot, info in self.manifest["kv_slots"].items():
             rows = (info["window"] + self.prefill_chunk - 1) if info["ring"] else self.max_context
@@ -231,5 +228,5 @@ class WgpuSession(Session):
         return dict(self._activations[key])
 
     def _ple_rows(self, ids: np.ndarray, table: str) -> np.ndarray:
-        view = self.host.get_slice(table)
+        view = self._host_tables[table]
         return np.ascontiguousarray(np.concatenate([view[int(i): int(i) + 1] for i in ids]).astype(np.float32))
