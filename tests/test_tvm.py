@@ -201,4 +201,6 @@ def test_weights_from_seed_artifact_matches_the_written_one(tmp_path):
     prompt = [2, 17, 99, 5, 8, 1, 44]
     full, seeded = load(tmp_path / "full"), load(tmp_path / "seed")
     assert np.array_equal(full.prefill(prompt, all_logits=True), seeded.prefill(prompt, all_logits=True))
-    assert main(["compile", str(tmp_path / "full"), "--weights-from-seed", "-o", str(tmp_path / "x")]) == 1
+    assert main(["init-random", "tiny-e", "-o", str(tmp_path / "ckpt")]) == 0  # a checkpoint: no seed to use
+    assert main(["compile", str(tmp_path / "ckpt"), "--weights-from-seed", "-o", str(tmp_path / "x")]) == 1
+    assert not (tmp_path / "x").exists()
