@@ -31,10 +31,14 @@ import numpy as np
 GATHER_KERNELS = ("embed_",)  # kernels that read one row per token of their table argument
 
 
+MOE_KERNELS = ("moe_experts_", "moe_gate_up_", "moe_down_")  # CPU: one kernel; GPU: two
+
+
 def _moe_fraction(kernel: str) -> float:
-    """moe_experts_{hidden}x{inter}x{experts}_{top_k}_{dtype}: one token reads top_k of the experts."""
-    experts, top_k = kernel.split("_")[2].split("x")[2], kernel.split("_")[3]
-    return int(top_k) / int(experts)
+    """moe_{experts|gate_up|down}_{hidden}x{inter}x{experts}_{top_k}_{dtype}: one token reads top_k of the
+    experts."""
+    shape, top_k = kernel.split("_")[-3:-1]
+    return int(top_k) / int(shape.split("x")[2])
 
 
 @dataclass
@@ -142,7 +146,7 @@ def decode_weight_bytes(session) -> int:
             kernel = step["kernel"]
             if kernel.startswith(GATHER_KERNELS):
                 cost = tensor[0].nbytes
-            elif kernel.startswith("moe_experts_"):
+            elif kernel.startswith(MOE_KERNELS):
                 cost = int(tensor.nbytes * _moe_fraction(kernel))
             else:
                 cost = tensor.nbytes

@@ -204,3 +204,12 @@ def test_weights_from_seed_artifact_matches_the_written_one(tmp_path):
     assert main(["init-random", "tiny-e", "-o", str(tmp_path / "ckpt")]) == 0  # a checkpoint: no seed to use
     assert main(["compile", str(tmp_path / "ckpt"), "--weights-from-seed", "-o", str(tmp_path / "x")]) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_runtime_memory_session_reports_decode_bytes(artifacts):
+    """The roofline's byte count works when the weights live in device memory (GPU sessions)."""
+    from g4c.bench import decode_weight_bytes
+    from g4c.runtime.artifact import CompiledSession
+
+    plain = CompiledSession(artifacts["moe"])
+    assert decode_weight_bytes(CompiledSession(artifacts["moe"], runtime_memory=True)) == decode_weight_bytes(plain)

@@ -229,9 +229,9 @@ class CompiledSession(Session):
         # weights and ring buffers never move: their DLPack wrappers are made once; a full cache is
         # passed as its first P+T rows, so attention reads only the positions that exist
         self._index = np.int32 if self.manifest.get("index_dtype") == "int32" else np.int64
-        if self._gpu:  # weights and caches live in GPU memory; the host copies are dropped
+        if self._gpu:  # weights and caches live in GPU memory; the host copies give way to shape stand-ins
             self._weights = [self._gpu.upload(self.weights[n]) for n in entry["weights"]]
-            self.weights = {}
+            self.weights = {n: np.broadcast_to(np.zeros((), a.dtype), a.shape) for n, a in self.weights.items()}
             self._device_caches = {s: self._gpu.upload(c) for s, c in self.caches.items()}
         else:
             self._weights = [tvm_ffi.from_dlpack(self.weights[n]) for n in entry["weights"]]
@@ -329,7 +329,7 @@ class GpuMemory:
         return self.alloc(self.ffi.Shape(tuple(shape)), self.ffi.dtype(dtype), self.device, "global")
 
     def upload(self, array: np.ndarray):
-        tensor = self.empty(array.shape, str(array.dtype) if array.dtype != np.uint16 else "uint16")
+        tensor = self.empty(array.shape, str(array.dtype))
         self.copy(self.ffi.from_dlpack(np.ascontiguousarray(array)), tensor)
         return tensor
 
