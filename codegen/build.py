@@ -1,11 +1,15 @@
 """Compile a model into an artifact directory: kernels library, packed weights, manifest.
 
     DIR/kernels.so              the Relax VM executable (`prefill`, `prefill_all`, `decode` entry functions) and
-                                every TensorIR kernel, built by TVM for the target (`export_library`)
+                                every TensorIR kernel, built by TVM for the target (`export_library`; CUDA:
+                                with an nvcc fatbin; Metal: kernels.tar + kernels.metal + link.sh instead;
+                                Vulkan: kernels.wgsl, with launch records in the manifest, and no VM)
     DIR/weights.safetensors     fp32 weights as the kernels want them (q/k/v and gate/up packed, RoPE tables)
     DIR/host.safetensors        tables kept in host memory and gathered row by row (the PLE table)
     DIR/manifest.json           config, target, programs (kernel call sequences), KV slots and plan,
-                                dtype, g4c/TVM versions, SHA-256 of every file
+                                dtype, weight recipes, g4c/TVM versions, SHA-256 of every file
+    DIR/lib*.so*                with --bundle-runtime: the TVM runtime libraries the target needs
+    (--weights-from-seed: no weights/host files; the runtime regenerates them from the seed)
 
 The directory is written under a temporary name and renamed when complete: a failed compile leaves
 nothing behind.
@@ -28,8 +32,8 @@ from g4c.atomic import atomic_directory, check_writable
 from g4c.config import ModelConfig
 from g4c.dtypes import canonical_dtype, dtype_name, numpy_dtype
 from g4c.frontend import build_graph
-from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
 from g4c.errors import G4CError
+from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
 from g4c.runtime.artifact import FORMAT, FORMAT_VERSION, HOST, LIBRARY, MANIFEST, WEIGHTS, sha256_file
 from g4c.runtime.wgpu_session import SHADERS
 from g4c.weights import Weights, derived_shape, derived_weight
