@@ -488,7 +488,7 @@ def bench(model: str = typer.Argument(..., help="Compiled artifact, checkpoint d
     import tempfile
 
     from g4c.bench import bench_session, format_result, measured_bandwidth
-    from g4c.runtime.artifact import is_artifact, load
+    from g4c.runtime.artifact import is_artifact, load, read_manifest
 
     if prompt_len < 1 or gen < 1 or threads < 1 or context < 0:
         raise G4CError("--prompt-len, --gen and --threads must be >= 1 and --context >= 0")
@@ -500,6 +500,10 @@ def bench(model: str = typer.Argument(..., help="Compiled artifact, checkpoint d
             directory = _compile_in_child(model, Path(tmp) / "artifact", target, random_weights, seed, layers, dtype)
         with err.status("measuring memory bandwidth"):  # before loading: its buffers must not add to peak RSS
             bandwidth = measured_bandwidth(threads)
+        manifest = read_manifest(directory, check_files=False)
+        if manifest.get("runtime", "relax-vm") != "relax-vm" or manifest.get("device", "cpu") != "cpu":
+            raise G4CError(f"g4c bench measures CPU artifacts; this one is for {manifest['target']} "
+                           "(GPU benchmarks: scripts/gpu_check.sh on the GPU machine)")
         session = load(directory, max_context=max(context, prompt_len) + gen + 8, prefill_chunk=prompt_len)
         with err.status("timing prefill and decode"):
             result = bench_session(session, prompt_len, gen, context, threads, bandwidth, profile)

@@ -166,3 +166,8 @@ def test_spirv_of_every_kernel_is_valid_for_vulkan(vulkan_artifacts, tmp_path, c
     assert json.loads((output / "launches.json").read_text()) == manifest["launches"]
     assert main(["spirv", str(vulkan_artifacts["moe"]), "-o", str(output)]) == 1  # exists: refused
     assert "exists" in capsys.readouterr().err
+
+
+def test_bench_refuses_gpu_artifacts_in_one_line(vulkan_artifacts, capsys):
+    assert main(["bench", str(vulkan_artifacts["e"]), "--prompt-len", "4", "--gen", "2"]) == 1
+    assert "g4c bench measures CPU artifacts; this one is for vulkan:generic" in capsys.readouterr().err
