@@ -18,7 +18,7 @@ class Target:
     export: Callable[[object, str], None] | None = None  # (built library, path); default export_library
     runtime: str = "relax-vm"  # what executes the artifact: the Relax VM (g4c.runtime.artifact) or "wgpu"
     gpu: bool = False  # GPU kernels (int32 indices, g4c.codegen.gpu_kernels)
-    device: str = "cpu"  # where the Relax VM runs the kernels: "cpu" or "cuda"
+    device: str = "cpu"  # where the Relax VM runs the kernels: "cpu", "cuda" or "metal"
     relax_pipeline: Callable[[], object] | None = None  # Relax lowering; None: TVM's "default" for the target
     library: str = "kernels.so"  # the library the runtime loads (metal: kernels.dylib, linked on the Mac)
 
@@ -49,10 +49,10 @@ def get_target(name: str) -> Target:
     """`llvm` (this CPU), `arm` (= arm:cortex-a76) or `arm:<profile>` (see targets/arm.py), `vulkan`
     (= vulkan:generic) or `vulkan:<profile>` (see targets/vulkan.py), `cuda` (= cuda:sm_90) or
     `cuda:<arch>` (see targets/cuda.py), `metal` (= metal:apple-m1) or `metal:<profile>` (targets/metal.py)."""
-    from g4c.targets.cuda import cuda_target
-    from g4c.targets.metal import metal_target
     from g4c.targets.arm import arm_target
+    from g4c.targets.cuda import cuda_target
     from g4c.targets.llvm import host_target
+    from g4c.targets.metal import metal_target
     from g4c.targets.vulkan import vulkan_target
 
     kind, _, profile = name.partition(":")
