@@ -10,6 +10,7 @@ loads directly (`cuModuleLoadData`). Nothing is compiled at load time.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import struct
 
@@ -68,16 +69,13 @@ def _c_array(blob: bytes) -> str:
 def cuda_target(arch: str = DEFAULT_ARCH) -> Target:
     if arch not in ARCHS:
         raise G4CError(f"unknown CUDA arch {arch!r}: available archs are {', '.join(ARCHS)}")
-    built = {}
-
+    @functools.cache  # made once, when first needed: creating it needs the compiler
     def tvm_target():
         import tvm
 
         from g4c.targets.llvm import _tvm_target as host
 
-        if "target" not in built:
-            built["target"] = tvm.target.Target({"kind": "cuda", "arch": arch}, host=host())
-        return built["target"]
+        return tvm.target.Target({"kind": "cuda", "arch": arch}, host=host())
 
     def schedule(name: str, func):
         from g4c.targets.vulkan import gpu_schedule

@@ -10,6 +10,8 @@ enabled) then run it like any other artifact.
 
 from __future__ import annotations
 
+import functools
+
 from g4c.errors import G4CError
 from g4c.targets.base import Target, module_tree
 
@@ -32,15 +34,12 @@ echo "linked $(pwd)/kernels.dylib"
 def metal_target(profile: str = DEFAULT_PROFILE) -> Target:
     if profile not in PROFILES:
         raise G4CError(f"unknown Metal profile {profile!r}: available profiles are {', '.join(PROFILES)}")
-    built = {}
-
+    @functools.cache  # made once, when first needed: creating it needs the compiler
     def tvm_target():
         import tvm
 
-        if "target" not in built:
-            host = {"kind": "llvm", "mtriple": HOST_TRIPLE, "mcpu": PROFILES[profile]}
-            built["target"] = tvm.target.Target({"kind": "metal", "max_num_threads": 256}, host=host)
-        return built["target"]
+        host = {"kind": "llvm", "mtriple": HOST_TRIPLE, "mcpu": PROFILES[profile]}
+        return tvm.target.Target({"kind": "metal", "max_num_threads": 256}, host=host)
 
     def schedule(name: str, func):
         from g4c.targets.vulkan import gpu_schedule

@@ -13,6 +13,7 @@ more, which wgpu caps at its 2 GiB buffer limit).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 from g4c.errors import G4CError
@@ -56,16 +57,13 @@ def vulkan_target(profile: str = DEFAULT_PROFILE) -> Target:
     if profile not in PROFILES:
         raise G4CError(f"unknown Vulkan profile {profile!r}: available profiles are {', '.join(PROFILES)}")
     spec = PROFILES[profile]
-    built = {}
-
+    @functools.cache  # made once, when first needed: creating it needs the compiler
     def tvm_target():
         import tvm
 
         from g4c.targets.llvm import _tvm_target as host
 
-        if "target" not in built:
-            built["target"] = tvm.target.Target({"kind": "webgpu", "max_num_threads": spec.threads}, host=host())
-        return built["target"]
+        return tvm.target.Target({"kind": "webgpu", "max_num_threads": spec.threads}, host=host())
 
     def schedule(name: str, func):
         return gpu_schedule(tvm_target())(name, func)
