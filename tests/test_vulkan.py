@@ -171,3 +171,15 @@ def test_spirv_of_every_kernel_is_valid_for_vulkan(vulkan_artifacts, tmp_path, c
 def test_bench_refuses_gpu_artifacts_in_one_line(vulkan_artifacts, capsys):
     assert main(["bench", str(vulkan_artifacts["e"]), "--prompt-len", "4", "--gen", "2"]) == 1
     assert "g4c bench measures CPU artifacts; this one is for vulkan:generic" in capsys.readouterr().err
+
+
+def test_fp16_weights_on_a_shader_f16_profile(checkpoints, references, tmp_path):
+    """vulkan:adreno-7xx stores matrices in fp16 (`enable f16;` WGSL, shader-f16 on the device); logits
+    stay within 5% of the largest |logit| of transformers' fp32 ones (the tolerance the targets state
+    for fp16 storage)."""
+    loaded = load_model(str(checkpoints["e"]))
+    directory = compile_model(loaded.cfg, loaded.weights, "vulkan:adreno-7xx", tmp_path / "f16", dtype="float16")
+    assert "enable f16;" in (directory / "kernels.wgsl").read_text()
+    reference = reference_logits(references["e"], PROMPT)
+    logits = load(directory).prefill(PROMPT, all_logits=True)
+    assert np.abs(logits - reference).max() <= 0.05 * np.abs(reference).max()
