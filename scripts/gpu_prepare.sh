@@ -34,4 +34,5 @@ python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$BUNDLE/wheels" "apache-tvm-ffi==0.1.14.post1"
 du -sh "$BUNDLE"
-echo "carry it: run(command='scripts/gpu_check.sh $BUNDLE', carry=['$BUNDLE'])  (<= 64 MiB)"
+echo "carry it (<= 64 MiB): run(command='scripts/gpu_check.sh $BUNDLE --skip-benchmark', carry=['$BUNDLE']),"
+echo "then the same with --skip-parity (each part fits a 10-minute device call)"
