@@ -46,7 +46,9 @@ TargetOpt = typer.Option("llvm", "--target", help="Compile target: llvm (this CP
                          "vulkan:<profile> (generic, adreno-7xx, mali-g7xx; WGSL run through wgpu), cuda or "
                          "cuda:<arch> (sm_80, sm_86, sm_89, sm_90; fatbin built with nvcc).")
 RpcOpt = typer.Option(None, "--rpc", help="Run the artifact on a TVM RPC server at HOST:PORT (e.g. "
-                      "python -m g4c.runtime.rpc_server on the device).")
+                      "python -m g4c.runtime.rpc_server on the device), or a tracker with --rpc-key.")
+RpcKeyOpt = typer.Option(None, "--rpc-key", help="With --rpc: HOST:PORT is an RPC tracker; run on a device it "
+                         "has under this key.")
 MaxContextOpt = typer.Option(4096, "--max-context", help="Compiled runs: KV capacity of global layers (positions).")
 PassesOpt = typer.Option("all", "--passes", help="Optimization passes: all (default), none, or a comma list (see `g4c passes`).")
 DumpAfterOpt = typer.Option(None, "--dump-after", help="Write the IR (text + DOT) after these passes (comma list; 'input' = before any).")
@@ -75,7 +77,8 @@ def _config(model: str, layers: Optional[int]):
 
 def _session(model: str, backend: str, random_weights: bool, seed: int, layers: Optional[int],
              passes: str = "all", dump_after: Optional[str] = None, dump_dir: Optional[Path] = None,
-             target: str = "llvm", max_context: int = 4096, rpc: Optional[str] = None):
+             target: str = "llvm", max_context: int = 4096, rpc: Optional[str] = None,
+             rpc_key: Optional[str] = None):
     """(tokenizer directory or None, eos ids, session) for a checkpoint, preset or compiled artifact
     (run on an RPC server when `rpc` is HOST:PORT)."""
     from g4c.runtime.artifact import is_artifact, load
@@ -84,13 +87,15 @@ def _session(model: str, backend: str, random_weights: bool, seed: int, layers: 
         raise G4CError(f"unknown backend {backend!r}: available backends are {', '.join(BACKENDS)}")
     if max_context < 1:
         raise G4CError(f"--max-context must be >= 1, got {max_context}")
+    if rpc_key is not None and rpc is None:
+        raise G4CError("--rpc-key needs --rpc TRACKER_HOST:PORT")
     if rpc is not None and not is_artifact(model):
         raise G4CError("--rpc runs a compiled artifact: g4c compile MODEL --target <the device's> -o DIR first")
     if is_artifact(model):
         if rpc is not None:
             from g4c.runtime.remote import RemoteSession
 
-            session = RemoteSession(model, rpc, max_context)
+            session = RemoteSession(model, rpc, max_context, tracker_key=rpc_key)
         else:
             session = load(model, max_context)
         return Path(model), session.config.get("eos_token_id"), session
@@ -258,12 +263,12 @@ def logits(model: str = typer.Argument(..., help="Checkpoint directory or preset
            backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
            layers: Optional[int] = LayersOpt, passes: str = PassesOpt, dump_after: Optional[str] = DumpAfterOpt,
            dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt, max_context: int = MaxContextOpt,
-           rpc: Optional[str] = RpcOpt):
+           rpc: Optional[str] = RpcOpt, rpc_key: Optional[str] = RpcKeyOpt):
     """Float32 logits [T, vocab] of the prompt, saved as .npy (MODEL may be a compiled artifact).
 
     Example: g4c logits tiny-e --random-weights --tokens 2,17,99 -o out.npy"""
     _, _, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir, target,
-                             max_context, rpc)
+                             max_context, rpc, rpc_key)
     result = session.prefill(parse_tokens(tokens), all_logits=True).astype(np.float32)
     np.save(output, result)
     out.print(f"wrote {output}: logits {list(result.shape)}, last-token argmax {int(np.argmax(result[-1]))}")
@@ -281,7 +286,7 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
              backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
              layers: Optional[int] = LayersOpt, passes: str = PassesOpt, dump_after: Optional[str] = DumpAfterOpt,
              dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt, max_context: int = MaxContextOpt,
-             rpc: Optional[str] = RpcOpt):
+             rpc: Optional[str] = RpcOpt, rpc_key: Optional[str] = RpcKeyOpt):
     """Continue a prompt; the new token ids are the last line of stdout, comma-separated.
 
     Example: g4c generate tiny-e --random-weights --tokens 2,17,99 --max-new-tokens 8"""
@@ -291,7 +296,7 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
         raise G4CError("give exactly one of --tokens or --prompt")
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     directory, eos, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir,
-                                       target, max_context, rpc)
+                                       target, max_context, rpc, rpc_key)
     tokenizer = None
     if prompt is not None:
         tokenizer = _tokenizer(directory, model)

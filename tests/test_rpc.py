@@ -34,13 +34,14 @@ def start_server(command: list[str], port: int, sessions: int) -> subprocess.Pop
     raise AssertionError(f"the RPC server did not start: {server.stderr.read()[-2000:]}")
 
 
-def run_remotely(artifact, port: int, tmp_path, capsys) -> tuple[np.ndarray, list[int]]:
+def run_remotely(artifact, port: int, tmp_path, capsys,
+                 rpc_options: tuple[str, ...] = ()) -> tuple[np.ndarray, list[int]]:
     """Logits of PROMPT and 32 greedy tokens after PROMPT[:6], each in its own RPC session."""
     out = tmp_path / "logits.npy"
-    address = f"127.0.0.1:{port}"
-    assert main(["logits", str(artifact), "--rpc", address, "--tokens", ",".join(map(str, PROMPT)), "-o", str(out)]) == 0
+    rpc = ["--rpc", f"127.0.0.1:{port}", *rpc_options]
+    assert main(["logits", str(artifact), *rpc, "--tokens", ",".join(map(str, PROMPT)), "-o", str(out)]) == 0
     capsys.readouterr()
-    assert main(["generate", str(artifact), "--rpc", address, "--tokens", ",".join(map(str, PROMPT[:6])),
+    assert main(["generate", str(artifact), *rpc, "--tokens", ",".join(map(str, PROMPT[:6])),
                  "--max-new-tokens", "32", "--stop", "none", "--max-context", "64"]) == 0
     new = [int(t) for t in capsys.readouterr().out.strip().splitlines()[-1].split(",")]
     return np.load(out), new
@@ -59,11 +60,47 @@ def test_rpc_server_without_compiler_runs_artifacts(family, artifacts, reference
     assert new == reference_greedy(references[family], PROMPT[:6], 32)
 
 
+def test_rpc_through_a_tracker_key(artifacts, references, tmp_path, capsys):
+    """--rpc TRACKER --rpc-key KEY: the tracker hands out a TVM RPC server registered under KEY."""
+    import time
+
+    pytest.importorskip("tornado")  # TVM's tracker needs it
+    from tvm import rpc
+
+    tracker_port, server_port = free_port(), free_port()
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
+                                str(tracker_port), "--port-end", str(tracker_port + 1)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        time.sleep(2)
+        server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
+                                   f"127.0.0.1:{tracker_port}", "--key", "g4c-test", "--host", "127.0.0.1",
+                                   "--port", str(server_port), "--port-end", str(server_port + 1)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(60):  # until the server has registered
+            time.sleep(0.5)
+            try:
+                if "g4c-test" in rpc.connect_tracker("127.0.0.1", tracker_port).text_summary():
+                    break
+            except RuntimeError:
+                continue
+        logits, new = run_remotely(artifacts["e"], tracker_port, tmp_path, capsys, ("--rpc-key", "g4c-test"))
+    finally:
+        for process in (server, tracker):
+            if process is not None:
+                process.kill()
+    assert np.abs(logits - reference_logits(references["e"], PROMPT)).max() <= 1e-4
+    assert new == reference_greedy(references["e"], PROMPT[:6], 32)
+
+
 def test_rpc_errors_are_one_line(artifacts, checkpoints, capsys):
     port = free_port()  # nothing listens there
     assert main(["logits", str(artifacts["e"]), "--rpc", f"127.0.0.1:{port}", "--tokens", "2,3", "-o", "/tmp/x.npy"]) == 1
     assert main(["logits", str(artifacts["e"]), "--rpc", "nohostport", "--tokens", "2,3", "-o", "/tmp/x.npy"]) == 1
     assert main(["generate", str(checkpoints["e"]), "--rpc", "127.0.0.1:1", "--tokens", "2,3"]) == 1
+    assert main(["generate", str(artifacts["e"]), "--rpc-key", "phone", "--tokens", "2,3"]) == 1
     err = capsys.readouterr().err
+    assert "--rpc-key needs --rpc" in err
     assert "cannot reach the RPC server" in err and "--rpc wants HOST:PORT" in err
     assert "--rpc runs a compiled artifact" in err

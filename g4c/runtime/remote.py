@@ -32,7 +32,9 @@ class RemoteSession(Session):
     """prefill/decode of an artifact whose kernels run on an RPC server."""
 
     def __init__(self, directory: str | Path, address: str, max_context: int | None = None,
-                 prefill_chunk: int = 64, key: str = ""):
+                 prefill_chunk: int = 64, tracker_key: str | None = None):
+        """`address` is the RPC server, or with `tracker_key` an RPC tracker that hands out a server
+        registered under that key (`python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY`)."""
         import tvm
         from tvm import rpc
 
@@ -42,9 +44,13 @@ class RemoteSession(Session):
             raise G4CError(f"--rpc runs Relax VM artifacts; {self.manifest['target']} artifacts run through wgpu")
         host, port = parse_address(address)
         try:
-            self.remote = rpc.connect(host, port, key=key)
-        except Exception as exc:  # noqa: BLE001 - refused, unreachable, key mismatch: one line
-            raise G4CError(f"cannot reach the RPC server at {address}: {str(exc).splitlines()[-1]}") from None
+            if tracker_key:
+                self.remote = rpc.connect_tracker(host, port).request(tracker_key, priority=1, session_timeout=0)
+            else:
+                self.remote = rpc.connect(host, port)
+        except Exception as exc:  # noqa: BLE001 - refused, unreachable, no such key: one line
+            what = f"a '{tracker_key}' device from the RPC tracker" if tracker_key else "the RPC server"
+            raise G4CError(f"cannot reach {what} at {address}: {str(exc).strip().splitlines()[-1]}") from None
         self.device = self.remote.cpu()
         self._item = self.remote.get_function("ffi.ArrayGetItem")
         self.remote.upload(str(self.directory / LIBRARY))
