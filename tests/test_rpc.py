@@ -78,13 +78,19 @@ def test_rpc_through_a_tracker_key(artifacts, references, tmp_path, capsys):
                                    f"127.0.0.1:{tracker_port}", "--key", "g4c-test", "--host", "127.0.0.1",
                                    "--port", str(server_port), "--port-end", str(server_port + 1)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        registered = False
         for _ in range(60):  # until the server has registered
             time.sleep(0.5)
             try:
-                if "g4c-test" in rpc.connect_tracker("127.0.0.1", tracker_port).text_summary():
-                    break
+                registered = "g4c-test" in rpc.connect_tracker("127.0.0.1", tracker_port).summary()["queue_info"]
             except RuntimeError:
                 continue
+            if registered:
+                break
+        assert registered, "TVM's RPC server did not register with the tracker"
+        assert main(["logits", str(artifacts["e"]), "--rpc", f"127.0.0.1:{tracker_port}", "--rpc-key", "phone",
+                     "--tokens", "2,3", "-o", str(tmp_path / "x.npy")]) == 1
+        assert "has no device under key 'phone'" in capsys.readouterr().err
         logits, new = run_remotely(artifacts["e"], tracker_port, tmp_path, capsys, ("--rpc-key", "g4c-test"))
     finally:
         for process in (server, tracker):

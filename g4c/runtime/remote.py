@@ -45,10 +45,15 @@ class RemoteSession(Session):
         host, port = parse_address(address)
         try:
             if tracker_key:
-                self.remote = rpc.connect_tracker(host, port).request(tracker_key, priority=1, session_timeout=0)
+                tracker = rpc.connect_tracker(host, port)
+                if tracker_key not in tracker.summary().get("queue_info", {}):  # request() would wait forever
+                    raise G4CError(f"the RPC tracker at {address} has no device under key '{tracker_key}'")
+                self.remote = tracker.request(tracker_key, priority=1, session_timeout=0)
             else:
                 self.remote = rpc.connect(host, port)
-        except Exception as exc:  # noqa: BLE001 - refused, unreachable, no such key: one line
+        except G4CError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - refused, unreachable: one line
             what = f"a '{tracker_key}' device from the RPC tracker" if tracker_key else "the RPC server"
             raise G4CError(f"cannot reach {what} at {address}: {str(exc).strip().splitlines()[-1]}") from None
         self.device = self.remote.cpu()
