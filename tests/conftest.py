@@ -33,12 +33,17 @@ def references(checkpoints):
 @pytest.fixture(scope="session")
 def artifacts(checkpoints, tmp_path_factory) -> dict[str, Path]:
     """Each test checkpoint compiled for the host (`llvm`)."""
+    return compile_families(checkpoints, ("e", "moe", "dense", "unified"), "llvm",
+                            tmp_path_factory.mktemp("artifacts"))
+
+
+def compile_families(checkpoints, families, target: str, root: Path, **options) -> dict[str, Path]:
+    """family → the test checkpoint compiled for `target` under `root` (compile_model options pass through)."""
     from g4c.codegen.build import compile_model
     from g4c.model import load_model
 
-    root = tmp_path_factory.mktemp("artifacts")
     out = {}
-    for family in ("e", "moe", "dense", "unified"):
+    for family in families:
         loaded = load_model(str(checkpoints[family]))
-        out[family] = compile_model(loaded.cfg, loaded.weights, "llvm", root / family)
+        out[family] = compile_model(loaded.cfg, loaded.weights, target, root / family, **options)
     return out

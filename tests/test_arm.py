@@ -12,12 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROMPT
+from conftest import PROMPT, compile_families
 from hf_reference import reference_greedy, reference_logits
 
 from g4c.cli import main
-from g4c.codegen.build import compile_model
-from g4c.model import load_model
 from g4c.runtime.artifact import ArtifactError, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +32,7 @@ if not all(shutil.which(t) for t in TOOLS):
 
 @pytest.fixture(scope="module")
 def arm_artifacts(checkpoints, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("arm")
-    out = {}
-    for family in FAMILIES:
-        loaded = load_model(str(checkpoints[family]))
-        out[family] = compile_model(loaded.cfg, loaded.weights, "arm", root / family)
-    return out
+    return compile_families(checkpoints, FAMILIES, "arm", tmp_path_factory.mktemp("arm"))
 
 
 def emulated(*args: str) -> str:

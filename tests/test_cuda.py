@@ -10,10 +10,9 @@ import shutil
 import struct
 
 import pytest
+from conftest import compile_families
 
 from g4c.cli import main
-from g4c.codegen.build import compile_model
-from g4c.model import load_model
 from g4c.targets.cuda import fatbin_blob
 
 if shutil.which("nvcc") is None:
@@ -39,12 +38,8 @@ def _cuda_module(library: bytes) -> tuple[bytes, bytes]:
 
 @pytest.fixture(scope="module")
 def cuda_artifacts(checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cuda")
-    out = {}
-    for family in ("e", "moe"):
-        loaded = load_model(str(checkpoints[family]))
-        out[family] = compile_model(loaded.cfg, loaded.weights, "cuda:sm_90", root / family, bundle_runtime=True)
-    return out
+    return compile_families(checkpoints, ("e", "moe"), "cuda:sm_90", tmp_path_factory.mktemp("cuda"),
+                            bundle_runtime=True)
 
 
 @pytest.mark.parametrize("family", ["e", "moe"])

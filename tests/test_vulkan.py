@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import PROMPT
+from conftest import PROMPT, compile_families
 from hf_reference import reference_greedy, reference_logits
 
 from g4c.cli import main
@@ -39,12 +39,7 @@ if _adapter() is None:
 
 @pytest.fixture(scope="module")
 def vulkan_artifacts(checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("vulkan")
-    out = {}
-    for family in FAMILIES:
-        loaded = load_model(str(checkpoints[family]))
-        out[family] = compile_model(loaded.cfg, loaded.weights, "vulkan", root / family)
-    return out
+    return compile_families(checkpoints, FAMILIES, "vulkan", tmp_path_factory.mktemp("vulkan"))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -81,7 +76,6 @@ def test_vulkan_artifact_holds_wgsl_and_launches(vulkan_artifacts):
 def test_grids_wider_than_the_dispatch_limit_fold_into_z():
     """A kernel of 70000 workgroups (> 65535 per dimension) runs completely: the grid folds into z
     and the kernel skips the padding blocks past packGridDimX."""
-    import tvm
     import wgpu
 
     from g4c.codegen import kernels as K
