@@ -50,11 +50,14 @@ def optimized_graphs(cfg: ModelConfig, weights: Weights) -> dict:
 
 def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir: str | Path,
                   overwrite: bool = False, progress: Progress | None = None, dtype: str = "float32",
-                  bundle_runtime: bool = False, weights_from_seed: bool = False) -> Path:
+                  bundle_runtime: bool = False, weights_from_seed: bool = False,
+                  static_decode: bool | None = None) -> Path:
     """Lower, schedule, build and write an artifact (see the module docstring). `bundle_runtime` copies
     the TVM runtime libraries the target needs into it; `weights_from_seed` (random weights only)
     writes no weight files: the runtime regenerates them from the seed, so a benchmark artifact of a
-    full-size model stays a few MB."""
+    full-size model stays a few MB. `static_decode` (default: the target's choice, on for CUDA) makes
+    `decode` a fixed-shape function the runtime calls with the same tensors every step (see
+    `relax_module.build_module`), which CUDA replays as one graph."""
     import tvm
 
     from g4c.codegen import wgsl
@@ -64,6 +67,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     from g4c.targets.base import get_target
 
     target = get_target(target_name)
+    static_decode = target.static_decode if static_decode is None else static_decode
     seed = _seed_of(weights) if weights_from_seed else None
     libraries = _runtime_libraries(target) if bundle_runtime else []
     out = Path(out_dir)
@@ -90,9 +94,15 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         extra = {"runtime": "wgpu", "launches": {k: [x.to_json() for x in v] for k, v in launches.items()}}
     else:
         storage = {name: (a.shape, STORAGE[dtype_name(a.dtype)]) for name, a in tensors.items()}
-        pipeline = target.relax_pipeline() if target.relax_pipeline else "default"
-        lib = tvm.compile(build_module(lowered, entry, scheduled, storage), target=target.tvm_target(),
-                          relax_pipeline=pipeline)
+        module, pipeline = build_module(lowered, entry, scheduled, storage, static_decode), "default"
+        if target.relax_pipeline:  # run here, so the lowered module can be inspected
+            with target.tvm_target():
+                module, pipeline = target.relax_pipeline()(module), None
+        if target.device == "cuda":
+            from g4c.targets.cuda import decode_graph
+
+            extra["decode_graph"] = decode_graph(module)
+        lib = tvm.compile(module, target=target.tvm_target(), relax_pipeline=pipeline)
     build_seconds = time.time() - t0
     report("building library", 1, 1)
 
@@ -111,7 +121,8 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "g4c_version": g4c.__version__,
             "tvm_version": tvm.__version__, "target": target.name, "target_spec": str(target.tvm_target()),
-            "device": target.device, "index_dtype": lowered.index_dtype, "library": target.library,
+            "device": target.device, "static_decode": static_decode and target.runtime == "relax-vm",
+            "index_dtype": lowered.index_dtype, "library": target.library,
             "dtype": "float32", "weight_dtype": lowered.weight_dtype, "half_weights": sorted(lowered.half_weights),
             "weight_recipes": lowered.recipes, "config": cfg.to_hf_dict(), "build_seconds": round(build_seconds, 2),
             "entry": entry.to_json(), "kernels": names,

@@ -44,7 +44,8 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
     thread accumulating its slice of head_dim, so no [T, heads, S] intermediate exists and any cache
     length S fits. It writes the unnormalised sum, the running max and the softmax denominator
     [T, heads, parts, head_dim + 2]; `attention_merge` combines the ranges. Sliding layers pass their
-    ring of window slots, so they read only the window."""
+    ring of window slots, so they read only the window; a full cache may be passed whole (its slots
+    past the last position are never read), which keeps a decode step's shapes static."""
     group, per, nt = q_heads // kv_heads, _ceil(head_dim, THREADS), THREADS
     parts = attention_parts(window)
     half, win = head_dim // 2, window or 0
@@ -72,8 +73,8 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
                 i = blk // (q_heads * parts)
                 h = blk // parts % q_heads
                 p = blk % parts
-                chunk = T.ceildiv(s, parts)
                 last = pos[t - 1]
+                chunk = T.ceildiv(T.min(last + 1, s), parts)  # only the slots written so far
                 run[0] = T.float32(NEG)
                 run[1] = T.float32(0)
                 for r in range(per):

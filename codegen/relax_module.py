@@ -41,14 +41,19 @@ def signature(lowered: Lowered) -> EntrySignature:
 
 
 def build_module(lowered: Lowered, sig: EntrySignature, kernels: dict[str, object],
-                 weight_shapes: dict[str, tuple[tuple[int, ...], str]]):
+                 weight_shapes: dict[str, tuple[tuple[int, ...], str]], static_decode: bool = False):
     """An IRModule with the scheduled kernels and one Relax function per program, parameters in
-    `sig` order; `weight_shapes` gives each weight's stored shape and dtype."""
+    `sig` order; `weight_shapes` gives each weight's stored shape and dtype.
+
+    `static_decode`: `decode` takes exactly one token and every parameter is declared fixed
+    (`num_input` 0): the runtime passes the same tensors on every step (inputs copied into them,
+    whole caches), so TVM's RewriteCUDAGraph can capture the step as one CUDA graph and replay it."""
     bb = relax.BlockBuilder()
     gvars = {name: bb.add_func(func, name) for name, func in kernels.items()}
     last_kernels: dict[tuple, object] = {}
     for program in lowered.programs.values():
-        _entry(bb, program, lowered, sig, gvars, weight_shapes, last_kernels)
+        _entry(bb, program, lowered, sig, gvars, weight_shapes, last_kernels,
+               static=static_decode and program.name == "decode")
     return bb.get()
 
 
@@ -56,9 +61,10 @@ def _tensor(shape, dtype: str):
     return relax.TensorType(list(shape), dtype)
 
 
-def _entry(bb, program: Program, lowered: Lowered, sig: EntrySignature, gvars, weight_shapes, last_kernels) -> None:
+def _entry(bb, program: Program, lowered: Lowered, sig: EntrySignature, gvars, weight_shapes, last_kernels,
+           static: bool = False) -> None:
     index = lowered.index_dtype  # ids/positions: int64 on CPUs, int32 on GPUs (Relax shapes stay int64)
-    tokens = tirx.Var("T", "int64")
+    tokens = tirx.IntImm("int64", 1) if static else tirx.Var("T", "int64")
     dims = {"T": tokens}
     env: dict[str, relax.Expr] = {}
     params = [relax.Var("ids", _tensor((tokens,), index)), relax.Var("positions", _tensor((tokens,), index))]
@@ -78,7 +84,7 @@ def _entry(bb, program: Program, lowered: Lowered, sig: EntrySignature, gvars, w
         var = relax.Var(slot.replace(".", "_"), dims[f"kv:{slot}"])
         params.append(var)
         env[f"kv:{slot}"] = var
-    with bb.function(program.name, params):
+    with bb.function(program.name, params, attrs={"num_input": 0} if static else None):
         with bb.dataflow():
             for step in program.steps:
                 _emit(bb, step, program, env, dims, gvars, params, last_kernels)

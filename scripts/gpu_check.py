@@ -105,7 +105,8 @@ def benchmark(bundle: Path, prompt_lens: str, gen: int, context: int) -> dict:
     for attn in ("eager", "sdpa"):
         results[f"transformers {attn}"] = engine("transformers", str(checkpoint), *common, "--device", device,
                                                  "--dtype", "bfloat16", "--attn", attn)
-    return {"layers": layers, "weight_dtype": manifest["weight_dtype"], "results": results}
+    return {"layers": layers, "weight_dtype": manifest["weight_dtype"], "results": results,
+            "decode_graph": manifest.get("decode_graph")}
 
 
 def report(rows: list[dict], bench: dict | None, bw: dict) -> str:
@@ -132,6 +133,9 @@ def report(rows: list[dict], bench: dict | None, bw: dict) -> str:
                 if bw["nominal"]:
                     roof += f" / {step_bytes * decode / bw['nominal']:.0%}"
             lines.append(f"| {name} | {prefill} | {decode:.1f} | {ratio:.2f}× | {roof} |")
+        if bench.get("decode_graph"):
+            lines += ["", "g4c decode step: {captured} kernels replayed as one CUDA graph, {outside} launched "
+                      "outside it".format(**bench["decode_graph"])]
         lines += ["", f"decode at the first prompt length; decode over {max(int(k) for k in g4c['decode'])} "
                   "cached positions: " + ", ".join(f"{n}: {r['decode'][max(r['decode'], key=int)]:.1f}"
                                                    for n, r in bench["results"].items())]

@@ -21,6 +21,7 @@ class Target:
     device: str = "cpu"  # where the Relax VM runs the kernels: "cpu", "cuda" or "metal"
     relax_pipeline: Callable[[], object] | None = None  # Relax lowering; None: TVM's "default" for the target
     library: str = "kernels.so"  # the library the runtime loads (metal: kernels.dylib, linked on the Mac)
+    static_decode: bool = False  # decode takes fixed tensors (one token, whole caches): CUDA graphs replay it
 
     def export_library(self, lib, path: str) -> None:
         if self.export is not None:

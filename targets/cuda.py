@@ -109,14 +109,21 @@ def cuda_target(arch: str = DEFAULT_ARCH) -> Target:
         lib.export_library(path, fpack_imports=pack_imports)
 
     return Target(f"cuda:{arch}", tvm_target, schedule, export=export, options={"arch": arch}, gpu=True,
-                  device="cuda", relax_pipeline=lambda: relax_pipeline(tvm_target()))
+                  device="cuda", relax_pipeline=lambda: relax_pipeline(tvm_target()), static_decode=True)
 
 
 def relax_pipeline(tvm_target):
     """TVM's CUDA pipeline without operator fusion and reshape rewriting: g4c's kernels are fused and
     scheduled already (FuseTIR would merge them across their int32/int64 shape variables, and
     RewriteDataflowReshape only reads block-form TIR); helpers such as `take_last` and the legalized
-    reshape get dlight schedules."""
+    reshape get dlight schedules.
+
+    CUDA graphs: with `relax.backend.use_cuda_graph`, RewriteCUDAGraph lifts the kernel launches of
+    the static decode function (one token, every parameter fixed, intermediates in static storage)
+    into a capture function: the runtime's first decode step runs it, captures it as a CUDA graph,
+    and every later step replays the graph with one launch (`vm.builtin.cuda_graph.run_or_capture`,
+    part of libtvm_runtime_cuda). Prefill functions have symbolic token counts and runtime inputs,
+    so they are left as plain launches."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda
@@ -130,6 +137,29 @@ def relax_pipeline(tvm_target):
                                               dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
             passes += [relax.transform.ToNonDataflow(), relax.transform.RemovePurityChecking(),
                        relax.transform.CallTIRRewrite()] + cuda.finalize_passes(tvm_target)
-            return tvm.transform.Sequential(passes)(mod)
+            with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": True}):
+                return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
+
+
+def kernel_launches(mod) -> dict[str, int]:
+    """Kernel calls per Relax function of a lowered module (calls of its TensorIR functions)."""
+    from tvm import relax, tirx
+
+    counts = {}
+    for gvar, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            calls = [b.value for block in func.body.blocks for b in block.bindings if isinstance(b.value, relax.Call)]
+            counts[gvar.name_hint] = sum(isinstance(c.op, relax.GlobalVar) and isinstance(mod[c.op], tirx.PrimFunc)
+                                         for c in calls)
+    return counts
+
+
+def decode_graph(mod) -> dict[str, int]:
+    """How a lowered module's decode step launches its kernels: `captured` in its CUDA graph (one
+    replay per step), `outside` as plain launches (those writing the returned logits)."""
+    counts = kernel_launches(mod)
+    return {"captured": sum(n for name, n in counts.items() if name.startswith("decode_cuda_graph_capture")),
+            "outside": counts.get("decode", 0)}
+

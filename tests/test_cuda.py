@@ -59,6 +59,22 @@ def test_cuda_library_holds_a_fatbin_and_no_source(family, cuda_artifacts):
         assert any(k.startswith("moe_gate_up") for k in kernels) and any(k.startswith("router_topk") for k in kernels)
 
 
+@pytest.mark.parametrize("family", ["e", "moe"])
+def test_cuda_decode_step_is_one_cuda_graph(family, cuda_artifacts):
+    """Decode is compiled static (one token, fixed tensors) and TVM's RewriteCUDAGraph puts its kernel
+    launches into one captured graph: a decode step is one graph replay plus the launch that writes
+    the returned logits; the library calls the runtime's CUDA-graph builtins."""
+    directory = cuda_artifacts[family]
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["static_decode"] is True
+    graph = manifest["decode_graph"]
+    decode_kernels = sum(1 for step in manifest["programs"]["decode"]["steps"]
+                         if step["kernel"] not in ("rows", "reshape", "last"))
+    assert graph["outside"] <= 2 and graph["captured"] + graph["outside"] >= decode_kernels
+    library = (directory / "kernels.so").read_bytes()
+    assert b"vm.builtin.cuda_graph.run_or_capture" in library and b"vm.builtin.cuda_graph.get_cached_alloc" in library
+
+
 def test_cuda_bundle_has_the_runtime_libraries(cuda_artifacts):
     directory = cuda_artifacts["e"]
     names = {p.name for p in directory.iterdir()}

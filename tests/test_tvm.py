@@ -187,6 +187,35 @@ def test_runtime_memory_path_matches_numpy_buffers(artifacts):
     assert plain.generate(prompt[:4], 12) == device.generate(prompt[:4], 12)
 
 
+def test_static_decode_matches_and_reuses_its_input_tensors(artifacts, checkpoints, tmp_path):
+    """Static decode (CUDA's form, for graph replay: one token, whole caches, the same input tensors
+    refilled every step) compiled for the CPU gives the plain artifact's logits and tokens, through
+    numpy buffers and through runtime tensors."""
+    from conftest import compile_families
+
+    from g4c.runtime.artifact import CompiledSession
+
+    static = compile_families(checkpoints, ("e",), "llvm", tmp_path, static_decode=True)["e"]
+    assert json.loads((static / "manifest.json").read_text())["static_decode"] is True
+    prompt = [2, 17, 99, 5, 8, 1, 44, 23, 60, 7]
+    plain = CompiledSession(artifacts["e"])
+    expected = plain.generate(prompt[:3], 14)
+    plain.reset()
+    plain.prefill(prompt[:3])
+    reference = [plain.decode(t) for t in expected[:6]]
+    for memory in (False, True):
+        session = CompiledSession(static, runtime_memory=memory)
+        assert session.generate(prompt[:3], 14) == expected  # 17 positions: past the sliding windows
+        session.reset()
+        session.prefill(prompt[:3])
+        fixed = None
+        for token, logits in zip(expected[:6], reference):
+            np.testing.assert_allclose(session.decode(token), logits, atol=1e-5)
+            tensors = [id(t) for _, t in session._fixed]
+            assert fixed in (None, tensors)  # the same tensors every step
+            fixed = tensors
+
+
 def test_weights_from_seed_artifact_matches_the_written_one(tmp_path):
     """--weights-from-seed writes no weight files; the runtime regenerates them (packed q/k/v, RoPE
     tables, the PLE table) bit-identically."""

@@ -239,6 +239,8 @@ class CompiledSession(Session):
         self._rings = {s: c for s, c in self._device_caches.items() if self.manifest["kv_slots"][s]["ring"]}
         self._functions = {name: self.vm[name] for name in self.manifest["programs"]}
         self._ple = entry["inputs"][2:] == ["ple_rows"]
+        self._static_decode = bool(self.manifest.get("static_decode"))
+        self._fixed: list | None = None  # static decode: the input tensors every step reuses
         self.reset()
 
     # -- Session API -------------------------------------------------------------------------------
@@ -255,16 +257,33 @@ class CompiledSession(Session):
                   aligned(np.arange(self.position, length, dtype=self._index))]
         if self._ple:
             inputs.append(self._ple_rows(ids))
-        caches = [self._rings[s] if s in self._rings else self._first_rows(s, length) for s in self.caches]
-        if self._gpu:
-            tensors = [self._gpu.upload(a) for a in inputs]
+        if name == "decode" and self._static_decode:  # the same tensors every step (a CUDA graph replays)
+            tensors, caches = self._fixed_inputs(inputs), list(self._device_caches.values())
         else:
-            tensors = [self._ffi.from_dlpack(a) for a in inputs]
+            caches = [self._rings[s] if s in self._rings else self._first_rows(s, length) for s in self.caches]
+            tensors = [self._gpu.upload(a) if self._gpu else self._ffi.from_dlpack(a) for a in inputs]
         result = self._functions[name](*tensors, *self._weights, *caches)
         self.position = length
         if self._gpu:
             return self._gpu.download(result[0])
         return np.array(np.from_dlpack(result[0]), dtype=np.float32)  # copy out of the VM's memory pool
+
+    def _fixed_inputs(self, arrays: list[np.ndarray]) -> list:
+        """A static decode step's inputs (ids, position, PLE rows), written into tensors made at the
+        first step: the CUDA graph captured then reads these addresses on every replay, and the caches
+        are passed whole for the same reason."""
+        if self._fixed is None:
+            if self._gpu:
+                self._fixed = [(None, self._gpu.empty(a.shape, str(a.dtype))) for a in arrays]
+            else:
+                hosts = [aligned_empty(a.shape, a.dtype) for a in arrays]
+                self._fixed = [(h, self._ffi.from_dlpack(h)) for h in hosts]
+        for array, (host, tensor) in zip(arrays, self._fixed):
+            if self._gpu:
+                self._gpu.copy(self._ffi.from_dlpack(array), tensor)
+            else:
+                host[...] = array
+        return [tensor for _, tensor in self._fixed]
 
     def _first_rows(self, slot: str, rows: int):
         if self._gpu:

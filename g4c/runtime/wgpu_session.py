@@ -171,10 +171,9 @@ class WgpuSession(Session):
         queue = self.device.queue
         queue.write_buffer(buffers["in:ids"][0], 0, ids.astype(INDEX))
         queue.write_buffer(buffers["in:positions"][0], 0, np.arange(self.position, length, dtype=INDEX))
-        for slot, buffer in self.caches.items():  # full caches are seen as their first `length` rows
+        for slot, buffer in self.caches.items():  # whole caches: attention reads the slots written so far
             info = self.manifest["kv_slots"][slot]
-            rows = self._cache_rows[slot] if info["ring"] else length
-            buffers[f"kv:{slot}"] = (buffer, (rows, info["kv_heads"], info["head_dim"]), 4)
+            buffers[f"kv:{slot}"] = (buffer, (self._cache_rows[slot], info["kv_heads"], info["head_dim"]), 4)
         encoder = self.device.create_command_encoder()
         compute = None
         for step in program["steps"]:
