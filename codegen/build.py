@@ -75,7 +75,8 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     report = progress or (lambda stage, done, total: None)
     graphs = optimized_graphs(cfg, weights)
     lowered = lower(cfg, graphs, weights.f32, canonical_dtype(dtype), gpu=target.gpu,
-                    max_binding=target.options.get("max_binding"))
+                    max_binding=target.options.get("max_binding"),
+                    shared_memory=target.options.get("shared_memory", 16384))
     if target.runtime == "wgpu":
         _check_wgpu_dtype(target, lowered.weight_dtype)
     names = sorted(lowered.kernels)

@@ -140,6 +140,151 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
     return func_plain
 
 
+TILE_ROWS = 16  # (query, head) rows of one prefill attention workgroup: 16 rows share each K/V load
+TILE_THREADS = 128
+
+
+def prefill_chunk_keys(head_dim: int, shared_bytes: int) -> int:
+    """Keys per shared-memory chunk of `prefill_attention`: a power of two whose K and V rows plus the
+    score tile fit `shared_bytes` (WebGPU's default 16 KiB, 48 KiB on CUDA), at most 32."""
+    per_key = 2 * head_dim * 4 + 2 * TILE_ROWS * 4  # K, V rows; scores, probabilities
+    keys = max(1, min(32, (shared_bytes - TILE_ROWS * 4) // per_key))
+    return 1 << (keys.bit_length() - 1)
+
+
+def prefill_attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, scaling: float,
+                      name: str, k_from_v: bool = False, shared_bytes: int = 16384) -> tirx.PrimFunc:
+    """`attention` for prefill, tiled over queries: a workgroup takes TILE_ROWS (query, head) rows that
+    share one KV head (the GQA group of a few consecutive queries) and one key range; per chunk of
+    keys it loads K and V into shared memory once for all its rows (the untiled kernel reloads them
+    per query and head), computes the rows × keys scores, updates each row's online softmax
+    (max, denominator, rescale factor) and accumulates P·V, every thread owning a slice of the rows ×
+    head_dim accumulator. Same masks (causal, window, ring slots), same output as `attention`:
+    [T, heads, parts, head_dim + 2] partial results for `attention_merge`."""
+    group, nt, rows = q_heads // kv_heads, TILE_THREADS, TILE_ROWS
+    parts = attention_parts(window)
+    keys = prefill_chunk_keys(head_dim, shared_bytes)
+    half, win = head_dim // 2, window or 0
+    per_acc = _ceil(rows * head_dim, nt)
+    attrs = _attrs(name)
+
+    def key_at(k, v, kn, freq, j, kvh, kp, d):
+        if not k_from_v:
+            return k[j, kvh, d]
+        angle = kp.astype(F32) * freq[d % half]  # K = rope(V * k_norm) at the key's position
+        up, down = (d + half) % head_dim, (d + head_dim - half) % head_dim
+        partner = tirx.if_then_else(d < half, -v[j, kvh, up] * kn[up], v[j, kvh, down] * kn[down])
+        return v[j, kvh, d] * kn[d] * tirx.cos(angle) + partner * tirx.sin(angle)
+
+    @T.macro
+    def body(q, k, v, pos, kn, freq, out, t, s):
+        for blk in T.thread_binding(T.ceildiv(t * group, rows) * kv_heads * parts, thread="blockIdx.x"):
+            for tid in T.thread_binding(nt, thread="threadIdx.x"):
+                ks = T.alloc_buffer((keys, head_dim), F32, scope="shared")
+                vs = T.alloc_buffer((keys, head_dim), F32, scope="shared")
+                sc = T.alloc_buffer((rows, keys), F32, scope="shared")  # scores
+                pr = T.alloc_buffer((rows, keys), F32, scope="shared")  # probabilities
+                rescale = T.alloc_buffer((rows,), F32, scope="shared")
+                acc = T.alloc_buffer((per_acc,), F32, scope="local")
+                tmp = T.alloc_buffer((2,), F32, scope="local")
+                row = T.alloc_buffer((3,), F32, scope="local")  # thread r < rows: row r's max, denominator, new max
+                tile = blk // (kv_heads * parts)
+                kvh = blk // parts % kv_heads
+                p = blk % parts
+                last = pos[t - 1]
+                n = T.min(last + 1, s)  # slots written so far
+                chunk = T.ceildiv(n, parts)
+                for e in range(per_acc):
+                    acc[e] = T.float32(0)
+                row[0] = T.float32(NEG)
+                row[1] = T.float32(0)
+                for c in range(T.ceildiv(chunk, keys)):
+                    for e in range(_ceil(keys * head_dim, nt)):  # K, V chunk → shared
+                        if e * nt + tid < keys * head_dim:
+                            slot = p * chunk + c * keys + (e * nt + tid) // head_dim
+                            col = (e * nt + tid) % head_dim
+                            if slot < n and slot < (p + 1) * chunk:
+                                ks[(e * nt + tid) // head_dim, col] = key_at(
+                                    k, v, kn, freq, slot, kvh, slot + s * T.floordiv(last - slot, s), col)
+                                vs[(e * nt + tid) // head_dim, col] = v[slot, kvh, col]
+                            else:
+                                ks[(e * nt + tid) // head_dim, col] = T.float32(0)
+                                vs[(e * nt + tid) // head_dim, col] = T.float32(0)
+                    for e in range(_ceil(rows * keys, nt)):  # scores of the rows × keys tile
+                        if e * nt + tid < rows * keys:
+                            r = (e * nt + tid) // keys
+                            u = (e * nt + tid) % keys
+                            i = (tile * rows + r) // group
+                            j = p * chunk + c * keys + u
+                            kp = j + s * T.floordiv(last - j, s)
+                            tmp[1] = T.float32(NEG)
+                            if i < t and j < n and j < (p + 1) * chunk and kp <= pos[i] and (
+                                    win == 0 or pos[i] - kp < win):
+                                tmp[0] = T.float32(0)
+                                for d in range(head_dim):
+                                    tmp[0] = tmp[0] + q[i, kvh * group + (tile * rows + r) % group, d] * ks[u, d]
+                                tmp[1] = tmp[0] * T.float32(scaling)
+                            sc[r, u] = tmp[1]
+                    if tid < rows:  # online softmax of row tid: new max, rescale, probabilities, denominator
+                        row[2] = row[0]
+                        for u in range(keys):
+                            row[2] = T.max(row[2], sc[tid, u])
+                        rescale[tid] = T.exp(row[0] - row[2])
+                        row[1] = row[1] * T.exp(row[0] - row[2])
+                        row[0] = row[2]
+                        for u in range(keys):
+                            tmp[1] = sc[tid, u]  # a shared load may not sit in a branch condition
+                            if tmp[1] > T.float32(NEG / 2):
+                                tmp[1] = T.exp(tmp[1] - row[0])
+                                row[1] = row[1] + tmp[1]
+                            else:
+                                tmp[1] = T.float32(0)
+                            pr[tid, u] = tmp[1]
+                    for e in range(per_acc):  # acc = acc · rescale + P · V
+                        if e * nt + tid < rows * head_dim:
+                            acc[e] = acc[e] * rescale[(e * nt + tid) // head_dim]
+                            for u in range(keys):
+                                acc[e] = acc[e] + pr[(e * nt + tid) // head_dim, u] * vs[u, (e * nt + tid) % head_dim]
+                for e in range(per_acc):
+                    if e * nt + tid < rows * head_dim:
+                        if (tile * rows + (e * nt + tid) // head_dim) // group < t:
+                            out[(tile * rows + (e * nt + tid) // head_dim) // group,
+                                kvh * group + (tile * rows + (e * nt + tid) // head_dim) % group, p,
+                                (e * nt + tid) % head_dim] = acc[e]
+                if tid < rows:
+                    if (tile * rows + tid) // group < t:
+                        out[(tile * rows + tid) // group, kvh * group + (tile * rows + tid) % group, p,
+                            head_dim] = row[0]
+                        out[(tile * rows + tid) // group, kvh * group + (tile * rows + tid) % group, p,
+                            head_dim + 1] = row[1]
+
+    if k_from_v:
+        @T.prim_func
+        def func(q_h: T.handle, v_h: T.handle, pos_h: T.handle, kn_h: T.handle, f_h: T.handle, out_h: T.handle):
+            T.func_attr(attrs)
+            t, s = T.int32(), T.int32()
+            q = T.match_buffer(q_h, (t, q_heads, head_dim), F32)
+            v = T.match_buffer(v_h, (s, kv_heads, head_dim), F32)
+            pos = T.match_buffer(pos_h, (t,), I32)
+            kn = T.match_buffer(kn_h, (head_dim,), F32)
+            freq = T.match_buffer(f_h, (half,), F32)
+            out = T.match_buffer(out_h, (t, q_heads, parts, head_dim + 2), F32)
+            body(q, v, v, pos, kn, freq, out, t, s)
+        return func
+
+    @T.prim_func
+    def func_plain(q_h: T.handle, k_h: T.handle, v_h: T.handle, pos_h: T.handle, out_h: T.handle):
+        T.func_attr(attrs)
+        t, s = T.int32(), T.int32()
+        q = T.match_buffer(q_h, (t, q_heads, head_dim), F32)
+        k = T.match_buffer(k_h, (s, kv_heads, head_dim), F32)
+        v = T.match_buffer(v_h, (s, kv_heads, head_dim), F32)
+        pos = T.match_buffer(pos_h, (t,), I32)
+        out = T.match_buffer(out_h, (t, q_heads, parts, head_dim + 2), F32)
+        body(q, k, v, pos, q, q, out, t, s)
+    return func_plain
+
+
 def attention_merge(q_heads: int, head_dim: int, parts: int, name: str) -> tirx.PrimFunc:
     """out[t, h] = Σ_p acc_p·e^(m_p − M) / Σ_p l_p·e^(m_p − M), M = max_p m_p: the exact softmax over
     the key ranges of `attention` (an empty range has m = −3e38 and contributes e^(−∞) = 0)."""

@@ -67,6 +67,7 @@ class Lowered:
     half_weights: set[str] = field(default_factory=set)  # weights stored in weight_dtype
     gpu: bool = False  # GPU kernels (`g4c.codegen.gpu_kernels`) and int32 ids/positions
     max_binding: int | None = None  # GPU: bytes one storage binding may hold; bigger tables are split
+    shared_memory: int = 16384  # GPU: shared memory per workgroup the kernels may use (WebGPU's default)
 
     @property
     def index_dtype(self) -> str:
@@ -302,7 +303,12 @@ class _Lowering:
                 self.call(kern, f"kv:{slot}", new, pos)
         window = a["window"]
         name = f"attention_{nh}x{nkv}x{hd}_w{window}{'_kfromv' if k_from_v else ''}"
-        kern = self.kernel(name, lambda: self.k.attention(nh, nkv, hd, window, 1.0, name, k_from_v))
+        if self.out.gpu and self.prog.name != "decode":  # many queries: tiled over queries
+            shared = self.out.shared_memory
+            name = f"prefill_{name}_{G.prefill_chunk_keys(hd, shared)}"
+            kern = self.kernel(name, lambda: G.prefill_attention(nh, nkv, hd, window, 1.0, name, k_from_v, shared))
+        else:
+            kern = self.kernel(name, lambda: self.k.attention(nh, nkv, hd, window, 1.0, name, k_from_v))
         attn = self.buf(f"{n.name}_attn", (rows, nh, hd))
         parts = None
         if self.out.gpu:  # split-K: the key ranges' partial softmaxes, merged by a second kernel
@@ -403,10 +409,12 @@ class _Lowering:
 
 
 def lower(cfg: ModelConfig, graphs: dict[str, Graph], weights: Callable[[str], np.ndarray],
-          weight_dtype: str = "float32", gpu: bool = False, max_binding: int | None = None) -> Lowered:
+          weight_dtype: str = "float32", gpu: bool = False, max_binding: int | None = None,
+          shared_memory: int = 16384) -> Lowered:
     """Lower the optimized graphs (prefill, prefill_all, decode) into one kernel set and their programs;
-    `gpu` picks the GPU kernels and int32 indices, `max_binding` splits tables bigger than that."""
-    out = Lowered({}, {}, {}, {}, [], weight_dtype, gpu=gpu, max_binding=max_binding)
+    `gpu` picks the GPU kernels and int32 indices, `max_binding` splits tables bigger than that,
+    `shared_memory` sizes the tiles of GPU prefill attention."""
+    out = Lowered({}, {}, {}, {}, [], weight_dtype, gpu=gpu, max_binding=max_binding, shared_memory=shared_memory)
     with K.index_dtype(out.index_dtype):
         for mode, graph in graphs.items():
             program = Program(mode)

@@ -108,7 +108,8 @@ def cuda_target(arch: str = DEFAULT_ARCH) -> Target:
 
         lib.export_library(path, fpack_imports=pack_imports)
 
-    return Target(f"cuda:{arch}", tvm_target, schedule, export=export, options={"arch": arch}, gpu=True,
+    return Target(f"cuda:{arch}", tvm_target, schedule, export=export,
+                  options={"arch": arch, "shared_memory": 48 << 10}, gpu=True,
                   device="cuda", relax_pipeline=lambda: relax_pipeline(tvm_target()), static_decode=True)
 
 

@@ -60,7 +60,8 @@ def metal_target(profile: str = DEFAULT_PROFILE) -> Target:
         (directory / "link.sh").write_text(LINK_SCRIPT)
         (directory / "link.sh").chmod(0o755)
 
-    return Target(f"metal:{profile}", tvm_target, schedule, export=export, options={"profile": profile},
+    return Target(f"metal:{profile}", tvm_target, schedule, export=export,
+                  options={"profile": profile, "shared_memory": 32 << 10},
                   gpu=True, device="metal", relax_pipeline=lambda: _pipeline(tvm_target()), library="kernels.dylib")
 
 
