@@ -177,3 +177,77 @@ def test_fp16_weights_on_a_shader_f16_profile(checkpoints, references, tmp_path)
     reference = reference_logits(references["e"], PROMPT)
     logits = load(directory).prefill(PROMPT, all_logits=True)
     assert np.abs(logits - reference).max() <= 0.05 * np.abs(reference).max()
+
+
+def _run_kernels(funcs: dict, calls: list[tuple[str, list[np.ndarray]]], outputs: dict[int, tuple]) -> list[np.ndarray]:
+    """Run GPU kernels in order on the Vulkan device. `calls`: (kernel, arrays); an argument that is
+    an int names an output buffer (`outputs[int]` = its shape), written by one kernel, read by later ones."""
+    import wgpu
+
+    from g4c.codegen import wgsl
+    from g4c.runtime.wgpu_session import Kernels, split_source
+    from g4c.targets.vulkan import vulkan_target
+
+    target = vulkan_target()
+    source, launches = wgsl.build({n: target.schedule(n, f) for n, f in funcs.items()}, target.tvm_target())
+    device = _adapter().request_device_sync()
+    usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
+    made = {k: (device.create_buffer(size=4 * int(np.prod(s)), usage=usage), s, 4) for k, s in outputs.items()}
+    runner = Kernels(device, split_source(source), {k: [x.to_json() for x in v] for k, v in launches.items()})
+    encoder = device.create_command_encoder()
+    compute = encoder.begin_compute_pass()
+    for name, args in calls:
+        bound = [made[a] if isinstance(a, int) else
+                 (device.create_buffer_with_data(data=np.ascontiguousarray(a), usage=usage), a.shape, 4) for a in args]
+        runner.dispatch(compute, name, bound)
+    compute.end()
+    device.queue.submit([encoder.finish()])
+    return [np.frombuffer(device.queue.read_buffer(made[k][0]), dtype=np.float32).reshape(s)
+            for k, s in outputs.items()]
+
+
+def _attention_reference(q, keys, values, key_pos, q_pos, window):
+    out = np.zeros_like(q)
+    group = q.shape[1] // keys.shape[1]
+    for i, p in enumerate(q_pos):
+        seen = (key_pos <= p) & ((p - key_pos < window) if window else True)
+        for h in range(q.shape[1]):
+            scores = keys[seen, h // group] @ q[i, h]
+            weights = np.exp(scores - scores.max())
+            out[i, h] = weights @ values[seen, h // group] / weights.sum()
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_gpu_attention_kernels_over_many_key_chunks(window):
+    """The tiled prefill kernel (head_dim 256: 4 keys per 16 KiB chunk, so the online softmax rescales
+    across many chunks) and the decode kernel, both followed by the split-K merge, against numpy.
+    Slots never written hold NaN: a kernel that read past the positions written would return NaN.
+    Sliding: a ring of window + 12 slots holding the last positions; global: a whole 256-slot cache
+    (each of the 4 or 16 key ranges spans several chunks)."""
+    from g4c.codegen import gpu_kernels as G
+
+    heads, kv_heads, dim, t, start = 4, 2, 256, 13, 200
+    rng = np.random.default_rng(0)
+    slots = window + t - 1 if window else 256
+    last = start + t - 1
+    cache_k = np.full((slots, kv_heads, dim), np.nan, np.float32)
+    cache_v = cache_k.copy()
+    positions = np.arange(max(0, last - slots + 1) if window else 0, last + 1)
+    keys = rng.standard_normal((positions.size, kv_heads, dim), dtype=np.float32) * 0.1
+    values = rng.standard_normal((positions.size, kv_heads, dim), dtype=np.float32)
+    cache_k[positions % slots], cache_v[positions % slots] = keys, values
+    q = rng.standard_normal((t, heads, dim), dtype=np.float32)
+    q_pos = np.arange(start, last + 1, dtype=np.int32)
+    parts = G.attention_parts(window)
+    assert G.prefill_chunk_keys(dim, 16384) == 4
+    funcs = {"prefill": G.prefill_attention(heads, kv_heads, dim, window, 1.0, "prefill"),
+             "decode": G.attention(heads, kv_heads, dim, window, 1.0, "decode"),
+             "merge": G.attention_merge(heads, dim, parts, "merge")}
+    calls = [("prefill", [q, cache_k, cache_v, q_pos, 0]), ("merge", [0, 1]),
+             ("decode", [q[-1:], cache_k, cache_v, q_pos[-1:], 2]), ("merge", [2, 3])]
+    shapes = {0: (t, heads, parts, dim + 2), 1: (t, heads, dim), 2: (1, heads, parts, dim + 2), 3: (1, heads, dim)}
+    _, prefill, _, decode = _run_kernels(funcs, calls, shapes)
+    expected = _attention_reference(q, keys, values, positions, q_pos, window)
+    np.testing.assert_allclose(prefill, expected, atol=2e-5)
+    np.testing.assert_allclose(decode[0], expected[-1], atol=2e-5)
