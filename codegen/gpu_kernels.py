@@ -541,6 +541,207 @@ def moe_down(hidden: int, inter: int, experts: int, top_k: int, name: str, dtype
 
 
 
+# Grouped MoE for prefill: entries (token, slot) sorted by expert into tiles of MOE_TILE entries of one
+# expert; a workgroup multiplies one tile by MOE_ROWS rows of that expert's weights, chunk by chunk
+# through shared memory, so each weight row is read once per tile instead of once per entry.
+MOE_TILE = 16  # entries per tile
+MOE_ROWS = 32  # weight rows per workgroup
+MOE_K = 32  # reduction chunk held in shared memory
+MOE_THREADS = 128  # thread = (entry, group of 4 rows): 16 × 8
+
+
+def moe_align(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
+    """Sort the routed entries e = token·top_k + slot by expert into tiles: tile_expert[q] is the expert
+    of tile q (−1 past the last tile), tile_entries[q] its up-to-MOE_TILE entries in token order (−1
+    pads). One workgroup; thread x counts expert x's entries, then writes its tiles after the tiles of
+    the experts before it. There are at most min(entries, entries / MOE_TILE + experts) tiles."""
+    nt, tile = 256, MOE_TILE
+    attrs = _attrs(name)
+
+    @T.prim_func
+    def func(idx_h: T.handle, te_h: T.handle, ent_h: T.handle):
+        T.func_attr(attrs)
+        t = T.int32()
+        idx = T.match_buffer(idx_h, (t, top_k), I32)
+        tile_expert = T.match_buffer(te_h, (t, top_k), I32)
+        tile_entries = T.match_buffer(ent_h, (t, top_k, tile), I32)
+        for blk in T.thread_binding(1, thread="blockIdx.x"):
+            for tid in T.thread_binding(nt, thread="threadIdx.x"):
+                count = T.alloc_buffer((experts,), I32, scope="shared")
+                first = T.alloc_buffer((experts + 1,), I32, scope="shared")  # first tile of each expert; total
+                c = T.alloc_buffer((2,), I32, scope="local")
+                for m in range(_ceil(experts, nt)):
+                    if m * nt + tid < experts:
+                        c[0] = 0
+                        for x in range(t * top_k):
+                            if idx[x // top_k, x % top_k] == m * nt + tid:
+                                c[0] = c[0] + 1
+                        count[m * nt + tid] = c[0]
+                for m in range(_ceil(experts + 1, nt)):
+                    if m * nt + tid <= experts:
+                        c[0] = 0
+                        for x in range(experts):
+                            if x < m * nt + tid:
+                                c[0] = c[0] + T.floordiv(count[x] + (tile - 1), tile)
+                        first[m * nt + tid] = c[0]
+                for m in range(_ceil(experts, nt)):
+                    if m * nt + tid < experts:
+                        c[0] = 0
+                        c[1] = first[m * nt + tid]
+                        for x in range(t * top_k):
+                            if idx[x // top_k, x % top_k] == m * nt + tid:
+                                tile_expert[(c[1] + c[0] // tile) // top_k, (c[1] + c[0] // tile) % top_k] = m * nt + tid
+                                tile_entries[(c[1] + c[0] // tile) // top_k, (c[1] + c[0] // tile) % top_k, c[0] % tile] = x
+                                c[0] = c[0] + 1
+                        for u in range(tile):
+                            if c[0] % tile != 0 and u >= c[0] % tile:
+                                tile_entries[(c[1] + c[0] // tile) // top_k, (c[1] + c[0] // tile) % top_k, u] = -1
+                c[1] = first[experts]  # a shared load may not sit in a branch condition
+                for m in range(T.ceildiv(t * top_k, nt)):
+                    if m * nt + tid < t * top_k and m * nt + tid >= c[1]:
+                        tile_expert[(m * nt + tid) // top_k, (m * nt + tid) % top_k] = -1
+    return func
+
+
+def _grouped_tiles(t, top_k: int, experts: int):
+    return T.min(t * top_k, T.ceildiv(t * top_k, MOE_TILE) + experts)
+
+
+def moe_gate_up_grouped(hidden: int, inter: int, experts: int, top_k: int, name: str,
+                        dtype: str = "float32") -> tirx.PrimFunc:
+    """`moe_gate_up` over `moe_align`'s tiles: workgroup (tile, rows) computes gate and up rows
+    [r0, r0 + MOE_ROWS) of the tile's expert for its entries, both operands staged in shared memory
+    MOE_K columns at a time; act[e] = gelu(gate·x)·(up·x)·w[e]."""
+    storage, nt, tile, rt, kc = STORAGE[dtype], MOE_THREADS, MOE_TILE, MOE_ROWS, MOE_K
+    per = rt // (nt // tile)  # rows per thread
+    row_tiles, chunks = _ceil(inter, rt), _ceil(hidden, kc)
+    attrs = _attrs(name)
+
+    @T.prim_func
+    def func(x_h: T.handle, w_h: T.handle, gu_h: T.handle, te_h: T.handle, ent_h: T.handle, act_h: T.handle):
+        T.func_attr(attrs)
+        t = T.int32()
+        x = T.match_buffer(x_h, (t, hidden), F32)
+        w = T.match_buffer(w_h, (t, top_k), F32)
+        gate_up = T.match_buffer(gu_h, (experts, 2 * inter, hidden), storage)
+        tile_expert = T.match_buffer(te_h, (t, top_k), I32)
+        tile_entries = T.match_buffer(ent_h, (t, top_k, tile), I32)
+        act = T.match_buffer(act_h, (t, top_k, inter), F32)
+        for blk in T.thread_binding(_grouped_tiles(t, top_k, experts) * row_tiles, thread="blockIdx.x"):
+            for tid in T.thread_binding(nt, thread="threadIdx.x"):
+                xs = T.alloc_buffer((tile, kc), F32, scope="shared")
+                gs = T.alloc_buffer((2, rt, kc), F32, scope="shared")
+                acc = T.alloc_buffer((2, per), F32, scope="local")
+                q = blk // row_tiles
+                r0 = blk % row_tiles * rt
+                ex = tile_expert[q // top_k, q % top_k]
+                for r in range(per):
+                    acc[0, r] = T.float32(0)
+                    acc[1, r] = T.float32(0)
+                for k in range(T.if_then_else(ex >= 0, chunks, 0)):
+                    for e in range(_ceil(tile * kc, nt)):
+                        if tile_entries[q // top_k, q % top_k, (e * nt + tid) // kc] >= 0 and k * kc + (e * nt + tid) % kc < hidden:
+                            xs[(e * nt + tid) // kc, (e * nt + tid) % kc] = x[
+                                tile_entries[q // top_k, q % top_k, (e * nt + tid) // kc] // top_k, k * kc + (e * nt + tid) % kc]
+                        else:
+                            xs[(e * nt + tid) // kc, (e * nt + tid) % kc] = T.float32(0)
+                    for e in range(_ceil(2 * rt * kc, nt)):
+                        if r0 + (e * nt + tid) // kc % rt < inter and k * kc + (e * nt + tid) % kc < hidden:
+                            gs[(e * nt + tid) // (rt * kc), (e * nt + tid) // kc % rt, (e * nt + tid) % kc] = _load(
+                                gate_up[ex, (e * nt + tid) // (rt * kc) * inter + r0 + (e * nt + tid) // kc % rt,
+                                        k * kc + (e * nt + tid) % kc], dtype)
+                        else:
+                            gs[(e * nt + tid) // (rt * kc), (e * nt + tid) // kc % rt,
+                               (e * nt + tid) % kc] = T.float32(0)
+                    for d in range(kc):
+                        for r in range(per):
+                            acc[0, r] = acc[0, r] + gs[0, tid // tile * per + r, d] * xs[tid % tile, d]
+                            acc[1, r] = acc[1, r] + gs[1, tid // tile * per + r, d] * xs[tid % tile, d]
+                for r in range(per):
+                    if ex >= 0 and r0 + tid // tile * per + r < inter:
+                        if tile_entries[q // top_k, q % top_k, tid % tile] >= 0:
+                            act[tile_entries[q // top_k, q % top_k, tid % tile] // top_k, tile_entries[q // top_k, q % top_k, tid % tile] % top_k,
+                                r0 + tid // tile * per + r] = (
+                                _gelu(acc[0, r]) * acc[1, r] * w[tile_entries[q // top_k, q % top_k, tid % tile] // top_k,
+                                                                   tile_entries[q // top_k, q % top_k, tid % tile] % top_k])
+    return func
+
+
+def moe_down_grouped(hidden: int, inter: int, experts: int, top_k: int, name: str,
+                     dtype: str = "float32") -> tirx.PrimFunc:
+    """Down-projection over `moe_align`'s tiles: part[e, o] = down_x[o]·act[e] for output rows
+    [r0, r0 + MOE_ROWS) of the tile's expert x; `moe_combine` sums an entry's top_k parts."""
+    storage, nt, tile, rt, kc = STORAGE[dtype], MOE_THREADS, MOE_TILE, MOE_ROWS, MOE_K
+    per = rt // (nt // tile)
+    row_tiles, chunks = _ceil(hidden, rt), _ceil(inter, kc)
+    attrs = _attrs(name)
+
+    @T.prim_func
+    def func(act_h: T.handle, down_h: T.handle, te_h: T.handle, ent_h: T.handle, part_h: T.handle):
+        T.func_attr(attrs)
+        t = T.int32()
+        act = T.match_buffer(act_h, (t, top_k, inter), F32)
+        down = T.match_buffer(down_h, (experts, hidden, inter), storage)
+        tile_expert = T.match_buffer(te_h, (t, top_k), I32)
+        tile_entries = T.match_buffer(ent_h, (t, top_k, tile), I32)
+        part = T.match_buffer(part_h, (t, top_k, hidden), F32)
+        for blk in T.thread_binding(_grouped_tiles(t, top_k, experts) * row_tiles, thread="blockIdx.x"):
+            for tid in T.thread_binding(nt, thread="threadIdx.x"):
+                xs = T.alloc_buffer((tile, kc), F32, scope="shared")
+                ws = T.alloc_buffer((rt, kc), F32, scope="shared")
+                acc = T.alloc_buffer((per,), F32, scope="local")
+                q = blk // row_tiles
+                r0 = blk % row_tiles * rt
+                ex = tile_expert[q // top_k, q % top_k]
+                for r in range(per):
+                    acc[r] = T.float32(0)
+                for k in range(T.if_then_else(ex >= 0, chunks, 0)):
+                    for e in range(_ceil(tile * kc, nt)):
+                        if tile_entries[q // top_k, q % top_k, (e * nt + tid) // kc] >= 0 and k * kc + (e * nt + tid) % kc < inter:
+                            xs[(e * nt + tid) // kc, (e * nt + tid) % kc] = act[
+                                tile_entries[q // top_k, q % top_k, (e * nt + tid) // kc] // top_k,
+                                tile_entries[q // top_k, q % top_k, (e * nt + tid) // kc] % top_k, k * kc + (e * nt + tid) % kc]
+                        else:
+                            xs[(e * nt + tid) // kc, (e * nt + tid) % kc] = T.float32(0)
+                    for e in range(_ceil(rt * kc, nt)):
+                        if r0 + (e * nt + tid) // kc < hidden and k * kc + (e * nt + tid) % kc < inter:
+                            ws[(e * nt + tid) // kc, (e * nt + tid) % kc] = _load(
+                                down[ex, r0 + (e * nt + tid) // kc, k * kc + (e * nt + tid) % kc], dtype)
+                        else:
+                            ws[(e * nt + tid) // kc, (e * nt + tid) % kc] = T.float32(0)
+                    for d in range(kc):
+                        for r in range(per):
+                            acc[r] = acc[r] + ws[tid // tile * per + r, d] * xs[tid % tile, d]
+                for r in range(per):
+                    if ex >= 0 and r0 + tid // tile * per + r < hidden:
+                        if tile_entries[q // top_k, q % top_k, tid % tile] >= 0:
+                            part[tile_entries[q // top_k, q % top_k, tid % tile] // top_k,
+                                 tile_entries[q // top_k, q % top_k, tid % tile] % top_k, r0 + tid // tile * per + r] = acc[r]
+    return func
+
+
+def moe_combine(hidden: int, top_k: int, name: str) -> tirx.PrimFunc:
+    """out[t, o] = Σ_j part[t·top_k + j, o]: the experts' outputs of a token, in slot order."""
+    nt = THREADS
+    attrs = _attrs(name)
+
+    @T.prim_func
+    def func(part_h: T.handle, out_h: T.handle):
+        T.func_attr(attrs)
+        t = T.int32()
+        part = T.match_buffer(part_h, (t, top_k, hidden), F32)
+        out = T.match_buffer(out_h, (t, hidden), F32)
+        for blk in T.thread_binding(T.ceildiv(t * hidden, nt), thread="blockIdx.x"):
+            for tid in T.thread_binding(nt, thread="threadIdx.x"):
+                total = T.alloc_buffer((1,), F32, scope="local")
+                if blk * nt + tid < t * hidden:
+                    total[0] = T.float32(0)
+                    for j in range(top_k):
+                        total[0] = total[0] + part[(blk * nt + tid) // hidden, j, (blk * nt + tid) % hidden]
+                    out[(blk * nt + tid) // hidden, (blk * nt + tid) % hidden] = total[0]
+    return func
+
+
 def embed_rows(lo: int, rows: int, hidden: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
     """out[i] = table[ids[i] - lo] for the tokens whose id falls in this slice [lo, lo + rows) of an
     embedding table split to fit a storage binding; other rows of `out` are left to the other slices

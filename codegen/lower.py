@@ -393,7 +393,10 @@ class _Lowering:
         self.stored(w_down)
         e_out = self.buf(f"{n.name}_experts", (rows, hidden))
         shape = f"{hidden}x{inter}x{experts}_{top_k}_{dt}"
-        if self.out.gpu:  # two kernels: the activations go through memory instead of float atomics
+        if self.out.gpu and self.prog.name != "decode":  # many tokens: grouped by expert
+            self.grouped_experts(n.name, e_in, idx, wts, w_gate_up, w_down, e_out, rows, (hidden, inter, experts, top_k),
+                                 dt)
+        elif self.out.gpu:  # two kernels: the activations go through memory instead of float atomics
             act = self.buf(f"{n.name}_act", (rows, top_k, inter))
             gate_up_kernel = self.kernel(f"moe_gate_up_{shape}",
                                          lambda: G.moe_gate_up(hidden, inter, experts, top_k, f"moe_gate_up_{shape}", dt))
@@ -406,6 +409,30 @@ class _Lowering:
                                lambda: K.moe_experts(hidden, inter, experts, top_k, f"moe_experts_{shape}", dt))
             self.call(kern, e_in, idx, wts, w_gate_up, w_down, e_out)
         return self.rms(e_out, self.weight(post_norm), hidden, eps, n.name, rows)
+
+
+    def grouped_experts(self, name: str, x: str, idx: str, wts: str, w_gate_up: str, w_down: str, out: str, rows,
+                        dims: tuple[int, int, int, int], dt: str) -> None:
+        """GPU prefill MoE: `moe_align` sorts the routed (token, slot) entries into per-expert tiles,
+        two grouped GEMMs run over the tiles (each weight row read once per tile of entries), and
+        `moe_combine` sums each token's top-k outputs."""
+        hidden, inter, experts, top_k = dims
+        align = self.kernel(f"moe_align_{experts}_{top_k}", lambda: G.moe_align(experts, top_k, f"moe_align_{experts}_{top_k}"))
+        tile_expert = self.buf(f"{name}_tile_expert", (rows, top_k), "int32")
+        tile_entries = self.buf(f"{name}_tile_entries", (rows, top_k, G.MOE_TILE), "int32")
+        self.call(align, idx, tile_expert, tile_entries)
+        shape = f"{hidden}x{inter}x{experts}_{top_k}_{dt}"
+        gate_up = self.kernel(f"moe_gate_up_grouped_{shape}", lambda: G.moe_gate_up_grouped(
+            hidden, inter, experts, top_k, f"moe_gate_up_grouped_{shape}", dt))
+        act = self.buf(f"{name}_act", (rows, top_k, inter))
+        self.call(gate_up, x, wts, w_gate_up, tile_expert, tile_entries, act)
+        down = self.kernel(f"moe_down_grouped_{shape}", lambda: G.moe_down_grouped(
+            hidden, inter, experts, top_k, f"moe_down_grouped_{shape}", dt))
+        parts = self.buf(f"{name}_parts", (rows, top_k, hidden))
+        self.call(down, act, w_down, tile_expert, tile_entries, parts)
+        combine = self.kernel(f"moe_combine_{hidden}_{top_k}", lambda: G.moe_combine(hidden, top_k,
+                                                                                      f"moe_combine_{hidden}_{top_k}"))
+        self.call(combine, parts, out)
 
 
 def lower(cfg: ModelConfig, graphs: dict[str, Graph], weights: Callable[[str], np.ndarray],
