@@ -36,6 +36,55 @@ def attention_parts(window: int | None) -> int:
     return 4 if window else 16
 
 
+def _key_reader(head_dim: int, k_from_v: bool):
+    """key(k, v, k_norm, freq, slot, kv_head, key_position, d): K from its cache, or for k_eq_v layers
+    (plan_kv_cache stores V only) rebuilt as rope(V * k_norm) at the key's position."""
+    half = head_dim // 2
+
+    def key_plain(k, v, kn, freq, j, kvh, kp, d):
+        return k[j, kvh, d]
+
+    def key_rebuilt(k, v, kn, freq, j, kvh, kp, d):
+        angle = kp.astype(F32) * freq[d % half]
+        up, down = (d + half) % head_dim, (d + head_dim - half) % head_dim
+        partner = tirx.if_then_else(d < half, -v[j, kvh, up] * kn[up], v[j, kvh, down] * kn[down])
+        return v[j, kvh, d] * kn[d] * tirx.cos(angle) + partner * tirx.sin(angle)
+
+    return key_rebuilt if k_from_v else key_plain
+
+
+def _attention_func(body, attrs: dict, q_heads: int, kv_heads: int, head_dim: int, parts: int,
+                    k_from_v: bool) -> tirx.PrimFunc:
+    """The PrimFunc around an attention `body` macro: (q, k, v, positions, out), or for k_eq_v layers
+    (q, v, positions, k_norm, rope freq, out); out is [T, heads, parts, head_dim + 2]."""
+    half = head_dim // 2
+    if k_from_v:
+        @T.prim_func
+        def func(q_h: T.handle, v_h: T.handle, pos_h: T.handle, kn_h: T.handle, f_h: T.handle, out_h: T.handle):
+            T.func_attr(attrs)
+            t, s = T.int32(), T.int32()
+            q = T.match_buffer(q_h, (t, q_heads, head_dim), F32)
+            v = T.match_buffer(v_h, (s, kv_heads, head_dim), F32)
+            pos = T.match_buffer(pos_h, (t,), I32)
+            kn = T.match_buffer(kn_h, (head_dim,), F32)
+            freq = T.match_buffer(f_h, (half,), F32)
+            out = T.match_buffer(out_h, (t, q_heads, parts, head_dim + 2), F32)
+            body(q, v, v, pos, kn, freq, out, t, s)
+        return func
+
+    @T.prim_func
+    def func_plain(q_h: T.handle, k_h: T.handle, v_h: T.handle, pos_h: T.handle, out_h: T.handle):
+        T.func_attr(attrs)
+        t, s = T.int32(), T.int32()
+        q = T.match_buffer(q_h, (t, q_heads, head_dim), F32)
+        k = T.match_buffer(k_h, (s, kv_heads, head_dim), F32)
+        v = T.match_buffer(v_h, (s, kv_heads, head_dim), F32)
+        pos = T.match_buffer(pos_h, (t,), I32)
+        out = T.match_buffer(out_h, (t, q_heads, parts, head_dim + 2), F32)
+        body(q, k, v, pos, q, q, out, t, s)
+    return func_plain
+
+
 def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, scaling: float,
               name: str, k_from_v: bool = False) -> tirx.PrimFunc:
     """Causal GQA attention (same contract as `kernels.attention`, except the output) over one of
@@ -48,19 +97,10 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
     past the last position are never read), which keeps a decode step's shapes static."""
     group, per, nt = q_heads // kv_heads, _ceil(head_dim, THREADS), THREADS
     parts = attention_parts(window)
-    half, win = head_dim // 2, window or 0
+    win = window or 0
 
     attrs = _attrs(name)
-    def key_plain(k, v, kn, freq, j, kvh, kp, d):
-        return k[j, kvh, d]
-
-    def key_rebuilt(k, v, kn, freq, j, kvh, kp, d):  # k_eq_v: K = rope(V * k_norm) at the key's position
-        angle = kp.astype(F32) * freq[d % half]
-        up, down = (d + half) % head_dim, (d + head_dim - half) % head_dim
-        partner = tirx.if_then_else(d < half, -v[j, kvh, up] * kn[up], v[j, kvh, down] * kn[down])
-        return v[j, kvh, d] * kn[d] * tirx.cos(angle) + partner * tirx.sin(angle)
-
-    key_at = key_rebuilt if k_from_v else key_plain
+    key_at = _key_reader(head_dim, k_from_v)
 
     @T.macro
     def body(q, k, v, pos, kn, freq, out, t, s):
@@ -113,31 +153,7 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
                     out[i, h, p, head_dim] = run[0]
                     out[i, h, p, head_dim + 1] = run[1]
 
-    if k_from_v:
-        @T.prim_func
-        def func(q_h: T.handle, v_h: T.handle, pos_h: T.handle, kn_h: T.handle, f_h: T.handle, out_h: T.handle):
-            T.func_attr(attrs)
-            t, s = T.int32(), T.int32()
-            q = T.match_buffer(q_h, (t, q_heads, head_dim), F32)
-            v = T.match_buffer(v_h, (s, kv_heads, head_dim), F32)
-            pos = T.match_buffer(pos_h, (t,), I32)
-            kn = T.match_buffer(kn_h, (head_dim,), F32)
-            freq = T.match_buffer(f_h, (half,), F32)
-            out = T.match_buffer(out_h, (t, q_heads, parts, head_dim + 2), F32)
-            body(q, v, v, pos, kn, freq, out, t, s)
-        return func
-
-    @T.prim_func
-    def func_plain(q_h: T.handle, k_h: T.handle, v_h: T.handle, pos_h: T.handle, out_h: T.handle):
-        T.func_attr(attrs)
-        t, s = T.int32(), T.int32()
-        q = T.match_buffer(q_h, (t, q_heads, head_dim), F32)
-        k = T.match_buffer(k_h, (s, kv_heads, head_dim), F32)
-        v = T.match_buffer(v_h, (s, kv_heads, head_dim), F32)
-        pos = T.match_buffer(pos_h, (t,), I32)
-        out = T.match_buffer(out_h, (t, q_heads, parts, head_dim + 2), F32)
-        body(q, k, v, pos, q, q, out, t, s)
-    return func_plain
+    return _attention_func(body, attrs, q_heads, kv_heads, head_dim, parts, k_from_v)
 
 
 TILE_ROWS = 16  # (query, head) rows of one prefill attention workgroup: 16 rows share each K/V load
@@ -164,17 +180,10 @@ def prefill_attention(q_heads: int, kv_heads: int, head_dim: int, window: int | 
     group, nt, rows = q_heads // kv_heads, TILE_THREADS, TILE_ROWS
     parts = attention_parts(window)
     keys = prefill_chunk_keys(head_dim, shared_bytes)
-    half, win = head_dim // 2, window or 0
+    win = window or 0
     per_acc = _ceil(rows * head_dim, nt)
     attrs = _attrs(name)
-
-    def key_at(k, v, kn, freq, j, kvh, kp, d):
-        if not k_from_v:
-            return k[j, kvh, d]
-        angle = kp.astype(F32) * freq[d % half]  # K = rope(V * k_norm) at the key's position
-        up, down = (d + half) % head_dim, (d + head_dim - half) % head_dim
-        partner = tirx.if_then_else(d < half, -v[j, kvh, up] * kn[up], v[j, kvh, down] * kn[down])
-        return v[j, kvh, d] * kn[d] * tirx.cos(angle) + partner * tirx.sin(angle)
+    key_at = _key_reader(head_dim, k_from_v)
 
     @T.macro
     def body(q, k, v, pos, kn, freq, out, t, s):
@@ -258,31 +267,7 @@ def prefill_attention(q_heads: int, kv_heads: int, head_dim: int, window: int | 
                         out[(tile * rows + tid) // group, kvh * group + (tile * rows + tid) % group, p,
                             head_dim + 1] = row[1]
 
-    if k_from_v:
-        @T.prim_func
-        def func(q_h: T.handle, v_h: T.handle, pos_h: T.handle, kn_h: T.handle, f_h: T.handle, out_h: T.handle):
-            T.func_attr(attrs)
-            t, s = T.int32(), T.int32()
-            q = T.match_buffer(q_h, (t, q_heads, head_dim), F32)
-            v = T.match_buffer(v_h, (s, kv_heads, head_dim), F32)
-            pos = T.match_buffer(pos_h, (t,), I32)
-            kn = T.match_buffer(kn_h, (head_dim,), F32)
-            freq = T.match_buffer(f_h, (half,), F32)
-            out = T.match_buffer(out_h, (t, q_heads, parts, head_dim + 2), F32)
-            body(q, v, v, pos, kn, freq, out, t, s)
-        return func
-
-    @T.prim_func
-    def func_plain(q_h: T.handle, k_h: T.handle, v_h: T.handle, pos_h: T.handle, out_h: T.handle):
-        T.func_attr(attrs)
-        t, s = T.int32(), T.int32()
-        q = T.match_buffer(q_h, (t, q_heads, head_dim), F32)
-        k = T.match_buffer(k_h, (s, kv_heads, head_dim), F32)
-        v = T.match_buffer(v_h, (s, kv_heads, head_dim), F32)
-        pos = T.match_buffer(pos_h, (t,), I32)
-        out = T.match_buffer(out_h, (t, q_heads, parts, head_dim + 2), F32)
-        body(q, k, v, pos, q, q, out, t, s)
-    return func_plain
+    return _attention_func(body, attrs, q_heads, kv_heads, head_dim, parts, k_from_v)
 
 
 def attention_merge(q_heads: int, head_dim: int, parts: int, name: str) -> tirx.PrimFunc:
