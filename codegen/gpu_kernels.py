@@ -538,8 +538,9 @@ MOE_THREADS = 128  # thread = (entry, group of 4 rows): 16 × 8
 def moe_align(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
     """Sort the routed entries e = token·top_k + slot by expert into tiles: tile_expert[q] is the expert
     of tile q (−1 past the last tile), tile_entries[q] its up-to-MOE_TILE entries in token order (−1
-    pads). One workgroup; thread x counts expert x's entries, then writes its tiles after the tiles of
-    the experts before it. There are at most min(entries, entries / MOE_TILE + experts) tiles."""
+    pads); tile and entry numbers index the [T, top_k] buffers flat. One workgroup; thread x counts
+    expert x's entries, then writes its tiles after the tiles of the experts before it. There are at
+    most min(entries, entries / MOE_TILE + experts) tiles."""
     nt, tile = 256, MOE_TILE
     attrs = _attrs(name)
 
@@ -554,7 +555,7 @@ def moe_align(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
             for tid in T.thread_binding(nt, thread="threadIdx.x"):
                 count = T.alloc_buffer((experts,), I32, scope="shared")
                 first = T.alloc_buffer((experts + 1,), I32, scope="shared")  # first tile of each expert; total
-                c = T.alloc_buffer((2,), I32, scope="local")
+                c = T.alloc_buffer((2,), I32, scope="local")  # entries seen, first tile
                 for m in range(_ceil(experts, nt)):
                     if m * nt + tid < experts:
                         c[0] = 0
@@ -575,12 +576,14 @@ def moe_align(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
                         c[1] = first[m * nt + tid]
                         for x in range(t * top_k):
                             if idx[x // top_k, x % top_k] == m * nt + tid:
-                                tile_expert[(c[1] + c[0] // tile) // top_k, (c[1] + c[0] // tile) % top_k] = m * nt + tid
-                                tile_entries[(c[1] + c[0] // tile) // top_k, (c[1] + c[0] // tile) % top_k, c[0] % tile] = x
+                                q = c[1] + c[0] // tile
+                                tile_expert[q // top_k, q % top_k] = m * nt + tid
+                                tile_entries[q // top_k, q % top_k, c[0] % tile] = x
                                 c[0] = c[0] + 1
                         for u in range(tile):
                             if c[0] % tile != 0 and u >= c[0] % tile:
-                                tile_entries[(c[1] + c[0] // tile) // top_k, (c[1] + c[0] // tile) % top_k, u] = -1
+                                q = c[1] + c[0] // tile
+                                tile_entries[q // top_k, q % top_k, u] = -1
                 c[1] = first[experts]  # a shared load may not sit in a branch condition
                 for m in range(T.ceildiv(t * top_k, nt)):
                     if m * nt + tid < t * top_k and m * nt + tid >= c[1]:
@@ -592,117 +595,101 @@ def _grouped_tiles(t, top_k: int, experts: int):
     return T.min(t * top_k, T.ceildiv(t * top_k, MOE_TILE) + experts)
 
 
-def moe_gate_up_grouped(hidden: int, inter: int, experts: int, top_k: int, name: str,
-                        dtype: str = "float32") -> tirx.PrimFunc:
-    """`moe_gate_up` over `moe_align`'s tiles: workgroup (tile, rows) computes gate and up rows
-    [r0, r0 + MOE_ROWS) of the tile's expert for its entries, both operands staged in shared memory
-    MOE_K columns at a time; act[e] = gelu(gate·x)·(up·x)·w[e]."""
+def _grouped_gemm(rows: int, depth: int, experts: int, top_k: int, name: str, dtype: str, gated: bool):
+    """A GEMM over `moe_align`'s tiles: workgroup (tile, row block) multiplies MOE_ROWS rows of the
+    tile's expert weights with the tile's entries, both staged in shared memory MOE_K columns at a
+    time; thread (entry u, row group) accumulates MOE_ROWS / 8 rows. `gated` (gate/up): weights
+    [experts, 2·rows, depth], inputs are token rows x[e // top_k], and act[e, c] = gelu(gate·x)·(up·x)·w[e];
+    otherwise (down): weights [experts, rows, depth], inputs act[e], and part[e, o] = down[o]·act[e]."""
     storage, nt, tile, rt, kc = STORAGE[dtype], MOE_THREADS, MOE_TILE, MOE_ROWS, MOE_K
-    per = rt // (nt // tile)  # rows per thread
-    row_tiles, chunks = _ceil(inter, rt), _ceil(hidden, kc)
+    mats, per = 2 if gated else 1, rt // (nt // tile)
+    row_tiles, chunks = _ceil(rows, rt), _ceil(depth, kc)
+    assert tile * kc % nt == 0 and rt * kc % nt == 0
     attrs = _attrs(name)
 
-    @T.prim_func
-    def func(x_h: T.handle, w_h: T.handle, gu_h: T.handle, te_h: T.handle, ent_h: T.handle, act_h: T.handle):
-        T.func_attr(attrs)
-        t = T.int32()
-        x = T.match_buffer(x_h, (t, hidden), F32)
-        w = T.match_buffer(w_h, (t, top_k), F32)
-        gate_up = T.match_buffer(gu_h, (experts, 2 * inter, hidden), storage)
-        tile_expert = T.match_buffer(te_h, (t, top_k), I32)
-        tile_entries = T.match_buffer(ent_h, (t, top_k, tile), I32)
-        act = T.match_buffer(act_h, (t, top_k, inter), F32)
+    @T.macro
+    def body(src, w, weight, tile_expert, tile_entries, out, t):
         for blk in T.thread_binding(_grouped_tiles(t, top_k, experts) * row_tiles, thread="blockIdx.x"):
             for tid in T.thread_binding(nt, thread="threadIdx.x"):
                 xs = T.alloc_buffer((tile, kc), F32, scope="shared")
-                gs = T.alloc_buffer((2, rt, kc), F32, scope="shared")
-                acc = T.alloc_buffer((2, per), F32, scope="local")
+                ws = T.alloc_buffer((mats, rt, kc), F32, scope="shared")
+                acc = T.alloc_buffer((mats, per), F32, scope="local")
                 q = blk // row_tiles
                 r0 = blk % row_tiles * rt
                 ex = tile_expert[q // top_k, q % top_k]
-                for r in range(per):
-                    acc[0, r] = T.float32(0)
-                    acc[1, r] = T.float32(0)
+                for m in range(mats):
+                    for r in range(per):
+                        acc[m, r] = T.float32(0)
                 for k in range(T.if_then_else(ex >= 0, chunks, 0)):
-                    for e in range(_ceil(tile * kc, nt)):
-                        if tile_entries[q // top_k, q % top_k, (e * nt + tid) // kc] >= 0 and k * kc + (e * nt + tid) % kc < hidden:
-                            xs[(e * nt + tid) // kc, (e * nt + tid) % kc] = x[
-                                tile_entries[q // top_k, q % top_k, (e * nt + tid) // kc] // top_k, k * kc + (e * nt + tid) % kc]
+                    for i in range(tile * kc // nt):  # entries' inputs → xs
+                        ent = tile_entries[q // top_k, q % top_k, (i * nt + tid) // kc]
+                        col = k * kc + (i * nt + tid) % kc
+                        if ent >= 0 and col < depth:
+                            if gated:
+                                xs[(i * nt + tid) // kc, (i * nt + tid) % kc] = src[ent // top_k, col]
+                            else:
+                                xs[(i * nt + tid) // kc, (i * nt + tid) % kc] = src[ent // top_k, ent % top_k, col]
                         else:
-                            xs[(e * nt + tid) // kc, (e * nt + tid) % kc] = T.float32(0)
-                    for e in range(_ceil(2 * rt * kc, nt)):
-                        if r0 + (e * nt + tid) // kc % rt < inter and k * kc + (e * nt + tid) % kc < hidden:
-                            gs[(e * nt + tid) // (rt * kc), (e * nt + tid) // kc % rt, (e * nt + tid) % kc] = _load(
-                                gate_up[ex, (e * nt + tid) // (rt * kc) * inter + r0 + (e * nt + tid) // kc % rt,
-                                        k * kc + (e * nt + tid) % kc], dtype)
+                            xs[(i * nt + tid) // kc, (i * nt + tid) % kc] = T.float32(0)
+                    for i in range(mats * rt * kc // nt):  # weight rows → ws
+                        m = (i * nt + tid) // (rt * kc)
+                        row = r0 + (i * nt + tid) // kc % rt
+                        col = k * kc + (i * nt + tid) % kc
+                        if row < rows and col < depth:
+                            ws[m, row - r0, (i * nt + tid) % kc] = _load(weight[ex, m * rows + row, col], dtype)
                         else:
-                            gs[(e * nt + tid) // (rt * kc), (e * nt + tid) // kc % rt,
-                               (e * nt + tid) % kc] = T.float32(0)
+                            ws[m, row - r0, (i * nt + tid) % kc] = T.float32(0)
                     for d in range(kc):
-                        for r in range(per):
-                            acc[0, r] = acc[0, r] + gs[0, tid // tile * per + r, d] * xs[tid % tile, d]
-                            acc[1, r] = acc[1, r] + gs[1, tid // tile * per + r, d] * xs[tid % tile, d]
+                        for m in range(mats):
+                            for r in range(per):
+                                acc[m, r] = acc[m, r] + ws[m, tid // tile * per + r, d] * xs[tid % tile, d]
+                ent = tile_entries[q // top_k, q % top_k, tid % tile]
                 for r in range(per):
-                    if ex >= 0 and r0 + tid // tile * per + r < inter:
-                        if tile_entries[q // top_k, q % top_k, tid % tile] >= 0:
-                            act[tile_entries[q // top_k, q % top_k, tid % tile] // top_k, tile_entries[q // top_k, q % top_k, tid % tile] % top_k,
-                                r0 + tid // tile * per + r] = (
-                                _gelu(acc[0, r]) * acc[1, r] * w[tile_entries[q // top_k, q % top_k, tid % tile] // top_k,
-                                                                   tile_entries[q // top_k, q % top_k, tid % tile] % top_k])
-    return func
+                    if ex >= 0 and ent >= 0 and r0 + tid // tile * per + r < rows:
+                        if gated:
+                            out[ent // top_k, ent % top_k, r0 + tid // tile * per + r] = (
+                                _gelu(acc[0, r]) * acc[mats - 1, r] * w[ent // top_k, ent % top_k])
+                        else:
+                            out[ent // top_k, ent % top_k, r0 + tid // tile * per + r] = acc[0, r]
+
+    if gated:
+        @T.prim_func
+        def gate_up(x_h: T.handle, w_h: T.handle, gu_h: T.handle, te_h: T.handle, ent_h: T.handle, act_h: T.handle):
+            T.func_attr(attrs)
+            t = T.int32()
+            x = T.match_buffer(x_h, (t, depth), F32)
+            w = T.match_buffer(w_h, (t, top_k), F32)
+            weight = T.match_buffer(gu_h, (experts, 2 * rows, depth), storage)
+            tile_expert = T.match_buffer(te_h, (t, top_k), I32)
+            tile_entries = T.match_buffer(ent_h, (t, top_k, tile), I32)
+            act = T.match_buffer(act_h, (t, top_k, rows), F32)
+            body(x, w, weight, tile_expert, tile_entries, act, t)
+        return gate_up
+
+    @T.prim_func
+    def down(act_h: T.handle, down_h: T.handle, te_h: T.handle, ent_h: T.handle, part_h: T.handle):
+        T.func_attr(attrs)
+        t = T.int32()
+        act = T.match_buffer(act_h, (t, top_k, depth), F32)
+        weight = T.match_buffer(down_h, (experts, rows, depth), storage)
+        tile_expert = T.match_buffer(te_h, (t, top_k), I32)
+        tile_entries = T.match_buffer(ent_h, (t, top_k, tile), I32)
+        part = T.match_buffer(part_h, (t, top_k, rows), F32)
+        body(act, act, weight, tile_expert, tile_entries, part, t)
+    return down
+
+
+def moe_gate_up_grouped(hidden: int, inter: int, experts: int, top_k: int, name: str,
+                        dtype: str = "float32") -> tirx.PrimFunc:
+    """`moe_gate_up` over `moe_align`'s tiles: act[e] = gelu(gate·x)·(up·x)·w[e] (`_grouped_gemm`)."""
+    return _grouped_gemm(inter, hidden, experts, top_k, name, dtype, gated=True)
 
 
 def moe_down_grouped(hidden: int, inter: int, experts: int, top_k: int, name: str,
                      dtype: str = "float32") -> tirx.PrimFunc:
-    """Down-projection over `moe_align`'s tiles: part[e, o] = down_x[o]·act[e] for output rows
-    [r0, r0 + MOE_ROWS) of the tile's expert x; `moe_combine` sums an entry's top_k parts."""
-    storage, nt, tile, rt, kc = STORAGE[dtype], MOE_THREADS, MOE_TILE, MOE_ROWS, MOE_K
-    per = rt // (nt // tile)
-    row_tiles, chunks = _ceil(hidden, rt), _ceil(inter, kc)
-    attrs = _attrs(name)
-
-    @T.prim_func
-    def func(act_h: T.handle, down_h: T.handle, te_h: T.handle, ent_h: T.handle, part_h: T.handle):
-        T.func_attr(attrs)
-        t = T.int32()
-        act = T.match_buffer(act_h, (t, top_k, inter), F32)
-        down = T.match_buffer(down_h, (experts, hidden, inter), storage)
-        tile_expert = T.match_buffer(te_h, (t, top_k), I32)
-        tile_entries = T.match_buffer(ent_h, (t, top_k, tile), I32)
-        part = T.match_buffer(part_h, (t, top_k, hidden), F32)
-        for blk in T.thread_binding(_grouped_tiles(t, top_k, experts) * row_tiles, thread="blockIdx.x"):
-            for tid in T.thread_binding(nt, thread="threadIdx.x"):
-                xs = T.alloc_buffer((tile, kc), F32, scope="shared")
-                ws = T.alloc_buffer((rt, kc), F32, scope="shared")
-                acc = T.alloc_buffer((per,), F32, scope="local")
-                q = blk // row_tiles
-                r0 = blk % row_tiles * rt
-                ex = tile_expert[q // top_k, q % top_k]
-                for r in range(per):
-                    acc[r] = T.float32(0)
-                for k in range(T.if_then_else(ex >= 0, chunks, 0)):
-                    for e in range(_ceil(tile * kc, nt)):
-                        if tile_entries[q // top_k, q % top_k, (e * nt + tid) // kc] >= 0 and k * kc + (e * nt + tid) % kc < inter:
-                            xs[(e * nt + tid) // kc, (e * nt + tid) % kc] = act[
-                                tile_entries[q // top_k, q % top_k, (e * nt + tid) // kc] // top_k,
-                                tile_entries[q // top_k, q % top_k, (e * nt + tid) // kc] % top_k, k * kc + (e * nt + tid) % kc]
-                        else:
-                            xs[(e * nt + tid) // kc, (e * nt + tid) % kc] = T.float32(0)
-                    for e in range(_ceil(rt * kc, nt)):
-                        if r0 + (e * nt + tid) // kc < hidden and k * kc + (e * nt + tid) % kc < inter:
-                            ws[(e * nt + tid) // kc, (e * nt + tid) % kc] = _load(
-                                down[ex, r0 + (e * nt + tid) // kc, k * kc + (e * nt + tid) % kc], dtype)
-                        else:
-                            ws[(e * nt + tid) // kc, (e * nt + tid) % kc] = T.float32(0)
-                    for d in range(kc):
-                        for r in range(per):
-                            acc[r] = acc[r] + ws[tid // tile * per + r, d] * xs[tid % tile, d]
-                for r in range(per):
-                    if ex >= 0 and r0 + tid // tile * per + r < hidden:
-                        if tile_entries[q // top_k, q % top_k, tid % tile] >= 0:
-                            part[tile_entries[q // top_k, q % top_k, tid % tile] // top_k,
-                                 tile_entries[q // top_k, q % top_k, tid % tile] % top_k, r0 + tid // tile * per + r] = acc[r]
-    return func
+    """Down-projection over `moe_align`'s tiles: part[e, o] = down_x[o]·act[e] (`_grouped_gemm`);
+    `moe_combine` sums a token's top_k parts."""
+    return _grouped_gemm(hidden, inter, experts, top_k, name, dtype, gated=False)
 
 
 def moe_combine(hidden: int, top_k: int, name: str) -> tirx.PrimFunc:

@@ -394,8 +394,8 @@ class _Lowering:
         e_out = self.buf(f"{n.name}_experts", (rows, hidden))
         shape = f"{hidden}x{inter}x{experts}_{top_k}_{dt}"
         if self.out.gpu and self.prog.name != "decode":  # many tokens: grouped by expert
-            self.grouped_experts(n.name, e_in, idx, wts, w_gate_up, w_down, e_out, rows, (hidden, inter, experts, top_k),
-                                 dt)
+            self.grouped_experts(n.name, e_in, idx, wts, (w_gate_up, w_down), e_out, rows,
+                                 (hidden, inter, experts, top_k), dt)
         elif self.out.gpu:  # two kernels: the activations go through memory instead of float atomics
             act = self.buf(f"{n.name}_act", (rows, top_k, inter))
             gate_up_kernel = self.kernel(f"moe_gate_up_{shape}",
@@ -410,14 +410,15 @@ class _Lowering:
             self.call(kern, e_in, idx, wts, w_gate_up, w_down, e_out)
         return self.rms(e_out, self.weight(post_norm), hidden, eps, n.name, rows)
 
-
-    def grouped_experts(self, name: str, x: str, idx: str, wts: str, w_gate_up: str, w_down: str, out: str, rows,
+    def grouped_experts(self, name: str, x: str, idx: str, wts: str, weights: tuple[str, str], out: str, rows,
                         dims: tuple[int, int, int, int], dt: str) -> None:
         """GPU prefill MoE: `moe_align` sorts the routed (token, slot) entries into per-expert tiles,
         two grouped GEMMs run over the tiles (each weight row read once per tile of entries), and
         `moe_combine` sums each token's top-k outputs."""
         hidden, inter, experts, top_k = dims
-        align = self.kernel(f"moe_align_{experts}_{top_k}", lambda: G.moe_align(experts, top_k, f"moe_align_{experts}_{top_k}"))
+        w_gate_up, w_down = weights
+        align_name = f"moe_align_{experts}_{top_k}"
+        align = self.kernel(align_name, lambda: G.moe_align(experts, top_k, align_name))
         tile_expert = self.buf(f"{name}_tile_expert", (rows, top_k), "int32")
         tile_entries = self.buf(f"{name}_tile_entries", (rows, top_k, G.MOE_TILE), "int32")
         self.call(align, idx, tile_expert, tile_entries)

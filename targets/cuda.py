@@ -110,16 +110,17 @@ def cuda_target(arch: str = DEFAULT_ARCH) -> Target:
 
     return Target(f"cuda:{arch}", tvm_target, schedule, export=export,
                   options={"arch": arch, "shared_memory": 48 << 10}, gpu=True,
-                  device="cuda", relax_pipeline=lambda: relax_pipeline(tvm_target()), static_decode=True)
+                  device="cuda", relax_pipeline=lambda: relax_pipeline(tvm_target(), cuda_graph=True), static_decode=True)
 
 
-def relax_pipeline(tvm_target):
+def relax_pipeline(tvm_target, cuda_graph: bool = False):
     """TVM's CUDA pipeline without operator fusion and reshape rewriting: g4c's kernels are fused and
     scheduled already (FuseTIR would merge them across their int32/int64 shape variables, and
     RewriteDataflowReshape only reads block-form TIR); helpers such as `take_last` and the legalized
     reshape get dlight schedules.
 
-    CUDA graphs: with `relax.backend.use_cuda_graph`, RewriteCUDAGraph lifts the kernel launches of
+    CUDA graphs (`cuda_graph`, CUDA only: Metal shares this pipeline without them): with
+    `relax.backend.use_cuda_graph`, RewriteCUDAGraph lifts the kernel launches of
     the static decode function (one token, every parameter fixed, intermediates in static storage)
     into a capture function: the runtime's first decode step runs it, captures it as a CUDA graph,
     and every later step replays the graph with one launch (`vm.builtin.cuda_graph.run_or_capture`,
@@ -138,7 +139,7 @@ def relax_pipeline(tvm_target):
                                               dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
             passes += [relax.transform.ToNonDataflow(), relax.transform.RemovePurityChecking(),
                        relax.transform.CallTIRRewrite()] + cuda.finalize_passes(tvm_target)
-            with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": True}):
+            with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": cuda_graph}):
                 return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
@@ -163,4 +164,3 @@ def decode_graph(mod) -> dict[str, int]:
     counts = kernel_launches(mod)
     return {"captured": sum(n for name, n in counts.items() if name.startswith("decode_cuda_graph_capture")),
             "outside": counts.get("decode", 0)}
-

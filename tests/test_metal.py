@@ -43,6 +43,8 @@ def test_metal_package_is_arm64_macos_objects_and_a_link_script(metal_artifact):
     for data in objects.values():
         header = io.BytesIO(data).read(8)
         assert header[:4] == MACH_O_64 and int.from_bytes(header[4:8], "little") == CPU_TYPE_ARM64
+    assert not any(b"vm.builtin.cuda_graph" in data for data in objects.values())  # CUDA-only builtins
+    assert any(b"vm.builtin.alloc_storage" in data for data in objects.values())  # (the VM code is in there)
     link = (metal_artifact / "link.sh").read_text()
     assert "clang -dynamiclib" in link and "kernels.dylib" in link
     manifest = json.loads((metal_artifact / "manifest.json").read_text())
