@@ -17,6 +17,7 @@ nothing behind.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -25,7 +26,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
 import g4c
 from g4c.atomic import atomic_directory, check_writable
@@ -34,7 +34,8 @@ from g4c.dtypes import canonical_dtype, dtype_name, numpy_dtype
 from g4c.frontend import build_graph
 from g4c.errors import G4CError
 from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
-from g4c.runtime.artifact import FORMAT, FORMAT_VERSION, HOST, LIBRARY, MANIFEST, WEIGHTS, sha256_file
+from g4c.runtime.artifact import (FORMAT, FORMAT_VERSION, HOST, LIBRARY, MANIFEST, WEIGHTS, sha256_file,
+                                  write_safetensors)
 from g4c.runtime.wgpu_session import SHADERS
 from g4c.weights import Weights, derived_shape, derived_weight
 PROGRAMS = {"prefill": ("prefill", 1), "prefill_all": ("prefill", None), "decode": ("decode", None)}
@@ -85,16 +86,16 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         scheduled[name] = target.schedule(name, lowered.kernels[name])
         report("scheduling kernels", i + 1, len(names))
     entry = signature(lowered)
-    tensors = _pack_weights(lowered, entry.weights, weights, report, shapes_only=seed is not None)
+    specs = _weight_specs(lowered, entry.weights, weights)
     report("building library", 0, 1)
     t0 = time.time()
     extra = {}
     if target.runtime == "wgpu":
-        _check_bindings(target, tensors)
+        _check_bindings(target, specs)
         shaders, launches = wgsl.build(scheduled, target.tvm_target())
         extra = {"runtime": "wgpu", "launches": {k: [x.to_json() for x in v] for k, v in launches.items()}}
     else:
-        storage = {name: (a.shape, STORAGE[dtype_name(a.dtype)]) for name, a in tensors.items()}
+        storage = {name: (shape, STORAGE[dtype_name(dtype)]) for name, (shape, dtype) in specs.items()}
         module, pipeline = build_module(lowered, entry, scheduled, storage, static_decode), "default"
         if target.relax_pipeline:  # run here, so the lowered module can be inspected
             with target.tvm_target():
@@ -113,7 +114,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         else:
             target.export_library(lib, str(tmp / LIBRARY))
         if seed is None:
-            save_file(tensors, str(tmp / WEIGHTS))
+            _write_weights(tmp, lowered, specs, weights, report)
             _write_host_tables(tmp, lowered, weights)
         else:
             extra["weights_from_seed"] = seed
@@ -167,33 +168,43 @@ def _check_wgpu_dtype(target, weight_dtype: str) -> None:
                        "or a profile with fp16 (vulkan:adreno-7xx, vulkan:mali-g7xx)")
 
 
-def _check_bindings(target, tensors: dict[str, np.ndarray]) -> None:
+Specs = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def _check_bindings(target, specs: Specs) -> None:
     limit = target.options["max_binding"]
-    for name, array in tensors.items():
-        if array.nbytes > limit:
-            raise G4CError(f"weight {name} ({array.nbytes} bytes) exceeds the {limit}-byte storage binding of "
+    for name, (shape, dtype) in specs.items():
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if size > limit:
+            raise G4CError(f"weight {name} ({size} bytes) exceeds the {limit}-byte storage binding of "
                            f"Vulkan profile {target.options['profile']}")
 
 
-def _pack_weights(lowered, used: list[str], weights: Weights, report: Progress,
-                  shapes_only: bool = False) -> dict[str, np.ndarray]:
-    """Every weight the entry functions take, packed and converted to its storage dtype (`shapes_only`:
-    zero-stride stand-ins with the right shape and dtype, for artifacts whose weights come from a seed)."""
-    tensors: dict[str, np.ndarray] = {}
-    for i, name in enumerate(used):
-        dtype = numpy_dtype(lowered.weight_dtype if name in lowered.half_weights else "float32")
-        if shapes_only:
-            shape = derived_shape(name, lowered.recipes, weights.source.shape)
-            tensors[name] = np.broadcast_to(np.zeros((), dtype), shape)
-        else:
-            array = derived_weight(name, lowered.recipes, weights.f32)
-            tensors[name] = np.ascontiguousarray(np.asarray(array, dtype=np.float32).astype(dtype))
-        report("packing weights", i + 1, len(used))
-    return tensors
+def _weight_specs(lowered, used: list[str], weights: Weights) -> Specs:
+    """(shape, storage dtype) of every weight the entry functions take, packed as the kernels want it."""
+    return {name: (derived_shape(name, lowered.recipes, weights.source.shape),
+                   numpy_dtype(lowered.weight_dtype if name in lowered.half_weights else "float32"))
+            for name in used}
+
+
+def _source_f32(weights: Weights) -> Callable[[str], np.ndarray]:
+    """fp32 checkpoint tensors, not kept (Weights.f32 caches every tensor it returns); the last one is
+    kept for the row slices of a split table, which follow one another."""
+    @functools.lru_cache(maxsize=1)
+    def get(name: str) -> np.ndarray:
+        return np.asarray(weights.source.get(name), dtype=np.float32)
+    return get
+
+
+def _write_weights(directory: Path, lowered, specs: Specs, weights: Weights, report: Progress) -> None:
+    """weights.safetensors, packed and converted one tensor at a time (peak memory: the largest one)."""
+    base = _source_f32(weights)
+    write_safetensors(directory / WEIGHTS, specs, lambda name: derived_weight(name, lowered.recipes, base),
+                      lambda done, total: report("writing weights", done, total))
 
 
 def _write_host_tables(directory: Path, lowered, weights: Weights) -> None:
     if lowered.host_tables:
         host_dtype = numpy_dtype(lowered.weight_dtype)
-        save_file({n: np.ascontiguousarray(weights.f32(n).astype(host_dtype)) for n in lowered.host_tables},
-                  str(directory / HOST))
+        specs = {n: (weights.source.shape(n), host_dtype) for n in lowered.host_tables}
+        write_safetensors(directory / HOST, specs, weights.source.get)

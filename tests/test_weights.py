@@ -140,3 +140,28 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         write_checkpoint(cfg, Failing(cfg), tmp_path / "out", shard_bytes=50_000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_streaming_safetensors_writer_round_trips(tmp_path):
+    """g4c's tensor-by-tensor writer produces files safetensors itself reads back bit-exactly (every
+    dtype an artifact stores; bf16 included), and so does g4c's aligned reader; a tensor whose shape
+    disagrees with its header is refused."""
+    from g4c.errors import G4CError
+    from g4c.runtime.artifact import read_aligned_safetensors, write_safetensors
+
+    rng = np.random.default_rng(0)
+    arrays = {"b.w": rng.standard_normal((3, 5)).astype(np.float32),
+              "a.half": rng.standard_normal((7,)).astype(np.float16),
+              "c.bf16": rng.standard_normal((2, 3, 4)).astype(ml_dtypes.bfloat16),
+              "d.ids": np.arange(5, dtype=np.int32), "e.pos": np.arange(3, dtype=np.int64)}
+    specs = {n: (a.shape, a.dtype) for n, a in arrays.items()}
+    produced = []
+    write_safetensors(tmp_path / "x.safetensors", specs, lambda n: produced.append(n) or arrays[n])
+    assert produced == sorted(arrays)  # one at a time, in file order
+    loaded = load_file(str(tmp_path / "x.safetensors"))
+    for name, array in arrays.items():
+        assert loaded[name].dtype == array.dtype and np.array_equal(loaded[name].view(np.uint8), array.view(np.uint8))
+    ours = read_aligned_safetensors(tmp_path / "x.safetensors")
+    assert np.array_equal(ours["c.bf16"], arrays["c.bf16"].view(np.uint16))
+    with pytest.raises(G4CError, match="has shape"):
+        write_safetensors(tmp_path / "y.safetensors", {"w": ((2, 2), np.float32)}, lambda n: np.zeros(3, np.float32))

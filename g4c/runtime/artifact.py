@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,39 @@ def read_aligned_safetensors(path: Path) -> dict[str, np.ndarray]:
                 raise ArtifactError(f"{path}: truncated at tensor {name}")
             tensors[name] = array
     return tensors
+
+
+_SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32"}
+
+
+def write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+                      produce: Callable[[str], np.ndarray], progress: Callable[[int, int], None] | None = None) -> None:
+    """A safetensors file written tensor by tensor: the header from `specs` (name → shape, dtype),
+    then each `produce(name)`'s bytes, so one tensor at a time is in memory (safetensors' own
+    writer serialises every tensor into one buffer first: twice the weights' size at peak, which a
+    full-size fp32 model does not fit in). Same documented layout `read_aligned_safetensors` reads."""
+    from g4c.dtypes import dtype_name
+
+    names, header, offset = sorted(specs), {}, 0
+    for name in names:
+        shape, dtype = specs[name]
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype_name(dtype)], "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for i, name in enumerate(names):
+            shape, dtype = specs[name]
+            array = np.ascontiguousarray(produce(name)).astype(dtype, copy=False)
+            if array.shape != tuple(shape):
+                raise ArtifactError(f"tensor {name} has shape {list(array.shape)}, its header says {list(shape)}")
+            f.write(memoryview(array.reshape(-1).view(np.uint8)))
+            del array
+            if progress:
+                progress(i + 1, len(names))
 
 
 def sha256_file(path: Path) -> str:
