@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -169,3 +170,24 @@ def test_graph_after_passes(tmp_path):
     assert main(["graph", "tiny-moe", "--passes", "all", "--format", "text", "-o", str(txt)]) == 0
     text = txt.read_text()
     assert "fused_attention(" in text and "moe(" in text and "lm_head(" in text and "kv_cache(" not in text
+
+
+def test_a_killed_writer_leaves_nothing_behind_the_next_run_removes(tmp_path):
+    """A compile killed outright (SIGKILL, out of memory) cannot clean its temporary directory; the
+    next write of the same target removes it (its PID is gone), and leaves a running writer's alone."""
+    import subprocess
+    import sys
+
+    from g4c.atomic import atomic_directory
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / f".out.{dead.stdout.strip()}.x1"
+    running = tmp_path / f".out.{os.getpid()}.x2"
+    other = tmp_path / ".other.1.x3"
+    for d in (abandoned, running, other):
+        d.mkdir()
+        (d / "weights.safetensors").write_bytes(b"partial")
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    assert not abandoned.exists() and running.exists() and other.exists()
+    assert (tmp_path / "out" / "manifest.json").is_file()
