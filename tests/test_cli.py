@@ -175,9 +175,6 @@ def test_graph_after_passes(tmp_path):
 def test_a_killed_writer_leaves_nothing_behind_the_next_run_removes(tmp_path):
     """A compile killed outright (SIGKILL, out of memory) cannot clean its temporary directory; the
     next write of the same target removes it (its PID is gone), and leaves a running writer's alone."""
-    import subprocess
-    import sys
-
     from g4c.atomic import atomic_directory
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
