@@ -60,9 +60,10 @@ def embed(vocab: int, hidden: int, scale: float, name: str, dtype: str = "float3
     return _prim([table, ids, out], name)
 
 
-def linear(k: int, n: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
-    """y = x @ wᵀ with fp32 accumulation; w stored in `dtype`."""
-    t = _t()
+def linear(k: int, n: int, name: str, dtype: str = "float32", rows: int | None = None) -> tirx.PrimFunc:
+    """y = x @ wᵀ with fp32 accumulation; w stored in `dtype`; `rows` fixes the token count (a GPU
+    decode step's GEMV: dlight schedules a symbolic-row kernel as a GEMM, tiles of 32 rows for one)."""
+    t = rows or _t()
     x = te.placeholder((t, k), F32, name="x")
     w = te.placeholder((n, k), STORAGE[dtype], name="w")
     r = te.reduce_axis((0, k), name="k")

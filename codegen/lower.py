@@ -121,8 +121,9 @@ class _Lowering:
 
     def linear(self, x: str, w: str, k: int, n: int, out_name: str, rows) -> str:
         dt = self.stored(w)
-        name = f"linear_{k}x{n}_{dt}"
-        kern = self.kernel(name, lambda: K.linear(k, n, name, dt))
+        gemv = self.out.gpu and self.prog.name == "decode"  # one token: a GEMV schedule, not a GEMM tile
+        name = f"{'gemv' if gemv else 'linear'}_{k}x{n}_{dt}"
+        kern = self.kernel(name, lambda: K.linear(k, n, name, dt, rows=1 if gemv else None))
         out = self.buf(out_name, (rows, n))
         self.call(kern, x, w, out)
         return out
