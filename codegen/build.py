@@ -77,7 +77,8 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     graphs = optimized_graphs(cfg, weights)
     lowered = lower(cfg, graphs, weights.f32, canonical_dtype(dtype), gpu=target.gpu,
                     max_binding=target.options.get("max_binding"),
-                    shared_memory=target.options.get("shared_memory", 16384))
+                    shared_memory=target.options.get("shared_memory", 16384),
+                    tiled_gemm=target.options.get("tiled_gemm", False))
     if target.runtime == "wgpu":
         _check_wgpu_dtype(target, lowered.weight_dtype)
     names = sorted(lowered.kernels)

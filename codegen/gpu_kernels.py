@@ -595,40 +595,57 @@ def _grouped_tiles(t, top_k: int, experts: int):
     return T.min(t * top_k, T.ceildiv(t * top_k, MOE_TILE) + experts)
 
 
-def _grouped_gemm(rows: int, depth: int, experts: int, top_k: int, name: str, dtype: str, gated: bool):
-    """A GEMM over `moe_align`'s tiles: workgroup (tile, row block) multiplies MOE_ROWS rows of the
-    tile's expert weights with the tile's entries, both staged in shared memory MOE_K columns at a
-    time; thread (entry u, row group) accumulates MOE_ROWS / 8 rows. `gated` (gate/up): weights
-    [experts, 2·rows, depth], inputs are token rows x[e // top_k], and act[e, c] = gelu(gate·x)·(up·x)·w[e];
-    otherwise (down): weights [experts, rows, depth], inputs act[e], and part[e, o] = down[o]·act[e]."""
+def _tiled_gemm(rows: int, depth: int, name: str, dtype: str, mode: str, experts: int = 1, top_k: int = 1):
+    """A GEMM over tiles of MOE_TILE entries: workgroup (tile, row block) multiplies MOE_ROWS weight
+    rows with the tile's entries, both staged in shared memory MOE_K columns at a time; thread
+    (entry u, row group) accumulates MOE_ROWS / 8 rows, so each weight element is read once per tile.
+    mode "dense": y[t] = W·x[t] over tiles of consecutive tokens (a prefill linear);
+    "gate_up"/"down": `moe_align`'s tiles of one expert's (token, slot) entries e: act[e] =
+    gelu(gate·x)·(up·x)·w[e] with x the token's row, or part[e] = down·act[e]."""
     storage, nt, tile, rt, kc = STORAGE[dtype], MOE_THREADS, MOE_TILE, MOE_ROWS, MOE_K
-    mats, per = 2 if gated else 1, rt // (nt // tile)
+    mats, per = 2 if mode == "gate_up" else 1, rt // (nt // tile)
     row_tiles, chunks = _ceil(rows, rt), _ceil(depth, kc)
     assert tile * kc % nt == 0 and rt * kc % nt == 0
     attrs = _attrs(name)
 
+    def tiles(t):
+        return T.ceildiv(t, tile) if mode == "dense" else _grouped_tiles(t, top_k, experts)
+
+    def expert(tile_expert, q):
+        return 0 if mode == "dense" else tile_expert[q // top_k, q % top_k]
+
+    def entry(tile_entries, q, u, t):  # entry u of tile q, −1 for padding
+        if mode == "dense":
+            return tirx.if_then_else(q * tile + u < t, q * tile + u, -1)
+        return tile_entries[q // top_k, q % top_k, u]
+
+    def source(src, ent, col):  # the entry's input element
+        if mode == "dense":
+            return src[ent, col]
+        return src[ent // top_k, col] if mode == "gate_up" else src[ent // top_k, ent % top_k, col]
+
+    def weight_at(weight, ex, m, row, col):
+        return weight[row, col] if mode == "dense" else weight[ex, m * rows + row, col]
+
     @T.macro
     def body(src, w, weight, tile_expert, tile_entries, out, t):
-        for blk in T.thread_binding(_grouped_tiles(t, top_k, experts) * row_tiles, thread="blockIdx.x"):
+        for blk in T.thread_binding(tiles(t) * row_tiles, thread="blockIdx.x"):
             for tid in T.thread_binding(nt, thread="threadIdx.x"):
                 xs = T.alloc_buffer((tile, kc), F32, scope="shared")
                 ws = T.alloc_buffer((mats, rt, kc), F32, scope="shared")
                 acc = T.alloc_buffer((mats, per), F32, scope="local")
                 q = blk // row_tiles
                 r0 = blk % row_tiles * rt
-                ex = tile_expert[q // top_k, q % top_k]
+                ex = expert(tile_expert, q)
                 for m in range(mats):
                     for r in range(per):
                         acc[m, r] = T.float32(0)
                 for k in range(T.if_then_else(ex >= 0, chunks, 0)):
                     for i in range(tile * kc // nt):  # entries' inputs → xs
-                        ent = tile_entries[q // top_k, q % top_k, (i * nt + tid) // kc]
+                        ent = entry(tile_entries, q, (i * nt + tid) // kc, t)
                         col = k * kc + (i * nt + tid) % kc
                         if ent >= 0 and col < depth:
-                            if gated:
-                                xs[(i * nt + tid) // kc, (i * nt + tid) % kc] = src[ent // top_k, col]
-                            else:
-                                xs[(i * nt + tid) // kc, (i * nt + tid) % kc] = src[ent // top_k, ent % top_k, col]
+                            xs[(i * nt + tid) // kc, (i * nt + tid) % kc] = source(src, ent, col)
                         else:
                             xs[(i * nt + tid) // kc, (i * nt + tid) % kc] = T.float32(0)
                     for i in range(mats * rt * kc // nt):  # weight rows → ws
@@ -636,23 +653,36 @@ def _grouped_gemm(rows: int, depth: int, experts: int, top_k: int, name: str, dt
                         row = r0 + (i * nt + tid) // kc % rt
                         col = k * kc + (i * nt + tid) % kc
                         if row < rows and col < depth:
-                            ws[m, row - r0, (i * nt + tid) % kc] = _load(weight[ex, m * rows + row, col], dtype)
+                            ws[m, row - r0, (i * nt + tid) % kc] = _load(weight_at(weight, ex, m, row, col), dtype)
                         else:
                             ws[m, row - r0, (i * nt + tid) % kc] = T.float32(0)
                     for d in range(kc):
                         for m in range(mats):
                             for r in range(per):
                                 acc[m, r] = acc[m, r] + ws[m, tid // tile * per + r, d] * xs[tid % tile, d]
-                ent = tile_entries[q // top_k, q % top_k, tid % tile]
+                ent = entry(tile_entries, q, tid % tile, t)
                 for r in range(per):
                     if ex >= 0 and ent >= 0 and r0 + tid // tile * per + r < rows:
-                        if gated:
+                        if mode == "dense":
+                            out[ent, r0 + tid // tile * per + r] = acc[0, r]
+                        elif mode == "gate_up":
                             out[ent // top_k, ent % top_k, r0 + tid // tile * per + r] = (
                                 _gelu(acc[0, r]) * acc[mats - 1, r] * w[ent // top_k, ent % top_k])
                         else:
                             out[ent // top_k, ent % top_k, r0 + tid // tile * per + r] = acc[0, r]
 
-    if gated:
+    if mode == "dense":
+        @T.prim_func
+        def dense(x_h: T.handle, w_h: T.handle, y_h: T.handle):
+            T.func_attr(attrs)
+            t = T.int32()
+            x = T.match_buffer(x_h, (t, depth), F32)
+            weight = T.match_buffer(w_h, (rows, depth), storage)
+            y = T.match_buffer(y_h, (t, rows), F32)
+            body(x, x, weight, x, x, y, t)
+        return dense
+
+    if mode == "gate_up":
         @T.prim_func
         def gate_up(x_h: T.handle, w_h: T.handle, gu_h: T.handle, te_h: T.handle, ent_h: T.handle, act_h: T.handle):
             T.func_attr(attrs)
@@ -679,17 +709,23 @@ def _grouped_gemm(rows: int, depth: int, experts: int, top_k: int, name: str, dt
     return down
 
 
+def linear_tiled(k: int, n: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
+    """`kernels.linear` as a shared-memory tiled GEMM (`_tiled_gemm`, tiles of MOE_TILE tokens ×
+    MOE_ROWS rows): prefill linears where dlight's Matmul rule is not used (Metal)."""
+    return _tiled_gemm(n, k, name, dtype, "dense")
+
+
 def moe_gate_up_grouped(hidden: int, inter: int, experts: int, top_k: int, name: str,
                         dtype: str = "float32") -> tirx.PrimFunc:
-    """`moe_gate_up` over `moe_align`'s tiles: act[e] = gelu(gate·x)·(up·x)·w[e] (`_grouped_gemm`)."""
-    return _grouped_gemm(inter, hidden, experts, top_k, name, dtype, gated=True)
+    """`moe_gate_up` over `moe_align`'s tiles: act[e] = gelu(gate·x)·(up·x)·w[e] (`_tiled_gemm`)."""
+    return _tiled_gemm(inter, hidden, name, dtype, "gate_up", experts, top_k)
 
 
 def moe_down_grouped(hidden: int, inter: int, experts: int, top_k: int, name: str,
                      dtype: str = "float32") -> tirx.PrimFunc:
-    """Down-projection over `moe_align`'s tiles: part[e, o] = down_x[o]·act[e] (`_grouped_gemm`);
+    """Down-projection over `moe_align`'s tiles: part[e, o] = down_x[o]·act[e] (`_tiled_gemm`);
     `moe_combine` sums a token's top_k parts."""
-    return _grouped_gemm(hidden, inter, experts, top_k, name, dtype, gated=False)
+    return _tiled_gemm(hidden, inter, name, dtype, "down", experts, top_k)
 
 
 def moe_combine(hidden: int, top_k: int, name: str) -> tirx.PrimFunc:

@@ -68,6 +68,7 @@ class Lowered:
     gpu: bool = False  # GPU kernels (`g4c.codegen.gpu_kernels`) and int32 ids/positions
     max_binding: int | None = None  # GPU: bytes one storage binding may hold; bigger tables are split
     shared_memory: int = 16384  # GPU: shared memory per workgroup the kernels may use (WebGPU's default)
+    tiled_gemm: bool = False  # GPU prefill linears as `gpu_kernels.linear_tiled` (targets without dlight's Matmul)
 
     @property
     def index_dtype(self) -> str:
@@ -122,8 +123,12 @@ class _Lowering:
     def linear(self, x: str, w: str, k: int, n: int, out_name: str, rows) -> str:
         dt = self.stored(w)
         gemv = self.out.gpu and self.prog.name == "decode"  # one token: a GEMV schedule, not a GEMM tile
-        name = f"{'gemv' if gemv else 'linear'}_{k}x{n}_{dt}"
-        kern = self.kernel(name, lambda: K.linear(k, n, name, dt, rows=1 if gemv else None))
+        if self.out.tiled_gemm and not gemv:
+            name = f"linear_tiled_{k}x{n}_{dt}"
+            kern = self.kernel(name, lambda: G.linear_tiled(k, n, name, dt))
+        else:
+            name = f"{'gemv' if gemv else 'linear'}_{k}x{n}_{dt}"
+            kern = self.kernel(name, lambda: K.linear(k, n, name, dt, rows=1 if gemv else None))
         out = self.buf(out_name, (rows, n))
         self.call(kern, x, w, out)
         return out
@@ -439,11 +444,13 @@ class _Lowering:
 
 def lower(cfg: ModelConfig, graphs: dict[str, Graph], weights: Callable[[str], np.ndarray],
           weight_dtype: str = "float32", gpu: bool = False, max_binding: int | None = None,
-          shared_memory: int = 16384) -> Lowered:
+          shared_memory: int = 16384, tiled_gemm: bool = False) -> Lowered:
     """Lower the optimized graphs (prefill, prefill_all, decode) into one kernel set and their programs;
     `gpu` picks the GPU kernels and int32 indices, `max_binding` splits tables bigger than that,
-    `shared_memory` sizes the tiles of GPU prefill attention."""
-    out = Lowered({}, {}, {}, {}, [], weight_dtype, gpu=gpu, max_binding=max_binding, shared_memory=shared_memory)
+    `shared_memory` sizes the tiles of GPU prefill attention, `tiled_gemm` picks g4c's tiled GEMM for
+    GPU prefill linears."""
+    out = Lowered({}, {}, {}, {}, [], weight_dtype, gpu=gpu, max_binding=max_binding, shared_memory=shared_memory,
+                  tiled_gemm=tiled_gemm)
     with K.index_dtype(out.index_dtype):
         for mode, graph in graphs.items():
             program = Program(mode)

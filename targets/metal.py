@@ -45,7 +45,7 @@ def metal_target(profile: str = DEFAULT_PROFILE) -> Target:
         from g4c.targets.vulkan import gpu_schedule
 
         # dlight's Metal GEMM rule (simdgroup matrices) imports TVM's tensor-intrinsic registry, ~75 s per
-        # compile on 2 cores: prefill GEMMs use the fallback schedule instead (GEMVs keep theirs)
+        # compile on 2 cores: prefill linears are g4c's tiled GEMM instead (option tiled_gemm)
         return gpu_schedule(tvm_target(), matmul=False)(name, func)
 
     def export(lib, path: str) -> None:
@@ -61,7 +61,7 @@ def metal_target(profile: str = DEFAULT_PROFILE) -> Target:
         (directory / "link.sh").chmod(0o755)
 
     return Target(f"metal:{profile}", tvm_target, schedule, export=export,
-                  options={"profile": profile, "shared_memory": 32 << 10},
+                  options={"profile": profile, "shared_memory": 32 << 10, "tiled_gemm": True},
                   gpu=True, device="metal", relax_pipeline=lambda: _pipeline(tvm_target()), library="kernels.dylib")
 
 

@@ -293,3 +293,16 @@ def test_grouped_moe_kernels_match_numpy():
             expected[i] += down[e] @ expected_act[i, j]
     np.testing.assert_allclose(act, expected_act, atol=1e-4)
     np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_tiled_gemm_matches_numpy():
+    """The shared-memory tiled GEMM (Metal's prefill linears) with token, row and depth counts that
+    are not multiples of its 16 × 32 tiles and 32-column chunks."""
+    from g4c.codegen import gpu_kernels as G
+
+    t, k, n = 37, 100, 70
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((t, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    (y,) = _run_kernels({"gemm": G.linear_tiled(k, n, "gemm")}, [("gemm", [x, w, 0])], {0: (t, n)})
+    np.testing.assert_allclose(y, x @ w.T, atol=1e-4)
