@@ -62,7 +62,8 @@ def metal_target(profile: str = DEFAULT_PROFILE) -> Target:
 
     return Target(f"metal:{profile}", tvm_target, schedule, export=export,
                   options={"profile": profile, "shared_memory": 32 << 10, "tiled_gemm": True},
-                  gpu=True, device="metal", relax_pipeline=lambda: _pipeline(tvm_target()), library="kernels.dylib")
+                  gpu=True, device="metal", relax_pipeline=lambda: _pipeline(tvm_target()), library="kernels.dylib",
+                  static_decode=True)  # one-token decode: its linears are one-row GEMV kernels
 
 
 def _pipeline(tvm_target):

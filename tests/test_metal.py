@@ -27,7 +27,7 @@ def metal_artifact(checkpoints, tmp_path_factory):
 def test_metal_artifact_has_msl_for_every_kernel(metal_artifact):
     manifest = json.loads((metal_artifact / "manifest.json").read_text())
     assert manifest["target"] == "metal:apple-m1" and manifest["device"] == "metal"
-    assert manifest["library"] == "kernels.dylib"
+    assert manifest["library"] == "kernels.dylib" and manifest["static_decode"] is True
     msl = (metal_artifact / "kernels.metal").read_text()
     assert "#include <metal_stdlib>" in msl
     entries = set(re.findall(r"kernel void (\w+)\(", msl))
