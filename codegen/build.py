@@ -56,9 +56,9 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     """Lower, schedule, build and write an artifact (see the module docstring). `bundle_runtime` copies
     the TVM runtime libraries the target needs into it; `weights_from_seed` (random weights only)
     writes no weight files: the runtime regenerates them from the seed, so a benchmark artifact of a
-    full-size model stays a few MB. `static_decode` (default: the target's choice, on for CUDA and Metal) makes
-    `decode` a fixed-shape function the runtime calls with the same tensors every step (see
-    `relax_module.build_module`), which CUDA replays as one graph."""
+    full-size model stays a few MB. `static_decode` (default: the target's choice, on for CUDA and
+    Metal) makes `decode` a fixed-shape function the runtime calls with the same tensors every step
+    (see `relax_module.build_module`), which CUDA replays as one graph."""
     import tvm
 
     from g4c.codegen import wgsl
