@@ -75,7 +75,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     check_writable(out, overwrite)  # before minutes of building
     report = progress or (lambda stage, done, total: None)
     graphs = optimized_graphs(cfg, weights)
-    lowered = lower(cfg, graphs, weights.f32, canonical_dtype(dtype), gpu=target.gpu,
+    lowered = lower(cfg, graphs, canonical_dtype(dtype), gpu=target.gpu,
                     max_binding=target.options.get("max_binding"),
                     shared_memory=target.options.get("shared_memory", 16384),
                     tiled_gemm=target.options.get("tiled_gemm", False))

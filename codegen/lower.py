@@ -17,8 +17,6 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
 from g4c.codegen import gpu_kernels as G
 from g4c.codegen import kernels as K
 from g4c.config import ModelConfig, RopeSpec
@@ -76,8 +74,8 @@ class Lowered:
 
 
 class _Lowering:
-    def __init__(self, cfg: ModelConfig, weights: Callable[[str], np.ndarray], lowered: Lowered, program: Program):
-        self.cfg, self.weights, self.out, self.prog = cfg, weights, lowered, program
+    def __init__(self, cfg: ModelConfig, lowered: Lowered, program: Program):
+        self.cfg, self.out, self.prog = cfg, lowered, program
         self.refs: dict[int, str] = {}
         self.k = G if lowered.gpu else K  # kernels that have a GPU form
 
@@ -442,7 +440,7 @@ class _Lowering:
         self.call(combine, parts, out)
 
 
-def lower(cfg: ModelConfig, graphs: dict[str, Graph], weights: Callable[[str], np.ndarray],
+def lower(cfg: ModelConfig, graphs: dict[str, Graph],
           weight_dtype: str = "float32", gpu: bool = False, max_binding: int | None = None,
           shared_memory: int = 16384, tiled_gemm: bool = False) -> Lowered:
     """Lower the optimized graphs (prefill, prefill_all, decode) into one kernel set and their programs;
@@ -454,6 +452,6 @@ def lower(cfg: ModelConfig, graphs: dict[str, Graph], weights: Callable[[str], n
     with K.index_dtype(out.index_dtype):
         for mode, graph in graphs.items():
             program = Program(mode)
-            _Lowering(cfg, weights, out, program).lower(graph)
+            _Lowering(cfg, out, program).lower(graph)
             out.programs[mode] = program
     return out
