@@ -261,7 +261,8 @@ class CompiledSession(Session):
             rows = (info["window"] + self.prefill_chunk - 1) if info["ring"] else self.max_context
             self.caches[slot] = aligned_empty((rows, info["kv_heads"], info["head_dim"]), np.float32)
         # weights and ring buffers never move: their DLPack wrappers are made once; a full cache is
-        # passed as its first P+T rows, so attention reads only the positions that exist
+        # passed as its first P+T rows, so attention reads only the positions that exist (a static
+        # decode passes it whole: its shapes stay fixed, and the GPU kernels bound themselves by position)
         self._index = np.int32 if self.manifest.get("index_dtype") == "int32" else np.int64
         if self._gpu:  # weights and caches live in GPU memory; the host copies give way to shape stand-ins
             self._weights = [self._gpu.upload(self.weights[n]) for n in entry["weights"]]
