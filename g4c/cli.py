@@ -44,7 +44,8 @@ BACKENDS = ("reference", "tvm")
 TargetOpt = typer.Option("llvm", "--target", help="Compile target: llvm (this CPU), arm or arm:<profile> "
                          "(cortex-a76, cortex-a78, cortex-x1, cortex-a710, cortex-a55; cross-compiled), vulkan or "
                          "vulkan:<profile> (generic, adreno-7xx, mali-g7xx; WGSL run through wgpu), cuda or "
-                         "cuda:<arch> (sm_80, sm_86, sm_89, sm_90; fatbin built with nvcc).")
+                         "cuda:<arch> (sm_80, sm_86, sm_89, sm_90; fatbin built with nvcc), metal or "
+                         "metal:<profile> (apple-m1..apple-m4; MSL + arm64-macOS objects, linked on the Mac).")
 RpcOpt = typer.Option(None, "--rpc", help="Run the artifact on a TVM RPC server at HOST:PORT (e.g. "
                       "python -m g4c.runtime.rpc_server on the device), or a tracker with --rpc-key.")
 RpcKeyOpt = typer.Option(None, "--rpc-key", help="With --rpc: HOST:PORT is an RPC tracker; run on a device it "
