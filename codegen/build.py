@@ -35,7 +35,7 @@ from g4c.frontend import build_graph
 from g4c.errors import G4CError
 from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
 from g4c.runtime.artifact import (FORMAT, FORMAT_VERSION, HOST, LIBRARY, MANIFEST, WEIGHTS, sha256_file,
-                                  write_safetensors)
+                                  tensor_bytes, write_safetensors)
 from g4c.runtime.wgpu_session import SHADERS
 from g4c.weights import Weights, derived_shape, derived_weight
 PROGRAMS = {"prefill": ("prefill", 1), "prefill_all": ("prefill", None), "decode": ("decode", None)}
@@ -175,7 +175,7 @@ Specs = dict[str, tuple[tuple[int, ...], np.dtype]]
 def _check_bindings(target, specs: Specs) -> None:
     limit = target.options["max_binding"]
     for name, (shape, dtype) in specs.items():
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        size = tensor_bytes(shape, dtype)
         if size > limit:
             raise G4CError(f"weight {name} ({size} bytes) exceeds the {limit}-byte storage binding of "
                            f"Vulkan profile {target.options['profile']}")

@@ -40,10 +40,14 @@ DEVICE_TYPES = {"cpu": DEVICE_CPU, "cuda": 2, "metal": 8}
 POOLED_ALLOCATOR = 2  # Relax VM allocator kind
 
 
+def tensor_bytes(shape, dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
 def aligned_empty(shape, dtype) -> np.ndarray:
     """An uninitialised numpy array whose data pointer is ALIGNMENT-byte aligned."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = tensor_bytes(shape, dtype)
     raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
     offset = (-raw.ctypes.data) % ALIGNMENT
     return raw[offset: offset + nbytes].view(dtype).reshape(shape)
@@ -111,7 +115,7 @@ def write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], np.dty
     names, header, offset = sorted(specs), {}, 0
     for name in names:
         shape, dtype = specs[name]
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        size = tensor_bytes(shape, dtype)
         header[name] = {"dtype": _SAFETENSORS_NAMES[dtype_name(dtype)], "shape": [int(d) for d in shape],
                         "data_offsets": [offset, offset + size]}
         offset += size
