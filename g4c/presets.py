@@ -10,7 +10,7 @@ Sources of the published numbers (checked 2026-11-23):
   max_position_embeddings is not set there (class default 131072); 262144 follows the model card's
   256K context;
 - cross-checked with ollama `x/models/gemma4/gemma4_test.go` (`TestParseTextConfig*`) and
-  `../shared/gemma4-architecture.md`.
+  `docs/gemma4-architecture.md`.
 All share: vocab 262144 (PLE vocab 262144), tied embeddings, final softcap 30, eps 1e-6,
 gelu_pytorch_tanh, sliding RoPE theta 1e4 / global RoPE proportional theta 1e6 with factor 0.25,
 head_dim 256 / global_head_dim 512, last layer global.
@@ -92,10 +92,6 @@ TINY: dict[str, dict[str, Any]] = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {**PUBLISHED, **TINY}
-
-
-def preset_names() -> list[str]:
-    return list(PRESETS)
 
 
 def preset_config(name: str, num_layers: int | None = None) -> ModelConfig:

@@ -1,12 +1,10 @@
 """The g4c graph IR: a `Graph` is an ordered list of `Node`s; each node applies one op from the closed
-op set (`g4c.ir.ops`) to earlier nodes and has a `TensorType` with possibly symbolic dims.
+op set (`g4c.ir.ops`) to earlier nodes and has a `TensorType` with possibly symbolic dims
+(`g4c.ir.types`, re-exported here).
 
 Modelled on torch.fx: nodes keep their inputs (defs); uses are queried (`graph.users(node)`), node
 order is a topological order (the verifier checks it), and the reference `Interpreter` is the
 executable definition of every op.
-
-Symbolic dims are strings: `T` (new tokens in this call), `P` (past tokens already in the KV cache)
-and sums such as `P+T` (the keys a layer attends to). Decode graphs use the literal `T = 1`.
 """
 
 from __future__ import annotations
@@ -15,57 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-Dim = int | str
-SYMBOLS = ("T", "P")
+from g4c.ir.ops import infer_type
+from g4c.ir.types import Dim, Node, TensorType, dim_add, dim_value, shape_value
 
-
-@dataclass(frozen=True)
-class TensorType:
-    shape: tuple[Dim, ...]
-    dtype: str = "float32"
-
-    def __str__(self) -> str:
-        short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int64": "i64", "int32": "i32"}
-        return f"{short.get(self.dtype, self.dtype)}[{', '.join(str(d) for d in self.shape)}]"
-
-    @property
-    def rank(self) -> int:
-        return len(self.shape)
-
-
-def dim_value(dim: Dim, env: dict[str, int]) -> int:
-    """Evaluate a dim (`3`, `"T"`, `"P+T"`) with symbol values from `env`."""
-    if isinstance(dim, int):
-        return dim
-    return sum(int(term) if term.isdigit() else env[term] for term in dim.split("+"))
-
-
-def dim_add(a: Dim, b: Dim) -> Dim:
-    """Symbolic a + b, kept in a canonical (sorted) form so equal sums compare equal."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a + b
-    terms = [t for d in (a, b) for t in str(d).split("+")]
-    const = sum(int(t) for t in terms if t.isdigit())
-    symbols = sorted(t for t in terms if not t.isdigit())
-    return "+".join(symbols + ([str(const)] if const else []))
-
-
-def shape_value(shape: tuple[Dim, ...], env: dict[str, int]) -> tuple[int, ...]:
-    return tuple(dim_value(d, env) for d in shape)
-
-
-@dataclass(eq=False)
-class Node:
-    """One op application. `inputs` are earlier nodes; `attrs` are compile-time constants."""
-
-    name: str
-    op: str
-    inputs: tuple["Node", ...]
-    attrs: dict[str, Any]
-    type: TensorType
-
-    def __repr__(self) -> str:
-        return f"%{self.name}"
+__all__ = ["Graph", "Dim", "Node", "TensorType", "dim_add", "dim_value", "shape_value"]
 
 
 @dataclass
@@ -110,8 +61,6 @@ class Graph:
     def call(self, op: str, *inputs: Node, name: str | None = None, before: Node | None = None,
              **attrs: Any) -> Node:
         """Append (or insert before `before`) `op(inputs, attrs)`; its type comes from the op's shape rule."""
-        from g4c.ir.ops import infer_type
-
         return self.add(op, inputs, attrs, infer_type(op, inputs, attrs), name=name, before=before)
 
     def output(self, name: str, node: Node) -> None:
@@ -187,8 +136,6 @@ class Graph:
 
     def retype(self, node: Node) -> None:
         """Recompute `node.type` from its op's shape rule (after its inputs changed)."""
-        from g4c.ir.ops import infer_type
-
         node.type = infer_type(node.op, node.inputs, node.attrs)
 
     def replace_all_uses(self, old: Node, new: Node) -> None:

@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from g4c.ir.graph import Dim, Node, TensorType, dim_add
+from g4c.ir.types import Dim, Node, TensorType, dim_add
 
 
 class IRTypeError(ValueError):

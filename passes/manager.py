@@ -1,4 +1,4 @@
-"""The pass manager: named graph rewrites, pipelines per target, verification and dumps after each pass.
+"""The pass manager: named graph rewrites, the default pipeline, verification and dumps after each pass.
 
 A pass is a function `run(graph, ctx)` that rewrites `graph` in place (the manager hands it a copy).
 Every pass lives in its own module with a docstring saying what it matches, what it produces and why
@@ -9,7 +9,7 @@ the text form and DOT after chosen passes (`--dump-after PASS --dump-dir DIR`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,6 @@ class PassContext:
 
     cfg: ModelConfig
     weights: Callable[[str], np.ndarray] | None = None
-    notes: dict[str, object] = field(default_factory=dict)  # analyses passes leave behind (e.g. the KV plan)
 
 
 @dataclass(frozen=True)
@@ -56,18 +55,17 @@ def available_passes() -> dict[str, Pass]:
     return _registry()
 
 
-# Pipelines per target; the order matters (fusions match the frontend's unfused patterns).
+# The pipeline every target runs; the order matters (fusions match the frontend's unfused patterns).
 DEFAULT_PIPELINE = ("fuse_ple", "fuse_attention", "fuse_moe", "fuse_mlp", "fuse_lm_head",
                     "fuse_residual_norm", "fold_layer_scalar", "prune_kv_shared_prefill",
                     "plan_kv_cache", "cse", "dce")
-PIPELINES: dict[str, tuple[str, ...]] = {"reference": DEFAULT_PIPELINE, "llvm": DEFAULT_PIPELINE}
 
 
-def resolve_passes(spec: str, target: str = "reference") -> list[str]:
-    """`all` (the target's pipeline), `none`, or a comma-separated list of pass names."""
+def resolve_passes(spec: str) -> list[str]:
+    """`all` (the default pipeline), `none`, or a comma-separated list of pass names."""
     spec = spec.strip()
     if spec == "all":
-        return list(PIPELINES.get(target, DEFAULT_PIPELINE))
+        return list(DEFAULT_PIPELINE)
     if spec == "none":
         return []
     names = [s.strip() for s in spec.split(",") if s.strip()]

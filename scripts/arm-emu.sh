@@ -9,12 +9,15 @@
 # aarch64 wheels of g4c's runtime dependencies (apache-tvm-ffi, numpy, safetensors, and only
 # libtvm_runtime.so out of apache-tvm: no compiler, as on a device). `g4c` and `python` then run under qemu-aarch64 with
 # QEMU_CPU=${QEMU_CPU:-cortex-a76} (the Raspberry Pi 5 core: instructions it lacks fault, as on the
-# board). The repository's g4c is installed into the sysroot on every call, so edits are picked up.
+# board). The repository's g4c is installed into the sysroot on every call, so edits are picked up; it is
+# built by the host's python3 (a venv or the system's) against setuptools/wheel wheels downloaded once
+# under $G4C_CACHE/arm/build, so neither the host's own setuptools nor the network matters after setup.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${G4C_CACHE:-$HOME/.cache/g4c}/arm"
 SYSROOT="$CACHE/sysroot"
 SITE="$CACHE/site"
+BUILD="$CACHE/build"
 PY=3.11
 
 setup_host_tools() {
@@ -56,11 +59,22 @@ setup_site() {
   touch "$SITE/.complete"
 }
 
+setup_build() {
+  [ -f "$BUILD/.complete" ] && return
+  rm -rf "$BUILD" && mkdir -p "$BUILD"
+  # pyproject's build-system.requires (setuptools>=68; wheel too, which setuptools < 70.1 asks for). The
+  # host's own setuptools is not used: a fresh venv's or Debian's (65/66, no wheel) fails with
+  # "invalid command 'bdist_wheel'" under --no-build-isolation.
+  python3 -m pip download -q --only-binary=:all: -d "$BUILD" "setuptools>=68" wheel
+  touch "$BUILD/.complete"
+}
+
 setup_host_tools
 setup_sysroot
 setup_site
-# g4c itself (pure Python), from this checkout
-python3 -m pip install -q --no-deps --no-build-isolation --upgrade --target "$SITE/.g4c" "$ROOT" >/dev/null
+setup_build
+# g4c itself (pure Python), from this checkout, built in an isolated environment from $BUILD's wheels
+python3 -m pip install -q --no-deps --no-index --find-links "$BUILD" --upgrade --target "$SITE/.g4c" "$ROOT" >/dev/null
 
 cmd="${1:?usage: scripts/arm-emu.sh g4c|python ARGS...}"
 shift
