@@ -45,7 +45,7 @@ def median_step(step, first: int, gen: int, warmup: int = 2) -> float:
 # -- g4c ----------------------------------------------------------------------------------------------
 def run_g4c(args) -> dict:
     from g4c.bench import decode_at_context, decode_weight_bytes, kv_read_bytes
-    from g4c.runtime.artifact import load
+    from g4c.runtime import load
 
     lens, contexts = args.prompt_lens, args.contexts
     session = load(args.model, max_context=max(lens + contexts) + args.gen + 8, prefill_chunk=max(lens))
@@ -72,7 +72,7 @@ def run_g4c(args) -> dict:
         result["decode"][n] = 1 / median_step(step, 5, args.gen)
     result["decode_bytes"] = {n: decode_weight_bytes(session) + kv_read_bytes(session, n)
                               for n in sorted(set(lens + contexts))}
-    result["weight_dtype"] = session.manifest["weight_dtype"]
+    result["weight_dtype"] = session.manifest.weight_dtype
     return result
 
 

@@ -1,91 +1,53 @@
-"""Lower an optimized g4c graph to a kernel program: TensorIR kernels plus the sequence of calls.
+"""Lower an optimized g4c graph to programs of kernel requests (`KernelSpec`) and buffer references.
 
-Each fused op becomes one or a few destination-passing kernels (`g4c.codegen.kernels`), deduplicated
-by configuration across layers; the program lists, per step, the kernel and its buffer references.
-`g4c.codegen.relax_module` turns each program into a Relax entry function; the programs also go into
-the artifact manifest, for inspection and profiling.
-
-Buffer references: `in:ids`, `in:positions` (runtime inputs), `w:NAME` (weights, including packed
-ones such as `packed.l0_w_qkv`), `a:NAME` (activations, shapes in `Program.buffers`), `kv:SLOT`
-(a KV cache buffer), and three non-kernel steps: `rows` (the PLE rows of the host-memory table,
-gathered by the runtime), `last` (the last n rows) and `reshape`.
+Each fused op becomes one or a few destination-passing kernel calls, deduplicated by spec across
+layers; the program lists, per step, the kernel and its buffer references (`g4c.artifact.Program`
+documents them). How the programs are structured (split-K attention, grouped MoE, one-row decode
+linears, split tables) follows the target's `LoweringOptions`; which TensorIR builds and schedules
+each spec is the target's business. `g4c.codegen.relax_module` turns each program into a Relax entry
+function; the programs also go into the artifact manifest, for inspection and profiling.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from g4c.codegen import gpu_kernels as G
-from g4c.codegen import kernels as K
+from g4c.artifact import KVSlot, Program, Step
+from g4c.codegen.gpu_kernels import GEMM_TILE, attention_parts
+from g4c.codegen.spec import KernelSpec, LoweringOptions
 from g4c.config import ModelConfig, RopeSpec
 from g4c.ir import Graph, Node
-
-Shape = list[int | str]
-
-
-@dataclass
-class Step:
-    kernel: str  # kernel name, or a runtime builtin: "rows" | "last"
-    args: list[str]  # inputs then outputs
-    attrs: dict = field(default_factory=dict)
-
-
-@dataclass
-class Program:
-    name: str
-    steps: list[Step] = field(default_factory=list)
-    buffers: dict[str, tuple[Shape, str]] = field(default_factory=dict)  # activation → (shape, dtype)
-    outputs: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "steps": [asdict(s) for s in self.steps],
-                "buffers": {k: [list(v[0]), v[1]] for k, v in self.buffers.items()}, "outputs": self.outputs}
-
-
-@dataclass
-class KVSlot:
-    slot: str
-    layer: int
-    kv_heads: int
-    head_dim: int
-    ring: bool
-    window: int | None
 
 
 @dataclass
 class Lowered:
-    kernels: dict[str, object]  # name → PrimFunc
+    kernels: dict[str, KernelSpec]  # kernel name → spec (the target builds and schedules it)
     programs: dict[str, Program]
-    recipes: dict[str, dict]  # derived weight name → how to make it (g4c.weights.derived_weight)
+    recipes: dict[str, dict]  # derived weight name → how to make it (g4c.artifact.recipes)
     kv_slots: dict[str, KVSlot]
     host_tables: list[str]
+    options: LoweringOptions
     weight_dtype: str = "float32"  # storage of GEMM/embedding/expert weights; the rest stays fp32
-    half_weights: set[str] = field(default_factory=set)  # weights stored in weight_dtype
-    gpu: bool = False  # GPU kernels (`g4c.codegen.gpu_kernels`) and int32 ids/positions
-    max_binding: int | None = None  # GPU: bytes one storage binding may hold; bigger tables are split
-    shared_memory: int = 16384  # GPU: shared memory per workgroup the kernels may use (WebGPU's default)
-    tiled_gemm: bool = False  # GPU prefill linears as `gpu_kernels.linear_tiled` (targets without dlight's Matmul)
+    weight_dtype_tensors: set[str] = field(default_factory=set)  # weights stored in weight_dtype
 
     @property
     def index_dtype(self) -> str:
-        return "int32" if self.gpu else "int64"
+        return self.options.index_dtype
 
 
 class _Lowering:
     def __init__(self, cfg: ModelConfig, lowered: Lowered, program: Program):
         self.cfg, self.out, self.prog = cfg, lowered, program
+        self.opt = lowered.options
+        self.decode = program.name == "decode"  # one token per call
         self.refs: dict[int, str] = {}
-        self.k = G if lowered.gpu else K  # kernels that have a GPU form
 
     # -- helpers -----------------------------------------------------------------------------------
-    def kernel(self, name: str, build: Callable[[], object]) -> str:
-        """Register kernel `name` (built once); names are made C/WGSL identifiers (eps 1e-06 → 1e_06)."""
-        symbol = re.sub(r"\W", "_", name)
-        if symbol not in self.out.kernels:
-            self.out.kernels[symbol] = build().with_attr("global_symbol", symbol)
-        return symbol
+    def kernel(self, op: str, **params) -> str:
+        """Request a kernel (deduplicated by spec across layers and programs); returns its name."""
+        spec = KernelSpec.of(op, **params)
+        self.out.kernels.setdefault(spec.name, spec)
+        return spec.name
 
     def buf(self, name: str, shape, dtype: str = "float32") -> str:
         self.prog.buffers[name] = (list(shape), dtype)
@@ -115,18 +77,16 @@ class _Lowering:
 
     def stored(self, w: str) -> str:
         """Mark a matrix weight as stored in the artifact's weight dtype; returns that dtype."""
-        self.out.half_weights.add(w[2:])
+        self.out.weight_dtype_tensors.add(w[2:])
         return self.out.weight_dtype
 
     def linear(self, x: str, w: str, k: int, n: int, out_name: str, rows) -> str:
         dt = self.stored(w)
-        gemv = self.out.gpu and self.prog.name == "decode"  # one token: a GEMV schedule, not a GEMM tile
-        if self.out.tiled_gemm and not gemv:
-            name = f"linear_tiled_{k}x{n}_{dt}"
-            kern = self.kernel(name, lambda: G.linear_tiled(k, n, name, dt))
+        gemv = self.opt.decode_gemv and self.decode  # one token: a GEMV schedule, not a GEMM tile
+        if self.opt.tiled_gemm and not gemv:
+            kern = self.kernel("linear_tiled", k=k, n=n, dtype=dt)
         else:
-            name = f"{'gemv' if gemv else 'linear'}_{k}x{n}_{dt}"
-            kern = self.kernel(name, lambda: K.linear(k, n, name, dt, rows=1 if gemv else None))
+            kern = self.kernel("linear", k=k, n=n, dtype=dt, rows=1 if gemv else None)
         out = self.buf(out_name, (rows, n))
         self.call(kern, x, w, out)
         return out
@@ -139,13 +99,11 @@ class _Lowering:
         out = self.buf(out_name, (rows, n))
         for lo, hi, part in slices:
             piece = self.linear(x, part, k, hi - lo, f"{out_name}_{lo}", rows)
-            name = f"place_columns_{lo}_{hi - lo}_{n}"
-            self.call(self.kernel(name, lambda: G.place_columns(lo, hi - lo, n, name)), piece, out)
+            self.call(self.kernel("place_columns", lo=lo, width=hi - lo, total=n), piece, out)
         return out
 
     def rms(self, x: str, w: str | None, dim: int, eps: float, out_name: str, rows) -> str:
-        name = f"rms_norm_{dim}_{'w' if w else 'nw'}_{eps:g}"
-        kern = self.kernel(name, lambda: K.rms_norm(dim, eps, w is not None, name))
+        kern = self.kernel("rms_norm", dim=dim, eps=eps, weighted=w is not None)
         out = self.buf(out_name, (rows, dim))
         self.call(kern, *([x, w] if w else [x]), out)
         return out
@@ -167,7 +125,7 @@ class _Lowering:
     def row_slices(self, w: str, rows: int, width: int) -> list[tuple[int, int, str]] | None:
         """[(lo, hi, weight ref)] slices of a [rows, width] table too big for one storage binding
         (None if it fits): the slices are weights of their own, cut at compile time."""
-        limit, itemsize = self.out.max_binding, 2 if self.out.weight_dtype != "float32" else 4
+        limit, itemsize = self.opt.max_binding, 2 if self.out.weight_dtype != "float32" else 4
         if not limit or rows * width * itemsize <= limit:
             return None
         step = max(64, limit // (width * itemsize) // 64 * 64)
@@ -189,12 +147,10 @@ class _Lowering:
         if slices:
             out = self.buf(n.name, n.type.shape)
             for lo, hi, part in slices:
-                name = f"embed_rows_{lo}_{hi - lo}x{hidden}_{dt}"
-                self.call(self.kernel(name, lambda: G.embed_rows(lo, hi - lo, hidden, name, dt)), part,
-                          self.ref(ids), out)
+                kern = self.kernel("embed_rows", lo=lo, rows=hi - lo, hidden=hidden, dtype=dt)
+                self.call(kern, part, self.ref(ids), out)
             return out
-        name = f"embed_{vocab}x{hidden}_{dt}"
-        kern = self.kernel(name, lambda: K.embed(vocab, hidden, 1.0, name, dt))
+        kern = self.kernel("embed", vocab=vocab, hidden=hidden, dtype=dt)
         out = self.buf(n.name, n.type.shape)
         self.call(kern, w, self.ref(ids), out)
         return out
@@ -202,7 +158,7 @@ class _Lowering:
     def scale_rows(self, n: Node, x: Node, factor: str) -> str:
         """x * factor, with factor a 1-element weight (a constant or layer_scalar)."""
         dim = x.type.shape[1]
-        kern = self.kernel(f"scale_rows_{dim}", lambda: K.scale_rows(dim, f"scale_rows_{dim}"))
+        kern = self.kernel("scale_rows", dim=dim)
         out = self.buf(n.name, n.type.shape)
         self.call(kern, self.ref(x), factor, out)
         return out
@@ -221,7 +177,7 @@ class _Lowering:
     def op_add(self, n: Node) -> str:
         a, b = n.inputs
         dim = n.type.shape[1]
-        kern = self.kernel(f"add_{dim}", lambda: K.add(dim, f"add_{dim}"))
+        kern = self.kernel("add", dim=dim)
         out = self.buf(n.name, n.type.shape)
         self.call(kern, self.ref(a), self.ref(b), out)
         return out
@@ -234,8 +190,7 @@ class _Lowering:
     def op_add_rms_norm(self, n: Node) -> str:
         r, y, w = n.inputs
         dim = r.type.shape[1]
-        name = f"add_rms_norm_{dim}_{n.attrs['eps']:g}"
-        kern = self.kernel(name, lambda: K.add_rms_norm(dim, n.attrs["eps"], name))
+        kern = self.kernel("add_rms_norm", dim=dim, eps=n.attrs["eps"])
         out = self.buf(n.name, n.type.shape)
         self.call(kern, self.ref(r), self.ref(y), self.weight(w), out)
         return out
@@ -244,7 +199,7 @@ class _Lowering:
         src = self.ref(n.inputs[0])
         # the source buffer's layout (e.g. PLE inputs are [T, L*P] here, [T, L, P] in the graph)
         trailing = self.prog.buffers[src[2:]][0][1:] if src.startswith("a:") else list(n.type.shape[1:])
-        dtype = self.out.index_dtype if n.type.dtype == "int64" else n.type.dtype  # positions: the index dtype
+        dtype = self.opt.index_dtype if n.type.dtype == "int64" else n.type.dtype  # positions: the index dtype
         out = self.buf(n.name, [n.attrs["count"], *trailing], dtype)
         self.call("last", src, out, count=n.attrs["count"])
         return out
@@ -255,7 +210,7 @@ class _Lowering:
         inter = w_gate_up.type.shape[0] // 2
         h = self.rms(self.ref(x), self.weight(norm), hidden, n.attrs["eps"], f"{n.name}_in", rows)
         gu = self.linear(h, self.weight(w_gate_up), hidden, 2 * inter, f"{n.name}_gate_up", rows)
-        kern = self.kernel(f"gelu_mul_{inter}", lambda: K.gelu_mul(inter, f"gelu_mul_{inter}"))
+        kern = self.kernel("gelu_mul", inter=inter)
         act = self.buf(f"{n.name}_act", (rows, inter))
         self.call(kern, gu, act)
         return self.linear(act, self.weight(w_down), inter, hidden, n.name, rows)
@@ -269,8 +224,7 @@ class _Lowering:
         logits = self.split_linear(h, self.weight(w), hidden, vocab, f"{n.name}_raw" if cap else n.name, rows)
         if cap is None:
             return logits
-        name = f"softcap_{vocab}_{cap:g}"
-        kern = self.kernel(name, lambda: K.softcap(vocab, cap, name))
+        kern = self.kernel("softcap", dim=vocab, cap=cap)
         out = self.buf(n.name, n.type.shape)
         self.call(kern, logits, out)
         return out
@@ -302,21 +256,19 @@ class _Lowering:
             ring = a.get("cache") == "ring"
             for slot, new in cached:
                 self.out.kv_slots[slot] = KVSlot(slot, a["layer"], nkv, hd, ring, a["window"])
-                name = f"cache_write_{nkv}x{hd}"
-                kern = self.kernel(name, lambda: self.k.cache_write(nkv, hd, name))
-                self.call(kern, f"kv:{slot}", new, pos)
+                self.call(self.kernel("cache_write", kv_heads=nkv, head_dim=hd), f"kv:{slot}", new, pos)
         window = a["window"]
-        name = f"attention_{nh}x{nkv}x{hd}_w{window}{'_kfromv' if k_from_v else ''}"
-        if self.out.gpu and self.prog.name != "decode":  # many queries: tiled over queries
-            shared = self.out.shared_memory
-            name = f"prefill_{name}_{G.prefill_chunk_keys(hd, shared)}"
-            kern = self.kernel(name, lambda: G.prefill_attention(nh, nkv, hd, window, 1.0, name, k_from_v, shared))
-        else:
-            kern = self.kernel(name, lambda: self.k.attention(nh, nkv, hd, window, 1.0, name, k_from_v))
+        shape = dict(q_heads=nh, kv_heads=nkv, head_dim=hd, window=window, k_from_v=k_from_v)
+        if not self.opt.split_attention:
+            kern = self.kernel("attention", **shape)
+        elif self.decode:
+            kern = self.kernel("attention_split", **shape)
+        else:  # many queries: tiled over queries
+            kern = self.kernel("prefill_attention_split", **shape, shared_bytes=self.opt.shared_memory)
         attn = self.buf(f"{n.name}_attn", (rows, nh, hd))
         parts = None
-        if self.out.gpu:  # split-K: the key ranges' partial softmaxes, merged by a second kernel
-            parts = G.attention_parts(window)
+        if self.opt.split_attention:  # split-K: the key ranges' partial softmaxes, merged by a second kernel
+            parts = attention_parts(window)
             partial = self.buf(f"{n.name}_attn_parts", (rows, nh, parts, hd + 2))
         result = partial if parts else attn
         if k_from_v:  # the k_norm that rebuilds K: this layer's own, or its donor's (input 7 of a reuse node)
@@ -325,16 +277,15 @@ class _Lowering:
         else:
             self.call(kern, q, f"kv:{a['k_slot']}", f"kv:{a['v_slot']}", pos, result)
         if parts:
-            merge = f"attention_merge_{nh}x{hd}_{parts}"
-            self.call(self.kernel(merge, lambda: G.attention_merge(nh, hd, parts, merge)), partial, attn)
+            self.call(self.kernel("attention_merge", q_heads=nh, head_dim=hd, parts=parts), partial, attn)
         w_o = n.inputs[5] if a["role"] == "reuse" else n.inputs[6]
         flat = self.buf(f"{n.name}_attn_flat", (rows, nh * hd))
         self.call("reshape", attn, flat)
         return self.linear(flat, self.weight(w_o), nh * hd, hidden, n.name, rows)
 
     def _heads(self, proj, pos, w, inv_freq, total, offset, heads, hd, eps, weighted, rope, out_name, rows) -> str:
-        name = f"heads_{total}_{offset}_{heads}x{hd}_{'w' if weighted else 'nw'}_{'rope' if rope else 'norope'}_{eps:g}"
-        kern = self.kernel(name, lambda: self.k.head_norm_rope(total, offset, heads, hd, eps, weighted, rope, name))
+        kern = self.kernel("head_norm_rope", total=total, offset=offset, heads=heads, head_dim=hd, eps=eps,
+                           weighted=weighted, rope=rope)
         out = self.buf(out_name, (rows, heads, hd))
         args = [proj, pos] + ([w] if weighted else []) + ([inv_freq] if rope else [])
         self.call(kern, *args, out)
@@ -351,9 +302,8 @@ class _Lowering:
         gathered = self.buf(f"{n.name}_rows", (rows_dim, layers * dim))
         self.call("rows", self.ref(ids), gathered, table=name)
         proj = self.linear(self.ref(x), self.weight(w_proj), x.type.shape[1], layers * dim, f"{n.name}_proj", rows_dim)
-        kname = f"ple_mix_{layers}x{dim}"
-        kern = self.kernel(kname, lambda: K.ple_mix(layers, dim, a["eps"], a["table_scale"], a["proj_scale"],
-                                                    a["mix_scale"], kname))
+        kern = self.kernel("ple_mix", layers=layers, dim=dim, eps=a["eps"], table_scale=a["table_scale"],
+                           proj_scale=a["proj_scale"], mix_scale=a["mix_scale"])
         out = self.buf(n.name, (rows_dim, layers * dim))
         self.call(kern, gathered, proj, self.weight(norm), out)
         return out
@@ -364,13 +314,11 @@ class _Lowering:
         layers, dim = self.cfg.num_hidden_layers, self.cfg.hidden_size_per_layer_input
         g = self.linear(self.ref(x), self.weight(w_gate), hidden, dim, f"{n.name}_gate", rows)
         index = n.attrs["index"]
-        kname = f"ple_gate_{layers}x{dim}_{index}"
-        kern = self.kernel(kname, lambda: K.ple_gate(layers, dim, index, kname))
+        kern = self.kernel("ple_gate", layers=layers, dim=dim, index=index)
         gated = self.buf(f"{n.name}_gated", (rows, dim))
         self.call(kern, g, self.ref(ple), gated)
         y = self.linear(gated, self.weight(w_proj), dim, hidden, f"{n.name}_proj", rows)
-        name = f"add_rms_norm_{hidden}_{n.attrs['eps']:g}"
-        kern = self.kernel(name, lambda: K.add_rms_norm(hidden, n.attrs["eps"], name))
+        kern = self.kernel("add_rms_norm", dim=hidden, eps=n.attrs["eps"])
         out = self.buf(n.name, (rows, hidden))
         self.call(kern, self.ref(x), y, self.weight(norm), out)
         return out
@@ -381,14 +329,12 @@ class _Lowering:
         rows, hidden = r.type.shape
         experts, inter2, _ = gate_up.type.shape
         inter, top_k, eps = inter2 // 2, a["top_k"], a["eps"]
-        kname = f"router_input_{hidden}"
-        kern = self.kernel(kname, lambda: K.router_input(hidden, eps, a["router_input_scale"], kname))
+        kern = self.kernel("router_input", dim=hidden, eps=eps, input_scale=a["router_input_scale"])
         z = self.buf(f"{n.name}_router_in", (rows, hidden))
         self.call(kern, self.ref(r), self.weight(scale), z)
         logits = self.linear(z, self.weight(w_router), hidden, experts, f"{n.name}_router_logits", rows)
-        kname = f"router_topk_{experts}_{top_k}"
-        kern = self.kernel(kname, lambda: self.k.router_topk(experts, top_k, kname))
-        idx = self.buf(f"{n.name}_idx", (rows, top_k), self.out.index_dtype)
+        kern = self.kernel("router_topk", experts=experts, top_k=top_k)
+        idx = self.buf(f"{n.name}_idx", (rows, top_k), self.opt.index_dtype)
         wts = self.buf(f"{n.name}_w", (rows, top_k))
         self.call(kern, logits, self.weight(pes), idx, wts)
         e_in = self.rms(self.ref(r), self.weight(pre_norm), hidden, eps, f"{n.name}_in", rows)
@@ -396,62 +342,41 @@ class _Lowering:
         dt = self.stored(w_gate_up)
         self.stored(w_down)
         e_out = self.buf(f"{n.name}_experts", (rows, hidden))
-        shape = f"{hidden}x{inter}x{experts}_{top_k}_{dt}"
-        if self.out.gpu and self.prog.name != "decode":  # many tokens: grouped by expert
-            self.grouped_experts(n.name, e_in, idx, wts, (w_gate_up, w_down), e_out, rows,
-                                 (hidden, inter, experts, top_k), dt)
-        elif self.out.gpu:  # two kernels: the activations go through memory instead of float atomics
+        shape = dict(hidden=hidden, inter=inter, experts=experts, top_k=top_k, dtype=dt)
+        if self.opt.split_moe and not self.decode:  # many tokens: grouped by expert
+            self.grouped_experts(n.name, e_in, idx, wts, (w_gate_up, w_down), e_out, rows, shape)
+        elif self.opt.split_moe:  # two kernels: the activations go through memory instead of float atomics
             act = self.buf(f"{n.name}_act", (rows, top_k, inter))
-            gate_up_kernel = self.kernel(f"moe_gate_up_{shape}",
-                                         lambda: G.moe_gate_up(hidden, inter, experts, top_k, f"moe_gate_up_{shape}", dt))
-            self.call(gate_up_kernel, e_in, idx, wts, w_gate_up, act)
-            down_kernel = self.kernel(f"moe_down_{shape}",
-                                      lambda: G.moe_down(hidden, inter, experts, top_k, f"moe_down_{shape}", dt))
-            self.call(down_kernel, act, idx, w_down, e_out)
+            self.call(self.kernel("moe_gate_up", **shape), e_in, idx, wts, w_gate_up, act)
+            self.call(self.kernel("moe_down", **shape), act, idx, w_down, e_out)
         else:
-            kern = self.kernel(f"moe_experts_{shape}",
-                               lambda: K.moe_experts(hidden, inter, experts, top_k, f"moe_experts_{shape}", dt))
-            self.call(kern, e_in, idx, wts, w_gate_up, w_down, e_out)
+            self.call(self.kernel("moe_experts", **shape), e_in, idx, wts, w_gate_up, w_down, e_out)
         return self.rms(e_out, self.weight(post_norm), hidden, eps, n.name, rows)
 
     def grouped_experts(self, name: str, x: str, idx: str, wts: str, weights: tuple[str, str], out: str, rows,
-                        dims: tuple[int, int, int, int], dt: str) -> None:
-        """GPU prefill MoE: `moe_align` sorts the routed (token, slot) entries into per-expert tiles,
+                        shape: dict) -> None:
+        """Prefill MoE: `moe_align` sorts the routed (token, slot) entries into per-expert tiles,
         two grouped GEMMs run over the tiles (each weight row read once per tile of entries), and
         `moe_combine` sums each token's top-k outputs."""
-        hidden, inter, experts, top_k = dims
+        hidden, top_k = shape["hidden"], shape["top_k"]
         w_gate_up, w_down = weights
-        align_name = f"moe_align_{experts}_{top_k}"
-        align = self.kernel(align_name, lambda: G.moe_align(experts, top_k, align_name))
         tile_expert = self.buf(f"{name}_tile_expert", (rows, top_k), "int32")
-        tile_entries = self.buf(f"{name}_tile_entries", (rows, top_k, G.MOE_TILE), "int32")
-        self.call(align, idx, tile_expert, tile_entries)
-        shape = f"{hidden}x{inter}x{experts}_{top_k}_{dt}"
-        gate_up = self.kernel(f"moe_gate_up_grouped_{shape}", lambda: G.moe_gate_up_grouped(
-            hidden, inter, experts, top_k, f"moe_gate_up_grouped_{shape}", dt))
-        act = self.buf(f"{name}_act", (rows, top_k, inter))
-        self.call(gate_up, x, wts, w_gate_up, tile_expert, tile_entries, act)
-        down = self.kernel(f"moe_down_grouped_{shape}", lambda: G.moe_down_grouped(
-            hidden, inter, experts, top_k, f"moe_down_grouped_{shape}", dt))
+        tile_entries = self.buf(f"{name}_tile_entries", (rows, top_k, GEMM_TILE), "int32")
+        self.call(self.kernel("moe_align", experts=shape["experts"], top_k=top_k), idx, tile_expert, tile_entries)
+        act = self.buf(f"{name}_act", (rows, top_k, shape["inter"]))
+        self.call(self.kernel("moe_gate_up_grouped", **shape), x, wts, w_gate_up, tile_expert, tile_entries, act)
         parts = self.buf(f"{name}_parts", (rows, top_k, hidden))
-        self.call(down, act, w_down, tile_expert, tile_entries, parts)
-        combine = self.kernel(f"moe_combine_{hidden}_{top_k}", lambda: G.moe_combine(hidden, top_k,
-                                                                                      f"moe_combine_{hidden}_{top_k}"))
-        self.call(combine, parts, out)
+        self.call(self.kernel("moe_down_grouped", **shape), act, w_down, tile_expert, tile_entries, parts)
+        self.call(self.kernel("moe_combine", hidden=hidden, top_k=top_k), parts, out)
 
 
-def lower(cfg: ModelConfig, graphs: dict[str, Graph],
-          weight_dtype: str = "float32", gpu: bool = False, max_binding: int | None = None,
-          shared_memory: int = 16384, tiled_gemm: bool = False) -> Lowered:
-    """Lower the optimized graphs (prefill, prefill_all, decode) into one kernel set and their programs;
-    `gpu` picks the GPU kernels and int32 indices, `max_binding` splits tables bigger than that,
-    `shared_memory` sizes the tiles of GPU prefill attention, `tiled_gemm` picks g4c's tiled GEMM for
-    GPU prefill linears."""
-    out = Lowered({}, {}, {}, {}, [], weight_dtype, gpu=gpu, max_binding=max_binding, shared_memory=shared_memory,
-                  tiled_gemm=tiled_gemm)
-    with K.index_dtype(out.index_dtype):
-        for mode, graph in graphs.items():
-            program = Program(mode)
-            _Lowering(cfg, out, program).lower(graph)
-            out.programs[mode] = program
+def lower(cfg: ModelConfig, graphs: dict[str, Graph], options: LoweringOptions,
+          weight_dtype: str = "float32") -> Lowered:
+    """Lower the optimized graphs (prefill, prefill_all, decode) into one set of kernel specs and their
+    programs, structured as the target's `options` ask."""
+    out = Lowered({}, {}, {}, {}, [], options, weight_dtype)
+    for mode, graph in graphs.items():
+        program = Program(mode)
+        _Lowering(cfg, out, program).lower(graph)
+        out.programs[mode] = program
     return out

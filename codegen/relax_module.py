@@ -11,26 +11,13 @@ larger than every position as a plain full-length cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from tvm import relax, tirx
 
-from g4c.codegen import kernels as K
-from g4c.codegen.lower import Lowered, Program
+from g4c.artifact import EntrySignature, Program
+from g4c.codegen.kernels import take_last
+from g4c.codegen.lower import Lowered
 
 PLE_ROWS = "ple_rows"
-
-
-@dataclass
-class EntrySignature:
-    """Parameter order of an entry function (what the runtime passes)."""
-
-    inputs: list[str]  # "ids", "positions"(, "ple_rows")
-    weights: list[str]
-    caches: list[str]
-
-    def to_json(self) -> dict:
-        return {"inputs": self.inputs, "weights": self.weights, "caches": self.caches}
 
 
 def signature(lowered: Lowered) -> EntrySignature:
@@ -70,7 +57,7 @@ def _entry(bb, program: Program, lowered: Lowered, sig: EntrySignature, gvars, w
     params = [relax.Var("ids", _tensor((tokens,), index)), relax.Var("positions", _tensor((tokens,), index))]
     env["in:ids"], env["in:positions"] = params
     if PLE_ROWS in sig.inputs:
-        width = _ple_width(program)
+        width = program.ple_width()
         params.append(relax.Var(PLE_ROWS, _tensor((tokens, width), "float32")))
     for name in sig.weights:
         shape, dtype = weight_shapes[name]
@@ -87,17 +74,10 @@ def _entry(bb, program: Program, lowered: Lowered, sig: EntrySignature, gvars, w
     with bb.function(program.name, params, attrs={"num_input": 0} if static else None):
         with bb.dataflow():
             for step in program.steps:
-                _emit(bb, step, program, env, dims, gvars, params, last_kernels)
+                _emit(bb, step, program, lowered, env, dims, gvars, params, last_kernels)
             outputs = [env[program.outputs["logits"]]] + [env[f"kv:{s}"] for s in sig.caches]
             result = bb.emit_output(relax.Tuple(outputs))
         bb.emit_func_output(result)
-
-
-def _ple_width(program: Program) -> int:
-    for step in program.steps:
-        if step.kernel == "rows":
-            return program.buffers[step.args[1][2:]][0][1]
-    raise ValueError(f"program {program.name} gathers no PLE rows")
 
 
 def _out_type(ref: str, program: Program, dims):
@@ -105,7 +85,7 @@ def _out_type(ref: str, program: Program, dims):
     return _tensor([dims.get(d, d) if isinstance(d, str) else d for d in shape], dtype)
 
 
-def _emit(bb, step, program: Program, env, dims, gvars, params, last_kernels) -> None:
+def _emit(bb, step, program: Program, lowered: Lowered, env, dims, gvars, params, last_kernels) -> None:
     kernel, args = step.kernel, step.args
     if kernel == "rows":  # gathered by the runtime from the host-memory table
         env[args[1]] = next(p for p in params if p.name == PLE_ROWS)
@@ -120,10 +100,10 @@ def _emit(bb, step, program: Program, env, dims, gvars, params, last_kernels) ->
         key = (count, trailing, dtype)
         if key not in last_kernels:
             name = f"take_last_{count}_{'x'.join(map(str, trailing)) or 'scalar'}_{dtype}"
-            last_kernels[key] = bb.add_func(K.take_last(count, trailing, dtype, name), name)
+            last_kernels[key] = bb.add_func(take_last(count, trailing, dtype, name), name)
         env[args[1]] = bb.emit(relax.call_tir(last_kernels[key], [env[args[0]]], _out_type(args[1], program, dims)))
         return
-    if kernel.startswith("cache_write"):
+    if lowered.kernels[kernel].op == "cache_write":  # updates the cache in place
         cache, new, pos = args
         env[cache] = bb.emit(relax.call_tir_inplace(gvars[kernel], [env[cache], env[new], env[pos]], [0],
                                                     dims[cache]))

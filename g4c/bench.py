@@ -28,17 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-GATHER_KERNELS = ("embed_",)  # kernels that read one row per token of their table argument
-
-
-MOE_KERNELS = ("moe_experts_", "moe_gate_up_", "moe_down_")  # CPU: one kernel; GPU: two
-
-
-def _moe_fraction(kernel: str) -> float:
-    """moe_{experts|gate_up|down}_{hidden}x{inter}x{experts}_{top_k}_{dtype}: one token reads top_k of the
-    experts."""
-    shape, top_k = kernel.split("_")[-3:-1]
-    return int(top_k) / int(shape.split("x")[2])
+GATHER_OPS = ("embed", "embed_rows")  # kernels that read one row per token of their table argument
+MOE_OPS = ("moe_experts", "moe_gate_up", "moe_down")  # one token reads top_k of the experts' weights
 
 
 @dataclass
@@ -95,16 +86,15 @@ def gemv_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
         import tvm
     except ImportError:
         return 0.0
-    from g4c.codegen.kernels import linear
-    from g4c.targets.llvm import host_target
+    from g4c.artifact import aligned_empty
+    from g4c.codegen.spec import KernelSpec
+    from g4c.targets.registry import get_target
 
     k = 1536
     n = megabytes * (1 << 20) // 4 // k
-    name = f"linear_{k}x{n}_float32"
-    target = host_target()
-    func = tvm.compile(tvm.IRModule({"main": target.schedule(name, linear(k, n, name))}),
-                       target=target.tvm_target())["main"]
-    from g4c.runtime.artifact import aligned_empty
+    target = get_target("llvm")
+    spec = KernelSpec.of("linear", k=k, n=n, dtype="float32", rows=None)
+    func = tvm.compile(tvm.IRModule({"main": target.kernel(spec)}), target=target.tvm_target())["main"]
 
     # numpy buffers like the runtime's weights (numpy asks for transparent huge pages on big arrays)
     arrays = [aligned_empty(shape, np.float32) for shape in ((1, k), (n, k), (1, n))]
@@ -137,17 +127,18 @@ def decode_weight_bytes(session) -> int:
     """Bytes of weights one decode step reads, from the decode program's steps (an expert bank costs
     its top_k / experts share: a token reads only its selected experts)."""
     read: dict[str, int] = {}
-    for step in session.manifest["programs"]["decode"]["steps"]:
-        for arg in step["args"]:
+    manifest = session.manifest
+    for step in manifest.programs["decode"].steps:
+        spec = manifest.kernels.get(step.kernel, {"op": step.kernel})
+        for arg in step.args:
             if not arg.startswith("w:"):
                 continue
             name = arg[2:]
             tensor = session.weights[name]
-            kernel = step["kernel"]
-            if kernel.startswith(GATHER_KERNELS):
+            if spec["op"] in GATHER_OPS:
                 cost = tensor[0].nbytes
-            elif kernel.startswith(MOE_KERNELS):
-                cost = int(tensor.nbytes * _moe_fraction(kernel))
+            elif spec["op"] in MOE_OPS:
+                cost = int(tensor.nbytes * spec["top_k"] / spec["experts"])
             else:
                 cost = tensor.nbytes
             read[name] = max(read.get(name, 0), cost)
@@ -157,15 +148,15 @@ def decode_weight_bytes(session) -> int:
 def kv_read_bytes(session, context: int) -> int:
     """KV bytes attention reads in one decode step at `context` cached positions."""
     total = 0
-    for slot, cache in session.caches.items():
-        info = session.manifest["kv_slots"][slot]
-        rows = min(context + 1, info["window"]) if info["ring"] else context + 1
-        total += rows * cache[0].nbytes
+    for slot, (_, heads, dim) in session.cache_shapes.items():
+        info = session.manifest.kv_slots[slot]
+        rows = min(context + 1, info.window) if info.ring else context + 1
+        total += rows * heads * dim * 4
     return total
 
 
 def kv_cache_bytes(session) -> int:
-    return sum(c.nbytes for c in session.caches.values())
+    return sum(int(np.prod(shape)) * 4 for shape in session.cache_shapes.values())
 
 
 def decode_at_context(session, context: int, seed: int = 0) -> None:
@@ -185,11 +176,13 @@ class KernelProfiler:
         self._start = 0.0
 
     def __enter__(self) -> "KernelProfiler":
-        self.session.vm["set_instrument"](self.session._ffi.convert(self._instrument))
+        import tvm_ffi
+
+        self.session.executor.vm["set_instrument"](tvm_ffi.convert(self._instrument))
         return self
 
     def __exit__(self, *exc) -> None:
-        self.session.vm["set_instrument"](None)
+        self.session.executor.vm["set_instrument"](None)
 
     def _instrument(self, func, symbol: str, before: bool, ret, *args) -> int:
         now = time.perf_counter()

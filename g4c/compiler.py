@@ -1,13 +1,15 @@
-"""Compile a model into an artifact directory: kernels library, packed weights, manifest.
+"""Compile a model into an artifact directory: the pipeline from checkpoint to files.
+
+    config + weights → frontend graphs (prefill, prefill_all, decode) → passes → lowering to kernel
+    specs (`g4c.codegen.lower`) → the target builds and schedules each kernel and the library
+    (`g4c.targets`) → the artifact: library files, packed weights, host tables, manifest (`g4c.artifact`).
 
     DIR/kernels.so              the Relax VM executable (`prefill`, `prefill_all`, `decode` entry functions) and
-                                every TensorIR kernel, built by TVM for the target (`export_library`; CUDA:
-                                with an nvcc fatbin; Metal: kernels.tar + kernels.metal + link.sh instead;
-                                Vulkan: kernels.wgsl, with launch records in the manifest, and no VM)
-    DIR/weights.safetensors     fp32 weights as the kernels want them (q/k/v and gate/up packed, RoPE tables)
+                                every TensorIR kernel (each target writes its own library files: CUDA with an
+                                nvcc fatbin; Metal kernels.tar + kernels.metal + link.sh; Vulkan kernels.wgsl)
+    DIR/weights.safetensors     weights as the kernels want them (q/k/v and gate/up packed, RoPE tables)
     DIR/host.safetensors        tables kept in host memory and gathered row by row (the PLE table)
-    DIR/manifest.json           config, target, programs (kernel call sequences), KV slots and plan,
-                                dtype, weight recipes, g4c/TVM versions, SHA-256 of every file
+    DIR/manifest.json           `g4c.artifact.Manifest` (docs/artifact-format.md)
     DIR/lib*.so*                with --bundle-runtime: the TVM runtime libraries the target needs
     (--weights-from-seed: no weights/host files; the runtime regenerates them from the seed)
 
@@ -18,7 +20,6 @@ nothing behind.
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -27,17 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-import g4c
+from g4c.artifact import (HOST, WEIGHTS, Manifest, derived_shape, derived_weight, tensor_bytes,
+                          write_safetensors)
+from g4c.artifact.libraries import find_runtime_library
 from g4c.atomic import atomic_directory, check_writable
 from g4c.config import ModelConfig
 from g4c.dtypes import canonical_dtype, dtype_name, numpy_dtype
-from g4c.frontend import build_graph
 from g4c.errors import G4CError
+from g4c.frontend import build_graph
 from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
-from g4c.runtime.artifact import (FORMAT, FORMAT_VERSION, HOST, LIBRARY, MANIFEST, WEIGHTS, sha256_file,
-                                  tensor_bytes, write_safetensors)
-from g4c.runtime.wgpu_session import SHADERS
-from g4c.weights import Weights, derived_shape, derived_weight
+from g4c.weights import Weights
+
 PROGRAMS = {"prefill": ("prefill", 1), "prefill_all": ("prefill", None), "decode": ("decode", None)}
 
 Progress = Callable[[str, int, int], None]
@@ -61,11 +62,10 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     (see `relax_module.build_module`), which CUDA replays as one graph."""
     import tvm
 
-    from g4c.codegen import wgsl
     from g4c.codegen.kernels import STORAGE
     from g4c.codegen.lower import lower
-    from g4c.codegen.relax_module import build_module, signature
-    from g4c.targets.base import get_target
+    from g4c.codegen.relax_module import signature
+    from g4c.targets.registry import get_target
 
     target = get_target(target_name)
     static_decode = target.static_decode if static_decode is None else static_decode
@@ -75,66 +75,40 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     check_writable(out, overwrite)  # before minutes of building
     report = progress or (lambda stage, done, total: None)
     graphs = optimized_graphs(cfg, weights)
-    lowered = lower(cfg, graphs, canonical_dtype(dtype), gpu=target.gpu,
-                    max_binding=target.options.get("max_binding"),
-                    shared_memory=target.options.get("shared_memory", 16384),
-                    tiled_gemm=target.options.get("tiled_gemm", False))
-    if target.runtime == "wgpu":
-        _check_wgpu_dtype(target, lowered.weight_dtype)
+    lowered = lower(cfg, graphs, target.lowering, canonical_dtype(dtype))
+    entry = signature(lowered)
+    specs = _weight_specs(lowered, entry.weights, weights)
+    target.check_weights(lowered.weight_dtype, {n: tensor_bytes(*s) for n, s in specs.items()})
     names = sorted(lowered.kernels)
     scheduled = {}
     for i, name in enumerate(names):
-        scheduled[name] = target.schedule(name, lowered.kernels[name])
+        scheduled[name] = target.kernel(lowered.kernels[name])
         report("scheduling kernels", i + 1, len(names))
-    entry = signature(lowered)
-    specs = _weight_specs(lowered, entry.weights, weights)
     report("building library", 0, 1)
     t0 = time.time()
-    extra = {}
-    if target.runtime == "wgpu":
-        _check_bindings(target, specs)
-        shaders, launches = wgsl.build(scheduled, target.tvm_target())
-        extra = {"runtime": "wgpu", "launches": {k: [x.to_json() for x in v] for k, v in launches.items()}}
-    else:
-        storage = {name: (shape, STORAGE[dtype_name(dtype)]) for name, (shape, dtype) in specs.items()}
-        module, pipeline = build_module(lowered, entry, scheduled, storage, static_decode), "default"
-        if target.relax_pipeline:  # run here, so the lowered module can be inspected
-            with target.tvm_target():
-                module, pipeline = target.relax_pipeline()(module), None
-        if target.device == "cuda":
-            from g4c.targets.cuda import decode_graph
-
-            extra["decode_graph"] = decode_graph(module)
-        lib = tvm.compile(module, target=target.tvm_target(), relax_pipeline=pipeline)
+    storage = {name: (shape, STORAGE[dtype_name(dtype)]) for name, (shape, dtype) in specs.items()}
+    built = target.build(lowered, entry, scheduled, storage, static_decode)
     build_seconds = time.time() - t0
     report("building library", 1, 1)
 
     with atomic_directory(out, overwrite) as tmp:
-        if target.runtime == "wgpu":
-            (tmp / SHADERS).write_text(shaders)
-        else:
-            target.export_library(lib, str(tmp / LIBRARY))
+        built.write(tmp)
         if seed is None:
             _write_weights(tmp, lowered, specs, weights, report)
             _write_host_tables(tmp, lowered, weights)
-        else:
-            extra["weights_from_seed"] = seed
         for library in libraries:
             shutil.copy(library, tmp / library.name)
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "g4c_version": g4c.__version__,
-            "tvm_version": tvm.__version__, "target": target.name, "target_spec": str(target.tvm_target()),
-            "device": target.device, "static_decode": static_decode and target.runtime == "relax-vm",
-            "index_dtype": lowered.index_dtype, "library": target.library,
-            "dtype": "float32", "weight_dtype": lowered.weight_dtype, "half_weights": sorted(lowered.half_weights),
-            "weight_recipes": lowered.recipes, "config": cfg.to_hf_dict(), "build_seconds": round(build_seconds, 2),
-            "entry": entry.to_json(), "kernels": names,
-            "programs": {k: p.to_json() for k, p in lowered.programs.items()},  # kernel sequences, for inspection
-            "kv_slots": {k: asdict(v) for k, v in lowered.kv_slots.items()},
-            "kv_plan": graphs["decode"].meta.get("kv_plan", []), "host_tables": lowered.host_tables, **extra,
-            "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        requirements = asdict(target.requirements())
+        requirements = {k: list(v) if isinstance(v, tuple) else v for k, v in requirements.items()}
+        Manifest(target=target.name, target_spec=str(target.tvm_target()), config=cfg.to_hf_dict(),
+                 runtime=target.runtime, entry=entry,
+                 kernels={name: spec.to_json() for name, spec in lowered.kernels.items()},
+                 programs=lowered.programs, kv_slots=lowered.kv_slots, **requirements,
+                 static_decode=static_decode and target.runtime == "relax-vm", index_dtype=lowered.index_dtype,
+                 weight_dtype=lowered.weight_dtype, weight_dtype_tensors=sorted(lowered.weight_dtype_tensors),
+                 weight_recipes=lowered.recipes, host_tables=lowered.host_tables,
+                 kv_plan=graphs["decode"].meta.get("kv_plan", []), weights_from_seed=seed,
+                 build_seconds=round(build_seconds, 2), tvm_version=tvm.__version__, **built.manifest).write(tmp)
     return out
 
 
@@ -147,44 +121,20 @@ def _seed_of(weights: Weights) -> dict:
 
 
 def _runtime_libraries(target) -> list[Path]:
-    from g4c.runtime.artifact import RUNTIME_LIBRARIES, find_runtime_library
-
-    if target.runtime != "relax-vm" or target.name.startswith("arm"):
-        raise G4CError(f"--bundle-runtime copies this machine's TVM runtime: it applies to llvm and cuda targets, "
-                       f"not {target.name}")
-    found = {name: find_runtime_library(name) for name in RUNTIME_LIBRARIES[target.device]}
+    found = {name: find_runtime_library(name) for name in target.bundled_libraries()}
     missing = [name for name, path in found.items() if path is None]
     if missing:
         raise G4CError(f"--bundle-runtime: {', '.join(missing)} not found (install apache-tvm; CUDA: the toolkit)")
     return list(found.values())
 
 
-def _check_wgpu_dtype(target, weight_dtype: str) -> None:
-    """WGSL has no bf16 and no 16-bit integers; fp16 needs a profile with shader-f16."""
-    if weight_dtype == "bfloat16":
-        raise G4CError(f"--target {target.name} cannot store bf16 weights (WGSL has no bf16): use "
-                       "--dtype float16 or float32")
-    if weight_dtype == "float16" and not target.options.get("fp16"):
-        raise G4CError(f"Vulkan profile {target.options['profile']} has no fp16 (shader-f16): use --dtype float32 "
-                       "or a profile with fp16 (vulkan:adreno-7xx, vulkan:mali-g7xx)")
-
-
 Specs = dict[str, tuple[tuple[int, ...], np.dtype]]
-
-
-def _check_bindings(target, specs: Specs) -> None:
-    limit = target.options["max_binding"]
-    for name, (shape, dtype) in specs.items():
-        size = tensor_bytes(shape, dtype)
-        if size > limit:
-            raise G4CError(f"weight {name} ({size} bytes) exceeds the {limit}-byte storage binding of "
-                           f"Vulkan profile {target.options['profile']}")
 
 
 def _weight_specs(lowered, used: list[str], weights: Weights) -> Specs:
     """(shape, storage dtype) of every weight the entry functions take, packed as the kernels want it."""
     return {name: (derived_shape(name, lowered.recipes, weights.source.shape),
-                   numpy_dtype(lowered.weight_dtype if name in lowered.half_weights else "float32"))
+                   numpy_dtype(lowered.weight_dtype if name in lowered.weight_dtype_tensors else "float32"))
             for name in used}
 
 

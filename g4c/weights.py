@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -268,48 +268,4 @@ def _ignorable(cfg: ModelConfig, name: str) -> bool:
     return False
 
 
-def load_checkpoint_weights(cfg: ModelConfig, directory: str | Path) -> Weights:
-    return Weights(cfg, Checkpoint(directory))
-
-
-__all__ = ["Checkpoint", "RandomWeights", "Weights", "expected_shapes", "validate", "load_checkpoint_weights"]
-
-
-def derived_weight(name: str, recipes: dict[str, dict], base: Callable[[str], np.ndarray]) -> np.ndarray:
-    """A weight as the kernels take it: `base(name)` (a checkpoint tensor, fp32), or made by its recipe
-    from the lowering — {"concat": parts, "axis": k} (packed q/k/v, gate/up), {"rope": [type, theta,
-    partial, head_dim]} (inverse frequencies), {"rows": [source, lo, hi]} (a slice of a table split
-    for a GPU binding), {"const": value}. Compile time and seeded load time share it."""
-    from g4c.config import RopeSpec
-
-    recipe = recipes.get(name)
-    if recipe is None:
-        return base(name)
-    if "concat" in recipe:
-        return np.concatenate([derived_weight(p, recipes, base) for p in recipe["concat"]], axis=recipe["axis"])
-    if "rope" in recipe:
-        rope_type, theta, partial, head_dim = recipe["rope"]
-        return RopeSpec(rope_type, theta, partial).inv_freq(head_dim)
-    if "rows" in recipe:
-        source, lo, hi = recipe["rows"]
-        return derived_weight(source, recipes, base)[lo:hi]
-    if "const" in recipe:
-        return np.array([recipe["const"]], np.float32)
-    raise WeightError(f"unknown recipe for weight {name}: {recipe}")
-
-
-def derived_shape(name: str, recipes: dict[str, dict], base: Callable[[str], tuple[int, ...]]) -> tuple[int, ...]:
-    """The shape `derived_weight` would produce, without making the array."""
-    recipe = recipes.get(name)
-    if recipe is None:
-        return tuple(base(name))
-    if "concat" in recipe:
-        parts = [derived_shape(p, recipes, base) for p in recipe["concat"]]
-        axis = recipe["axis"] % len(parts[0])
-        return tuple(sum(p[axis] for p in parts) if i == axis else d for i, d in enumerate(parts[0]))
-    if "rope" in recipe:
-        return (recipe["rope"][3] // 2,)
-    if "rows" in recipe:
-        source, lo, hi = recipe["rows"]
-        return (hi - lo, *derived_shape(source, recipes, base)[1:])
-    return (1,)
+__all__ = ["Checkpoint", "RandomWeights", "Weights", "expected_shapes", "validate"]

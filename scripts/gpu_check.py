@@ -40,7 +40,7 @@ def parity(bundle: Path) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from g4c.runtime.artifact import load
+    from g4c.runtime import load
 
     device, rows = torch_device(), []
     for family in ("e", "moe", "dense"):
@@ -56,7 +56,7 @@ def parity(bundle: Path) -> list[dict]:
         greedy = session.generate(PROMPT[:6], 32)
         diff = float(np.abs(logits - ref.float().cpu().numpy()).max())
         same = greedy == greedy_ref[0, len(PROMPT[:6]):].tolist()
-        rows.append({"family": family, "target": session.manifest["target"], "max_abs_dlogits": diff,
+        rows.append({"family": family, "target": session.manifest.target, "max_abs_dlogits": diff,
                      "greedy_identical": same, "ok": diff <= 1e-4 and same})
         print(f"parity {family}: max |Δlogits| {diff:.2e}, greedy 32 {'identical' if same else 'DIFFERENT'}")
     return rows

@@ -8,11 +8,15 @@ qemu-aarch64 faults on instructions the core lacks, as the board would.
 
 from __future__ import annotations
 
+import functools
 import shutil
+from pathlib import Path
 
+from g4c.codegen.spec import KernelSpec
 from g4c.errors import G4CError
-from g4c.targets.base import Target
-from g4c.targets.llvm import schedule
+from g4c.targets.base import RelaxVMTarget, Requirements
+from g4c.targets.llvm import cpu_builders, schedule_cpu
+from g4c.targets.registry import TargetKind
 
 CROSS_COMPILER = "aarch64-linux-gnu-gcc"
 TRIPLE = "aarch64-linux-gnu"
@@ -28,23 +32,38 @@ PROFILES: dict[str, tuple[str, list[str], int]] = {
 DEFAULT_PROFILE = "cortex-a76"
 
 
-def arm_target(profile: str = DEFAULT_PROFILE) -> Target:
-    if profile not in PROFILES:
-        raise G4CError(f"unknown ARM profile {profile!r}: available profiles are {', '.join(PROFILES)}")
-    mcpu, mattr, cores = PROFILES[profile]
+class ArmTarget(RelaxVMTarget):
+    """`arm:<profile>`: an AArch64 core, cross-compiled and cross-linked."""
 
-    def tvm_target():
+    def __init__(self, profile: str = DEFAULT_PROFILE):
+        self.profile = profile
+        self.name = f"arm:{profile}"
+
+    def builders(self) -> dict:
+        return cpu_builders()
+
+    def schedule(self, spec: KernelSpec, func):
+        return schedule_cpu(spec, func)
+
+    @functools.cache
+    def tvm_target(self):
         import tvm
 
+        mcpu, mattr, cores = PROFILES[self.profile]
         return tvm.target.Target({"kind": "llvm", "mtriple": TRIPLE, "mcpu": mcpu, "mattr": mattr,
                                   "num-cores": cores})
 
-    def export(lib, path: str) -> None:
+    def export(self, lib, directory: Path) -> None:
         if shutil.which(CROSS_COMPILER) is None:
             raise G4CError(f"--target arm links with {CROSS_COMPILER}: install it (Debian: "
                            "apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross)")
         from tvm.support import cc
 
-        lib.export_library(path, fcompile=cc.cross_compiler(CROSS_COMPILER))
+        lib.export_library(str(directory / self.requirements().library),
+                           fcompile=cc.cross_compiler(CROSS_COMPILER))
 
-    return Target(f"arm:{profile}", tvm_target, schedule, export=export, options={"profile": profile})
+    def requirements(self) -> Requirements:
+        return Requirements(machines=("aarch64", "arm64"))
+
+
+KIND = TargetKind("arm", ArmTarget, "AArch64 cores, cross-compiled", tuple(PROFILES), DEFAULT_PROFILE, order=1)

@@ -1,38 +1,127 @@
-"""The Target abstraction: a name, the `tvm.target.Target`, default schedules and build options."""
+"""What a target is: one class that owns its slice of the back end.
+
+A `Target` answers, for one device:
+- `lowering`: how programs are structured for it (`g4c.codegen.spec.LoweringOptions`);
+- `builders()` + `schedule(spec, func)`: which TensorIR builder and which schedule serve each kernel
+  spec (`kernel(spec)` combines them);
+- `tvm_target()` and `build(...)`: how the kernels and entry functions are compiled and which files
+  the artifact gets (library, sources, link scripts);
+- `runtime` and `requirements()`: which executor runs its artifacts (the Relax VM or wgpu), on
+  which DLPack device, with which runtime libraries, on which machines — written into the manifest,
+  so the runtime decides from data and never asks "is this cuda?".
+
+`RelaxVMTarget` is the common case (a Relax VM executable exported with `export_library`); target
+modules subclass it and register a `TargetKind` (see `g4c.targets.registry`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from g4c.codegen.spec import KernelSpec, LoweringOptions
 from g4c.errors import G4CError
 
 
 @dataclass
-class Target:
-    name: str
-    tvm_target: Callable[[], object]  # built lazily: creating targets needs the compiler
-    schedule: Callable[[str, object], object]  # (kernel name, PrimFunc) → scheduled IRModule/PrimFunc
-    library_suffix: str = ".so"
-    options: dict = field(default_factory=dict)
-    export: Callable[[object, str], None] | None = None  # (built library, path); default export_library
-    runtime: str = "relax-vm"  # what executes the artifact: the Relax VM (g4c.runtime.artifact) or "wgpu"
-    gpu: bool = False  # GPU kernels (int32 indices, g4c.codegen.gpu_kernels)
-    device: str = "cpu"  # where the Relax VM runs the kernels: "cpu", "cuda" or "metal"
-    relax_pipeline: Callable[[], object] | None = None  # Relax lowering; None: TVM's "default" for the target
-    library: str = "kernels.so"  # the library the runtime loads (metal: kernels.dylib, linked on the Mac)
-    static_decode: bool = False  # decode takes fixed tensors (one token, whole caches): CUDA graphs replay it
+class Built:
+    """A compiled library, ready to be written into an artifact directory."""
 
-    def export_library(self, lib, path: str) -> None:
-        if self.export is not None:
-            self.export(lib, path)
-        else:
-            lib.export_library(path)
+    write: Callable[[Path], None]  # writes the library files into the (temporary) artifact directory
+    manifest: dict = field(default_factory=dict)  # extra manifest fields (launches, decode_graph, ...)
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What the machine that loads an artifact needs (manifest fields of the same names)."""
+
+    library: str = "kernels.so"
+    device: str = "cpu"
+    device_type: int = 1  # DLPack device type of `device`
+    runtime_libraries: tuple[str, ...] = ("libtvm_runtime.so",)
+    machines: tuple[str, ...] = ()  # platform.machine() values the code runs on (): this build machine's kind
+    system: str | None = None
+    prepare: str | None = None
+
+
+class Target:
+    name: str = ""
+    runtime: str = "relax-vm"  # the executor of its artifacts: "relax-vm" or "wgpu"
+    lowering: LoweringOptions = LoweringOptions()
+    static_decode: bool = False  # decode compiled for fixed tensors (CUDA graphs replay it)
+
+    # -- kernels ---------------------------------------------------------------------------------------
+    def builders(self) -> dict[str, Callable]:
+        """op → TensorIR builder (keyword arguments: the spec's params and `name`)."""
+        raise NotImplementedError
+
+    def schedule(self, spec: KernelSpec, func):
+        """A scheduled PrimFunc for `spec` (default: as built)."""
+        return func
+
+    def kernel(self, spec: KernelSpec):
+        """The scheduled PrimFunc of `spec` (its symbol is `spec.name`)."""
+        from g4c.codegen.kernels import index_dtype
+
+        builder = self.builders().get(spec.op)
+        if builder is None:
+            raise G4CError(f"target {self.name} has no kernel for {spec.op}")
+        with index_dtype(self.lowering.index_dtype):
+            func = builder(**spec.kwargs, name=spec.name).with_attr("global_symbol", spec.name)
+        return self.schedule(spec, func)
+
+    # -- build -----------------------------------------------------------------------------------------
+    def tvm_target(self):
+        raise NotImplementedError
+
+    def check_weights(self, weight_dtype: str, sizes: dict[str, int]) -> None:
+        """Refuse weight storage the device cannot take (dtype, bytes per tensor); default: any."""
+
+    def build(self, lowered, entry, kernels: dict[str, object], storage: dict, static_decode: bool) -> Built:
+        raise NotImplementedError
+
+    # -- the machine that runs it ----------------------------------------------------------------------
+    def requirements(self) -> Requirements:
+        return Requirements()
 
     @property
     def runs_here(self) -> bool:
-        """Whether artifacts for this target execute on this machine (the host CPU)."""
-        return self.name == "llvm" or self.runtime == "wgpu"  # wgpu finds a Vulkan device or says why not
+        """Whether artifacts for this target execute on this machine."""
+        return False
+
+    def bundled_libraries(self) -> list[str]:
+        """Runtime libraries `--bundle-runtime` copies into the artifact."""
+        raise G4CError(f"--bundle-runtime copies this machine's TVM runtime: it does not apply to {self.name}")
+
+
+class RelaxVMTarget(Target):
+    """Targets whose artifact is a Relax VM executable (`prefill`, `prefill_all`, `decode`)."""
+
+    def relax_pipeline(self):
+        """The Relax lowering pipeline; None: TVM's default for the target."""
+        return None
+
+    def export(self, lib, directory: Path) -> None:
+        lib.export_library(str(directory / self.requirements().library))
+
+    def inspect_module(self, module) -> dict:
+        """Extra manifest fields read off the lowered Relax module (default: none)."""
+        return {}
+
+    def build(self, lowered, entry, kernels: dict[str, object], storage: dict, static_decode: bool) -> Built:
+        import tvm
+
+        from g4c.codegen.relax_module import build_module
+
+        module = build_module(lowered, entry, kernels, storage, static_decode)
+        pipeline, extra = self.relax_pipeline(), {}
+        if pipeline is not None:  # run here, so the lowered module can be inspected
+            with self.tvm_target():
+                module = pipeline(module)
+            extra = self.inspect_module(module)
+        lib = tvm.compile(module, target=self.tvm_target(), relax_pipeline="default" if pipeline is None else None)
+        return Built(lambda directory: self.export(lib, directory), extra)
 
 
 def module_tree(mod):
@@ -41,30 +130,3 @@ def module_tree(mod):
     for child in mod.imports:
         yield from module_tree(child)
 
-
-TARGETS = ("llvm", "arm", "arm:<profile>", "vulkan", "vulkan:<profile>", "cuda", "cuda:<arch>", "metal",
-           "metal:<profile>")
-
-
-def get_target(name: str) -> Target:
-    """`llvm` (this CPU), `arm` (= arm:cortex-a76) or `arm:<profile>` (see targets/arm.py), `vulkan`
-    (= vulkan:generic) or `vulkan:<profile>` (see targets/vulkan.py), `cuda` (= cuda:sm_90) or
-    `cuda:<arch>` (see targets/cuda.py), `metal` (= metal:apple-m1) or `metal:<profile>` (targets/metal.py)."""
-    from g4c.targets.arm import arm_target
-    from g4c.targets.cuda import cuda_target
-    from g4c.targets.llvm import host_target
-    from g4c.targets.metal import metal_target
-    from g4c.targets.vulkan import vulkan_target
-
-    kind, _, profile = name.partition(":")
-    if kind == "llvm" and not profile:
-        return host_target()
-    if kind == "arm":
-        return arm_target(profile) if profile else arm_target()
-    if kind == "vulkan":
-        return vulkan_target(profile) if profile else vulkan_target()
-    if kind == "cuda":
-        return cuda_target(profile) if profile else cuda_target()
-    if kind == "metal":
-        return metal_target(profile) if profile else metal_target()
-    raise G4CError(f"unknown target {name!r}: available targets are {', '.join(TARGETS)}")

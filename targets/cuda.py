@@ -11,15 +11,22 @@ loads directly (`cuModuleLoadData`). Nothing is compiled at load time.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import struct
+from pathlib import Path
 
 from g4c.errors import G4CError
-from g4c.targets.base import Target, module_tree
+from g4c.targets.base import Requirements, module_tree
+from g4c.targets.gpu import GpuTarget, gpu_lowering
+from g4c.targets.llvm import host_tvm_target
+from g4c.targets.registry import TargetKind
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 DEFAULT_ARCH = "sm_90"  # H100
 BLOB_SYMBOL = "__tvm_ffi__library_bin"
+SHARED_MEMORY = 48 << 10  # per block without opting in to more
+RUNTIME_LIBRARIES = ("libtvm_runtime.so", "libcudart.so.13", "libtvm_runtime_cuda.so")
 
 
 def _u64(value: int) -> bytes:
@@ -66,31 +73,30 @@ def _c_array(blob: bytes) -> str:
             "\n};\n#ifdef __cplusplus\n}\n#endif\n")
 
 
-def cuda_target(arch: str = DEFAULT_ARCH) -> Target:
-    if arch not in ARCHS:
-        raise G4CError(f"unknown CUDA arch {arch!r}: available archs are {', '.join(ARCHS)}")
-    @functools.cache  # made once, when first needed: creating it needs the compiler
-    def tvm_target():
+class CudaTarget(GpuTarget):
+    """`cuda:<arch>`: an NVIDIA GPU; kernels compiled ahead of time to a fatbin by nvcc."""
+
+    lowering = gpu_lowering(SHARED_MEMORY)
+    cuda_graph = True
+
+    def __init__(self, arch: str = DEFAULT_ARCH):
+        self.arch = arch
+        self.name = f"cuda:{arch}"
+
+    @functools.cache
+    def tvm_target(self):
         import tvm
 
-        from g4c.targets.llvm import _tvm_target as host
+        return tvm.target.Target({"kind": "cuda", "arch": self.arch, "max_shared_memory_per_block": SHARED_MEMORY},
+                                 host=host_tvm_target())
 
-        return tvm.target.Target({"kind": "cuda", "arch": arch}, host=host())
-
-    def schedule(name: str, func):
-        from g4c.targets.vulkan import gpu_schedule
-
-        return gpu_schedule(tvm_target())(name, func)
-
-    def compile_fatbin(source: str) -> bytes:
+    def compile_fatbin(self, source: str) -> bytes:
         from tvm.support import nvcc
 
-        with tvm_target():  # nvcc's flags depend on the current target
-            return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=arch, compiler="nvcc"))
+        with self.tvm_target():  # nvcc's flags depend on the current target
+            return bytes(nvcc.compile_cuda(source, target_format="fatbin", arch=self.arch, compiler="nvcc"))
 
-    def export(lib, path: str) -> None:
-        import os
-
+    def export(self, lib, directory: Path) -> None:
         import numpy as np
         import tvm_ffi
 
@@ -103,46 +109,23 @@ def cuda_target(arch: str = DEFAULT_ARCH) -> Target:
             blob = np.from_dlpack(pack(mod)).tobytes()
             source = os.path.join(workspace_dir, f"{prefix}devc.c")
             with open(source, "w") as f:
-                f.write(_c_array(fatbin_blob(blob, sources, compile_fatbin)))
+                f.write(_c_array(fatbin_blob(blob, sources, self.compile_fatbin)))
             return source
 
-        lib.export_library(path, fpack_imports=pack_imports)
+        lib.export_library(str(directory / self.requirements().library), fpack_imports=pack_imports)
 
-    return Target(f"cuda:{arch}", tvm_target, schedule, export=export,
-                  options={"arch": arch, "shared_memory": 48 << 10}, gpu=True,
-                  device="cuda", relax_pipeline=lambda: relax_pipeline(tvm_target(), cuda_graph=True), static_decode=True)
+    def inspect_module(self, module) -> dict:
+        return {"decode_graph": decode_graph(module)}
+
+    def requirements(self) -> Requirements:
+        return Requirements(device="cuda", device_type=2, runtime_libraries=RUNTIME_LIBRARIES)
+
+    def bundled_libraries(self) -> list[str]:
+        return list(RUNTIME_LIBRARIES)
 
 
-def relax_pipeline(tvm_target, cuda_graph: bool = False):
-    """TVM's CUDA pipeline without operator fusion and reshape rewriting: g4c's kernels are fused and
-    scheduled already (FuseTIR would merge them across their int32/int64 shape variables, and
-    RewriteDataflowReshape only reads block-form TIR); helpers such as `take_last` and the legalized
-    reshape get dlight schedules.
-
-    CUDA graphs (`cuda_graph`, CUDA only: Metal shares this pipeline without them): with
-    `relax.backend.use_cuda_graph`, RewriteCUDAGraph lifts the kernel launches of
-    the static decode function (one token, every parameter fixed, intermediates in static storage)
-    into a capture function: the runtime's first decode step runs it, captures it as a CUDA graph,
-    and every later step replays the graph with one launch (`vm.builtin.cuda_graph.run_or_capture`,
-    part of libtvm_runtime_cuda). Prefill functions have symbolic token counts and runtime inputs,
-    so they are left as plain launches."""
-    import tvm
-    from tvm import relax
-    from tvm.relax.backend.cuda import pipeline as cuda
-    from tvm.s_tir import dlight as dl
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod, _ctx):
-        with tvm_target:
-            passes = [relax.transform.LegalizeOps(),
-                      dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Matmul(), dl.gpu.Reduction(),
-                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
-            passes += [relax.transform.ToNonDataflow(), relax.transform.RemovePurityChecking(),
-                       relax.transform.CallTIRRewrite()] + cuda.finalize_passes(tvm_target)
-            with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": cuda_graph}):
-                return tvm.transform.Sequential(passes)(mod)
-
-    return _pipeline
+KIND = TargetKind("cuda", CudaTarget, "NVIDIA GPUs; fatbin built with nvcc", ARCHS, DEFAULT_ARCH,
+                  profile_option="arch", order=3)
 
 
 def kernel_launches(mod) -> dict[str, int]:

@@ -10,9 +10,13 @@ an E2B sliding layer). Other kernels are parallelised over their outermost data-
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
 
-from g4c.targets.base import Target
+from g4c.codegen.spec import KernelSpec
+from g4c.targets.base import RelaxVMTarget, Requirements
+from g4c.targets.registry import TargetKind
 
 VECTOR = 16
 COLUMNS_PER_TASK = 8
@@ -27,7 +31,9 @@ def _cpu_name() -> str:
     return get() if get else "x86-64"
 
 
-def _tvm_target():
+@functools.cache
+def host_tvm_target():
+    """This CPU as a TVM target (also the host side of the GPU targets)."""
     import tvm
 
     return tvm.target.Target({"kind": "llvm", "mcpu": os.environ.get("G4C_MCPU", _cpu_name()),
@@ -129,15 +135,49 @@ def _schedule_generic(func):
     return sch.mod["main"]
 
 
-def schedule(name: str, func):
-    if name.startswith("linear_"):  # linear_{K}x{N}
-        return _schedule_linear(func, int(name.split("_")[1].split("x")[0]))
-    if name.startswith("attention_"):
+def cpu_builders() -> dict:
+    """op → TensorIR builder of the CPU kernels (GPU targets start from these too)."""
+    from g4c.codegen import kernels
+
+    ops = ("embed", "linear", "rms_norm", "add_rms_norm", "head_norm_rope", "cache_write", "attention", "gelu_mul",
+           "scale_rows", "add", "softcap", "ple_mix", "ple_gate", "router_input", "router_topk", "moe_experts")
+    return {op: getattr(kernels, op) for op in ops}
+
+
+def schedule_cpu(spec: KernelSpec, func):
+    """The CPU schedule of a kernel spec (shared with the ARM targets)."""
+    if spec.op == "linear":
+        return _schedule_linear(func, spec["k"])
+    if spec.op == "attention":
         return _schedule_attention(func)
-    if name.startswith(("cache_write", "router_topk", "moe_experts")):  # TVMScript, scheduled as written
+    if spec.op in ("cache_write", "router_topk", "moe_experts"):  # TVMScript, scheduled as written
         return func
     return _schedule_generic(func)
 
 
-def host_target() -> Target:
-    return Target("llvm", _tvm_target, schedule)
+class HostTarget(RelaxVMTarget):
+    """`llvm`: this machine's CPU."""
+
+    name = "llvm"
+
+    def builders(self) -> dict:
+        return cpu_builders()
+
+    def schedule(self, spec: KernelSpec, func):
+        return schedule_cpu(spec, func)
+
+    def tvm_target(self):
+        return host_tvm_target()
+
+    def requirements(self) -> Requirements:
+        return Requirements(machines=(platform.machine().lower(),))
+
+    @property
+    def runs_here(self) -> bool:
+        return True
+
+    def bundled_libraries(self) -> list[str]:
+        return list(self.requirements().runtime_libraries)
+
+
+KIND = TargetKind("llvm", lambda profile: HostTarget(), "this CPU", order=0)

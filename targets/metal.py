@@ -11,9 +11,11 @@ enabled) then run it like any other artifact.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
-from g4c.errors import G4CError
-from g4c.targets.base import Target, module_tree
+from g4c.targets.base import Requirements, module_tree
+from g4c.targets.gpu import GpuTarget, gpu_lowering
+from g4c.targets.registry import TargetKind
 
 PROFILES = {"apple-m1": "apple-m1", "apple-m2": "apple-m2", "apple-m3": "apple-m3", "apple-m4": "apple-m4"}
 DEFAULT_PROFILE = "apple-m1"  # the code runs on every later Apple-silicon Mac
@@ -31,42 +33,39 @@ echo "linked $(pwd)/kernels.dylib"
 """
 
 
-def metal_target(profile: str = DEFAULT_PROFILE) -> Target:
-    if profile not in PROFILES:
-        raise G4CError(f"unknown Metal profile {profile!r}: available profiles are {', '.join(PROFILES)}")
-    @functools.cache  # made once, when first needed: creating it needs the compiler
-    def tvm_target():
+class MetalTarget(GpuTarget):
+    """`metal:<profile>`: Apple GPUs; MSL + arm64-macOS host objects, linked on the Mac."""
+
+    # dlight's Metal GEMM rule (simdgroup matrices) imports TVM's tensor-intrinsic registry, a long
+    # delay per compile: prefill linears are g4c's tiled GEMM instead
+    matmul_rule = False
+    lowering = gpu_lowering(32 << 10, tiled_gemm=True)
+
+    def __init__(self, profile: str = DEFAULT_PROFILE):
+        self.profile = profile
+        self.name = f"metal:{profile}"
+
+    @functools.cache
+    def tvm_target(self):
         import tvm
 
-        host = {"kind": "llvm", "mtriple": HOST_TRIPLE, "mcpu": PROFILES[profile]}
+        host = {"kind": "llvm", "mtriple": HOST_TRIPLE, "mcpu": PROFILES[self.profile]}
         return tvm.target.Target({"kind": "metal", "max_num_threads": 256}, host=host)
 
-    def schedule(name: str, func):
-        from g4c.targets.vulkan import gpu_schedule
-
-        # dlight's Metal GEMM rule (simdgroup matrices) imports TVM's tensor-intrinsic registry, ~75 s per
-        # compile on 2 cores: prefill linears are g4c's tiled GEMM instead (option tiled_gemm)
-        return gpu_schedule(tvm_target(), matmul=False)(name, func)
-
-    def export(lib, path: str) -> None:
-        from pathlib import Path
-
+    def export(self, lib, directory: Path) -> None:
         from tvm.support import tar
 
-        directory = Path(path).parent
         lib.export_library(str(directory / "kernels.tar"), fcompile=tar.tar)
         sources = [m.inspect_source() for m in module_tree(lib.mod) if m.kind == "metal"]
         (directory / "kernels.metal").write_text("\n".join(sources))
         (directory / "link.sh").write_text(LINK_SCRIPT)
         (directory / "link.sh").chmod(0o755)
 
-    return Target(f"metal:{profile}", tvm_target, schedule, export=export,
-                  options={"profile": profile, "shared_memory": 32 << 10, "tiled_gemm": True},
-                  gpu=True, device="metal", relax_pipeline=lambda: _pipeline(tvm_target()), library="kernels.dylib",
-                  static_decode=True)  # one-token decode: its linears are one-row GEMV kernels
+    def requirements(self) -> Requirements:
+        return Requirements(library="kernels.dylib", device="metal", device_type=8,
+                            runtime_libraries=("libtvm_runtime.dylib",),  # TVM's macOS wheel: Metal built in
+                            machines=("arm64",), system="Darwin", prepare="run link.sh in it on the Mac first")
 
 
-def _pipeline(tvm_target):
-    from g4c.targets.cuda import relax_pipeline
-
-    return relax_pipeline(tvm_target)
+KIND = TargetKind("metal", MetalTarget, "Apple GPUs; MSL + arm64-macOS objects, linked on the Mac",
+                  tuple(PROFILES), DEFAULT_PROFILE, order=4)

@@ -44,12 +44,11 @@ def emit_spirv(artifact: Path, output: Path, overwrite: bool = False,
                progress: Callable[[str, int, int], None] | None = None) -> list[str]:
     """Write OUTPUT/<kernel>.spv for every WGSL kernel of a Vulkan artifact plus launches.json;
     returns the kernel names. Each module is validated with spirv-val."""
-    from g4c.runtime.artifact import read_manifest
-    from g4c.runtime.wgpu_session import SHADERS, split_source
+    from g4c.artifact import SHADERS, read_manifest, split_source
 
     manifest = read_manifest(artifact)
-    if manifest.get("runtime") != "wgpu":
-        raise G4CError(f"{artifact} is a {manifest.get('target')} artifact; SPIR-V comes from --target vulkan ones")
+    if manifest.runtime != "wgpu":
+        raise G4CError(f"{artifact} is a {manifest.target} artifact; SPIR-V comes from --target vulkan ones")
     if shutil.which("spirv-val") is None:
         raise G4CError("spirv-val not found (Debian: apt-get install spirv-tools)")
     check_writable(output, overwrite)
@@ -72,5 +71,5 @@ def emit_spirv(artifact: Path, output: Path, overwrite: bool = False,
             if check.returncode != 0:
                 raise G4CError(f"spirv-val rejected {name}: {(check.stderr or check.stdout).strip()[:300]}")
             report("validating SPIR-V", i + 1, len(sources))
-        (tmp / "launches.json").write_text(json.dumps(manifest["launches"], indent=1) + "\n")
+        (tmp / "launches.json").write_text(json.dumps(manifest.launches, indent=1) + "\n")
     return list(sources)

@@ -14,10 +14,14 @@ more, which wgpu caps at its 2 GiB buffer limit).
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
+from g4c.artifact import SHADERS
 from g4c.errors import G4CError
-from g4c.targets.base import Target
+from g4c.targets.base import Built, Requirements
+from g4c.targets.gpu import WEBGPU_SHARED_MEMORY, GpuTarget, gpu_lowering
+from g4c.targets.llvm import host_tvm_target
+from g4c.targets.registry import TargetKind
 
 
 @dataclass(frozen=True)
@@ -35,38 +39,50 @@ PROFILES = {
 DEFAULT_PROFILE = "generic"
 
 
-def gpu_schedule(tvm_target, matmul: bool = True):
-    """(kernel name, PrimFunc) → PrimFunc scheduled for a GPU: hand-written GPU kernels are kept,
-    everything else goes through dlight's GEMV/GEMM/reduction/fallback rules (`matmul=False` leaves
-    GEMMs to the fallback rule)."""
-    def schedule(name: str, func):
-        import tvm
-        from tvm.s_tir import dlight as dl
+class VulkanTarget(GpuTarget):
+    """`vulkan:<profile>`: WGSL kernels with launch records, run by the wgpu executor."""
 
-        if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
-            return func
-        rules = [dl.gpu.GEMV()] + ([dl.gpu.Matmul()] if matmul else [])
-        rules += [dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
-        with tvm_target:
-            mod = dl.ApplyDefaultSchedule(*rules)(tvm.IRModule({name: func}))
-        return mod[name]
-    return schedule
+    runtime = "wgpu"
+    static_decode = False  # wgpu records each step's launches itself
 
+    def __init__(self, profile: str = DEFAULT_PROFILE):
+        self.profile, self.spec = profile, PROFILES[profile]
+        self.name = f"vulkan:{profile}"
+        self.lowering = gpu_lowering(WEBGPU_SHARED_MEMORY, max_binding=self.spec.max_binding)
 
-def vulkan_target(profile: str = DEFAULT_PROFILE) -> Target:
-    if profile not in PROFILES:
-        raise G4CError(f"unknown Vulkan profile {profile!r}: available profiles are {', '.join(PROFILES)}")
-    spec = PROFILES[profile]
-    @functools.cache  # made once, when first needed: creating it needs the compiler
-    def tvm_target():
+    @functools.cache
+    def tvm_target(self):
         import tvm
 
-        from g4c.targets.llvm import _tvm_target as host
+        return tvm.target.Target({"kind": "webgpu", "max_num_threads": self.spec.threads}, host=host_tvm_target())
 
-        return tvm.target.Target({"kind": "webgpu", "max_num_threads": spec.threads}, host=host())
+    def check_weights(self, weight_dtype: str, sizes: dict[str, int]) -> None:
+        """WGSL has no bf16 and no 16-bit integers; fp16 needs a profile with shader-f16; every tensor
+        must fit one storage binding."""
+        if weight_dtype == "bfloat16":
+            raise G4CError(f"--target {self.name} cannot store bf16 weights (WGSL has no bf16): use "
+                           "--dtype float16 or float32")
+        if weight_dtype == "float16" and not self.spec.fp16:
+            raise G4CError(f"Vulkan profile {self.profile} has no fp16 (shader-f16): use --dtype float32 "
+                           "or a profile with fp16 (vulkan:adreno-7xx, vulkan:mali-g7xx)")
+        for name, size in sizes.items():
+            if size > self.spec.max_binding:
+                raise G4CError(f"weight {name} ({size} bytes) exceeds the {self.spec.max_binding}-byte storage "
+                               f"binding of Vulkan profile {self.profile}")
 
-    def schedule(name: str, func):
-        return gpu_schedule(tvm_target())(name, func)
+    def build(self, lowered, entry, kernels: dict[str, object], storage: dict, static_decode: bool) -> Built:
+        from g4c.codegen import wgsl
 
-    return Target(f"vulkan:{profile}", tvm_target, schedule, library_suffix=".wgsl",
-                  options={"profile": profile, **asdict(spec)}, runtime="wgpu", gpu=True)
+        shaders, launches = wgsl.build(kernels, self.tvm_target())
+        return Built(lambda directory: (directory / SHADERS).write_text(shaders),
+                     {"launches": {k: [x.to_json() for x in v] for k, v in launches.items()}})
+
+    def requirements(self) -> Requirements:
+        return Requirements(library=SHADERS, device="vulkan", device_type=7, runtime_libraries=())
+
+    @property
+    def runs_here(self) -> bool:
+        return True  # wgpu finds a Vulkan device or says why not
+
+
+KIND = TargetKind("vulkan", VulkanTarget, "WGSL run through wgpu", tuple(PROFILES), DEFAULT_PROFILE, order=2)

@@ -39,7 +39,7 @@ def artifacts(checkpoints, tmp_path_factory) -> dict[str, Path]:
 
 def compile_families(checkpoints, families, target: str, root: Path, **options) -> dict[str, Path]:
     """family → the test checkpoint compiled for `target` under `root` (compile_model options pass through)."""
-    from g4c.codegen.build import compile_model
+    from g4c.compiler import compile_model
     from g4c.model import load_model
 
     out = {}

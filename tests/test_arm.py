@@ -16,7 +16,8 @@ from conftest import PROMPT, compile_families
 from hf_reference import reference_greedy, reference_logits
 
 from g4c.cli import main
-from g4c.runtime.artifact import ArtifactError, load
+from g4c.artifact import ArtifactError
+from g4c.runtime import load
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "scripts" / "arm-emu.sh"

@@ -12,7 +12,8 @@ from g4c.bench import (bench_session, decode_at_context, decode_weight_bytes, ge
                        read_bandwidth)
 from g4c.cli import main
 from g4c.config import load_config
-from g4c.runtime.artifact import load, read_aligned_safetensors
+from g4c.artifact import read_aligned_safetensors
+from g4c.runtime import load
 
 
 def test_decode_reads_every_packed_weight_once_with_a_tied_lm_head(artifacts):

@@ -10,9 +10,10 @@ import tarfile
 
 import pytest
 
-from g4c.codegen.build import compile_model
+from g4c.compiler import compile_model
 from g4c.model import load_model
-from g4c.runtime.artifact import ArtifactError, load
+from g4c.artifact import ArtifactError
+from g4c.runtime import load
 
 MACH_O_64 = bytes.fromhex("cffaedfe")  # MH_MAGIC_64, little-endian
 CPU_TYPE_ARM64 = 0x0100000C

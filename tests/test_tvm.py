@@ -14,9 +14,10 @@ from conftest import PROMPT
 from hf_reference import reference_greedy, reference_logits
 
 from g4c.cli import main
-from g4c.codegen.build import compile_model
+from g4c.compiler import compile_model
 from g4c.model import load_model
-from g4c.runtime.artifact import ArtifactError, load
+from g4c.artifact import ArtifactError
+from g4c.runtime import load
 
 FAMILIES = ["e", "moe", "dense", "unified"]
 
@@ -45,10 +46,10 @@ def test_compiled_prefill_then_decode_equals_full_recompute(family, artifacts):
 def test_ring_buffers_and_shared_layers_own_no_cache(artifacts):
     session = load(artifacts["e"], max_context=64, prefill_chunk=4)
     manifest = session.manifest
-    cfg = manifest["config"]
-    rings = {s: c.shape[0] for s, c in session.caches.items() if manifest["kv_slots"][s]["ring"]}
+    cfg = manifest.config
+    rings = {s: c.shape[0] for s, c in session.caches.items() if manifest.kv_slots[s].ring}
     assert rings and set(rings.values()) == {cfg["sliding_window"] + 4 - 1}
-    assert {info["layer"] for info in manifest["kv_slots"].values()} == {0, 1, 2, 3}  # layers 4-6 reuse
+    assert {info.layer for info in manifest.kv_slots.values()} == {0, 1, 2, 3}  # layers 4-6 reuse
 
 
 RUNTIME_ONLY = """
@@ -93,7 +94,7 @@ def test_modified_truncated_or_foreign_artifacts_are_refused(artifacts, tmp_path
     with pytest.raises(ArtifactError, match="compiled by g4c 0.0.1"):
         load(art)
     (art / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
-    with pytest.raises(ArtifactError, match="format v1 is not the v2 this g4c reads: recompile it"):
+    with pytest.raises(ArtifactError, match="format v1 is not the v3 this g4c reads: recompile it"):
         load(art)
     (art / "kernels.so").unlink()
     manifest["g4c_version"] = json.loads((artifacts["dense"] / "manifest.json").read_text())["g4c_version"]
@@ -120,7 +121,7 @@ def test_cli_compile_logits_generate_and_refusal(artifacts, checkpoints, referen
 
 
 def test_failed_compile_leaves_nothing(checkpoints, tmp_path, monkeypatch):
-    import g4c.codegen.build as build
+    import g4c.compiler as build
 
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -177,9 +178,9 @@ def test_k_eq_v_global_layers_cache_v_only(artifacts):
 def test_runtime_memory_path_matches_numpy_buffers(artifacts):
     """The GPU code path (weights, caches, inputs as TVM runtime tensors; caches passed as views; logits
     copied back) run on the CPU gives the same logits and tokens as the numpy-buffer path."""
-    from g4c.runtime.artifact import CompiledSession
+    from g4c.runtime import load
 
-    plain, device = CompiledSession(artifacts["e"]), CompiledSession(artifacts["e"], runtime_memory=True)
+    plain, device = load(artifacts["e"]), load(artifacts["e"], runtime_memory=True)
     prompt = [2, 17, 99, 5, 8, 1, 44, 23, 60, 7]
     assert np.array_equal(plain.prefill(prompt, all_logits=True), device.prefill(prompt, all_logits=True))
     plain.reset()
@@ -193,25 +194,25 @@ def test_static_decode_matches_and_reuses_its_input_tensors(artifacts, checkpoin
     numpy buffers and through runtime tensors."""
     from conftest import compile_families
 
-    from g4c.runtime.artifact import CompiledSession
+    from g4c.runtime import load
 
     static = compile_families(checkpoints, ("e",), "llvm", tmp_path, static_decode=True)["e"]
     assert json.loads((static / "manifest.json").read_text())["static_decode"] is True
     prompt = [2, 17, 99, 5, 8, 1, 44, 23, 60, 7]
-    plain = CompiledSession(artifacts["e"])
+    plain = load(artifacts["e"])
     expected = plain.generate(prompt[:3], 14)
     plain.reset()
     plain.prefill(prompt[:3])
     reference = [plain.decode(t) for t in expected[:6]]
     for memory in (False, True):
-        session = CompiledSession(static, runtime_memory=memory)
+        session = load(static, runtime_memory=memory)
         assert session.generate(prompt[:3], 14) == expected  # 17 positions: past the sliding windows
         session.reset()
         session.prefill(prompt[:3])
         fixed = None
         for token, logits in zip(expected[:6], reference):
             np.testing.assert_allclose(session.decode(token), logits, atol=1e-5)
-            tensors = [id(t) for _, t in session._fixed]
+            tensors = [id(t) for _, t in session.executor._fixed]
             assert fixed in (None, tensors)  # the same tensors every step
             fixed = tensors
 
@@ -220,7 +221,7 @@ def test_weights_from_seed_artifact_matches_the_written_one(tmp_path):
     """--weights-from-seed writes no weight files; the runtime regenerates them (packed q/k/v, RoPE
     tables, the PLE table) bit-identically."""
     from g4c.cli import main
-    from g4c.runtime.artifact import load
+    from g4c.runtime import load
 
     assert main(["compile", "tiny-e", "--random-weights", "--seed", "3", "-o", str(tmp_path / "full")]) == 0
     assert main(["compile", "tiny-e", "--random-weights", "--seed", "3", "--weights-from-seed",
@@ -238,7 +239,7 @@ def test_weights_from_seed_artifact_matches_the_written_one(tmp_path):
 def test_runtime_memory_session_reports_decode_bytes(artifacts):
     """The roofline's byte count works when the weights live in device memory (GPU sessions)."""
     from g4c.bench import decode_weight_bytes
-    from g4c.runtime.artifact import CompiledSession
+    from g4c.runtime import load
 
-    plain = CompiledSession(artifacts["moe"])
-    assert decode_weight_bytes(CompiledSession(artifacts["moe"], runtime_memory=True)) == decode_weight_bytes(plain)
+    plain = load(artifacts["moe"])
+    assert decode_weight_bytes(load(artifacts["moe"], runtime_memory=True)) == decode_weight_bytes(plain)

@@ -147,7 +147,7 @@ def test_streaming_safetensors_writer_round_trips(tmp_path):
     dtype an artifact stores; bf16 included), and so does g4c's aligned reader; a tensor whose shape
     disagrees with its header is refused."""
     from g4c.errors import G4CError
-    from g4c.runtime.artifact import read_aligned_safetensors, write_safetensors
+    from g4c.artifact import read_aligned_safetensors, write_safetensors
 
     rng = np.random.default_rng(0)
     arrays = {"b.w": rng.standard_normal((3, 5)).astype(np.float32),

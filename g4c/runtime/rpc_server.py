@@ -50,9 +50,9 @@ def _handshake(conn: socket.socket, key: str) -> bool:
 def serve(host: str, port: int, key: str = "", sessions: int | None = None) -> None:
     import tvm_ffi
 
-    from g4c.runtime.artifact import _load_runtime_library
+    from g4c.runtime.relax_vm import load_runtime_libraries
 
-    _load_runtime_library(Path(__file__).parent)
+    load_runtime_libraries(Path(__file__).parent, ["libtvm_runtime.so"])
     work = tempfile.TemporaryDirectory(prefix="g4c-rpc-")
     # each session uploads into its own directory: overwriting a library another session has mapped
     # would crash it

@@ -1,14 +1,26 @@
-"""The generation loop every backend shares: prefill once, then decode token by token.
+"""The session core every executor shares: an artifact's set-up, KV plan, PLE rows, chunked prefill,
+decode and generation. Executors (`g4c.runtime.relax_vm`, `.wgpu_executor`, `.remote`) only run a
+program on buffers.
 
-A backend implements `prefill(tokens, all_logits)` and `decode(token)`; `generate` adds sampling,
-stop tokens, a streaming callback and the context-length check."""
+`Session` is the generation loop (also used by the reference interpreter's session);
+`ArtifactSession` is a compiled artifact's session: it reads the manifest, the config and the
+weights, sizes the KV caches from the plan (rings of window + chunk − 1 slots for sliding
+producers, `max_context` rows for global ones, nothing for KV-sharing layers), gathers the PLE rows
+of each chunk from the host table, and hands its executor the inputs and how many rows of each cache
+the program needs (rings and static decode: the whole buffer; full caches: the positions so far).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
+from g4c.artifact import HOST, MANIFEST, WEIGHTS, Manifest, aligned, derived_weight, read_aligned_safetensors, \
+    read_manifest
+from g4c.config import config_from_dict
 from g4c.errors import G4CError
 from g4c.runtime.sampling import Sampler
 
@@ -71,3 +83,114 @@ class Session:
             if token in stops or len(new) == max_new_tokens:
                 return new
             logits = self.decode(token)
+
+
+class Executor(Protocol):
+    """Runs an artifact's programs on its device (the Relax VM here or over RPC, wgpu)."""
+
+    def upload_weights(self, weights: list[np.ndarray]) -> None:
+        """The entry functions' weights, in `Manifest.entry.weights` order, as stored (host copies may
+        be dropped afterwards)."""
+
+    def allocate_caches(self, shapes: dict[str, tuple[int, int, int]]) -> None:
+        """One float32 buffer per KV slot, in `Manifest.entry.caches` order."""
+
+    def clear_caches(self) -> None: ...
+
+    def run(self, program: str, inputs: list[np.ndarray], cache_rows: dict[str, int]) -> np.ndarray:
+        """Run `program` on `inputs` (ids, positions(, PLE rows)) and the first `cache_rows[slot]` rows
+        of each cache (an executor may pass a cache whole: the kernels bound themselves by position);
+        returns the logits as a float32 numpy array."""
+
+
+class ArtifactSession(Session):
+    """prefill/decode of a compiled artifact; `executor(session)` makes the executor that runs it."""
+
+    def __init__(self, directory: str | Path, executor: Callable[[ArtifactSession], Executor],
+                 max_context: int | None = None, prefill_chunk: int = 64):
+        self.directory = Path(directory)
+        self.manifest: Manifest = read_manifest(self.directory)
+        self.config = self.manifest.config
+        model = config_from_dict(self.config, source=str(self.directory / MANIFEST))  # numpy-only module
+        self.vocab_size = model.input_vocab_size
+        self.max_context = min(max_context or 4096, model.max_position_embeddings)
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.index_dtype = np.dtype(self.manifest.index_dtype)
+        self.executor = executor(self)
+        weights, self._host_tables = artifact_weights(self.directory, self.manifest, model)
+        order = self.manifest.entry.weights
+        self.executor.upload_weights([weights[n] for n in order])
+        # shape/dtype stand-ins of the uploaded weights (what `g4c bench` counts for the roofline)
+        self.weights = {n: np.broadcast_to(np.zeros((), a.dtype), a.shape) for n, a in weights.items()}
+        del weights
+        slots = self.manifest.kv_slots
+        self.cache_shapes = {s: (slots[s].capacity(self.max_context, self.prefill_chunk), slots[s].kv_heads,
+                                 slots[s].head_dim) for s in self.manifest.entry.caches}
+        self.executor.allocate_caches(self.cache_shapes)
+        self.reset()
+
+    @property
+    def caches(self) -> dict[str, np.ndarray]:
+        """The KV caches as host arrays, where the executor keeps them in host memory (CPU)."""
+        return getattr(self.executor, "host_caches", {})
+
+    def reset(self) -> None:
+        self.executor.clear_caches()
+        self.position = 0
+
+    def _run(self, name: str, ids: np.ndarray) -> np.ndarray:
+        length = self.position + ids.size
+        inputs = [aligned(np.ascontiguousarray(ids, dtype=self.index_dtype)),
+                  aligned(np.arange(self.position, length, dtype=self.index_dtype))]
+        if self.manifest.has_ple:
+            inputs.append(self._ple_rows(ids))
+        whole = name == "decode" and self.manifest.static_decode  # fixed shapes: caches passed whole
+        rows = {s: shape[0] if whole or self.manifest.kv_slots[s].ring else length
+                for s, shape in self.cache_shapes.items()}
+        logits = self.executor.run(name, inputs, rows)
+        self.position = length
+        return logits
+
+    def _ple_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Per-layer-embedding rows of these tokens, read from the host table (memory-mapped file)."""
+        (table,) = self.manifest.host_tables
+        view = self._host_tables[table]
+        return aligned(np.concatenate([view[int(i): int(i) + 1] for i in ids]).astype(np.float32))
+
+
+def artifact_weights(directory: Path, manifest: Manifest, model) -> tuple[dict[str, np.ndarray], dict]:
+    """(weights as stored, {host table: row-sliceable}) of an artifact: read from its files (aligned;
+    host tables memory-mapped), or regenerated from the seed for --weights-from-seed artifacts."""
+    from safetensors import safe_open
+
+    if manifest.weights_from_seed is not None:
+        return seeded_weights(manifest, model)
+    weights = read_aligned_safetensors(directory / WEIGHTS)
+    if not manifest.host_tables:
+        return weights, {}
+    host = safe_open(str(directory / HOST), framework="numpy")
+    return weights, {t: host.get_slice(t) for t in manifest.host_tables}
+
+
+def seeded_weights(manifest: Manifest, model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The weights (as stored) and host tables of a `--weights-from-seed` artifact, regenerated from
+    the seed exactly as the compiler made them (g4c.weights is numpy-only)."""
+    from g4c.dtypes import numpy_dtype
+    from g4c.weights import RandomWeights
+
+    spec = manifest.weights_from_seed
+    source = RandomWeights(model, spec["seed"], spec["dtype"])
+    recipes, stored_in_weight_dtype = manifest.weight_recipes, set(manifest.weight_dtype_tensors)
+
+    def stored(array: np.ndarray, dtype: str) -> np.ndarray:
+        array = np.asarray(array, dtype=np.float32).astype(numpy_dtype(dtype))
+        return aligned(array.view(np.uint16) if dtype == "bfloat16" else array)
+
+    def base(name: str) -> np.ndarray:
+        return source.get(name).astype(np.float32)
+
+    weights = {n: stored(derived_weight(n, recipes, base),
+                         manifest.weight_dtype if n in stored_in_weight_dtype else "float32")
+               for n in manifest.entry.weights}
+    host = {t: base(t).astype(numpy_dtype(manifest.weight_dtype)) for t in manifest.host_tables}
+    return weights, host

@@ -2,7 +2,7 @@
 
 The artifact holds the WGSL of every kernel (`kernels.wgsl`) and, in the manifest, each program's
 kernel calls and each kernel's launches (bindings, uniform words, grid; see `g4c.codegen.wgsl`).
-This session uploads the weights once, allocates the KV caches from the plan, and runs a program by
+This executor uploads the weights once, holds the KV caches the session plans, and runs a program by
 recording every launch of it into one command buffer: one submission (and one read-back of the
 logits) per prefill chunk or decode step. Activation buffers are kept per token count and reused.
 
@@ -13,18 +13,13 @@ the Vulkan backend (CI runs on Mesa's lavapipe).
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import numpy as np
 
-from g4c.config import config_from_dict
+from g4c.artifact import SHADERS, ArtifactError, split_source
 from g4c.errors import G4CError
-from g4c.runtime.artifact import MANIFEST, ArtifactError, artifact_weights, read_manifest
-from g4c.runtime.session import Session
 
-SHADERS = "kernels.wgsl"
 MAX_GROUPS = 65535  # workgroups per grid dimension (WebGPU default limit)
-INDEX = np.int32  # ids and positions: WGSL has no 64-bit integers
 
 
 def evaluate(tree, args: list[int]) -> int:
@@ -36,17 +31,6 @@ def evaluate(tree, args: list[int]) -> int:
         return args[a]
     x, y = evaluate(a, args), evaluate(b, args)
     return {"+": x + y, "-": x - y, "*": x * y, "//": x // y, "%": x % y, "min": min(x, y), "max": max(x, y)}[op]
-
-
-def split_source(source: str) -> dict[str, str]:
-    """`kernels.wgsl` → {device kernel name: its WGSL module}."""
-    sections: dict[str, str] = {}
-    for chunk in source.split("// Function: ")[1:]:
-        name, _, body = chunk.partition("\n")
-        body = body.lstrip("/-\n")
-        if body.strip():
-            sections[name.strip()] = body
-    return sections
 
 
 def _device(needs_f16: bool, needs_binding: int):
@@ -117,69 +101,59 @@ class Kernels:
             compute.dispatch_workgroups(*groups)
 
 
-class WgpuSession(Session):
-    """prefill/decode of a Vulkan artifact on a wgpu device."""
+class WgpuExecutor:
+    """Runs a Vulkan artifact's programs on a wgpu device."""
 
-    def __init__(self, directory: str | Path, max_context: int | None = None, prefill_chunk: int = 64):
-        import wgpu
-
-        self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
-        self.config = self.manifest["config"]
-        model = config_from_dict(self.config, source=str(self.directory / MANIFEST))
-        self.vocab_size = model.input_vocab_size
-        self.max_context = min(max_context or 4096, model.max_position_embeddings)
-        self.prefill_chunk = max(1, prefill_chunk)
-        weights, self._host_tables = artifact_weights(self.directory, self.manifest, model)
-        needs_f16 = any(a.dtype == np.float16 for a in weights.values())
-        self.adapter, self.device = _device(needs_f16, max((a.nbytes for a in weights.values()), default=0))
-        self.device_name = f"{self.adapter.info['device']} ({self.adapter.info['backend_type']})"
-        storage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
-        self._storage = storage
-        self._weight_buffers = {n: self.device.create_buffer_with_data(data=np.ascontiguousarray(a), usage=storage)
-                        for n, a in weights.items()}
-        # shape/dtype stand-ins of the uploaded weights (what `g4c bench` counts for the roofline)
-        self.weights = {n: np.broadcast_to(np.zeros((), a.dtype), a.shape) for n, a in weights.items()}
-        del weights  # uploaded once; host copies freed
-        self.caches, self._cache_rows = {}, {}
-        for slot, info in self.manifest["kv_slots"].items():
-            rows = (info["window"] + self.prefill_chunk - 1) if info["ring"] else self.max_context
-            self._cache_rows[slot] = rows
-            self.caches[slot] = self.device.create_buffer(size=rows * info["kv_heads"] * info["head_dim"] * 4,
-                                                          usage=storage)
+    def __init__(self, session):
         try:
-            sources = split_source((self.directory / SHADERS).read_text())
+            import wgpu  # noqa: F401 - the optional dependency of this executor
+        except ImportError:
+            raise G4CError(f"{session.manifest.target} artifacts run through wgpu: pip install 'g4c[vulkan]'") from None
+        self.manifest = session.manifest
+        try:
+            self.sources = split_source((session.directory / SHADERS).read_text())
         except OSError as exc:
             raise ArtifactError(f"cannot read {SHADERS}: {exc}") from None
-        self.kernels = Kernels(self.device, sources, self.manifest["launches"])
-        self._activations: dict[tuple[str, int], dict[str, object]] = {}
-        self.reset()
+        self._activations: dict[tuple[str, int], dict[str, tuple]] = {}
 
-    # -- Session API -------------------------------------------------------------------------------
-    def reset(self) -> None:
+    def upload_weights(self, weights: list[np.ndarray]) -> None:
+        import wgpu
+
+        needs_f16 = any(a.dtype == np.float16 for a in weights)
+        self.adapter, self.device = _device(needs_f16, max((a.nbytes for a in weights), default=0))
+        self.device_name = f"{self.adapter.info['device']} ({self.adapter.info['backend_type']})"
+        self._storage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
+        self._weights = {f"w:{name}": (self.device.create_buffer_with_data(data=np.ascontiguousarray(a),
+                                                                          usage=self._storage), a.shape, a.itemsize)
+                         for name, a in zip(self.manifest.entry.weights, weights)}
+        self.kernels = Kernels(self.device, self.sources, self.manifest.launches)
+
+    def allocate_caches(self, shapes: dict[str, tuple[int, int, int]]) -> None:
+        self._caches = {f"kv:{s}": (self.device.create_buffer(size=int(np.prod(shape)) * 4, usage=self._storage),
+                                    shape) for s, shape in shapes.items()}
+
+    def clear_caches(self) -> None:
         encoder = self.device.create_command_encoder()
-        for buffer in self.caches.values():
+        for buffer, _ in self._caches.values():
             encoder.clear_buffer(buffer)
         self.device.queue.submit([encoder.finish()])
-        self.position = 0
 
-    # -- execution ---------------------------------------------------------------------------------
-    def _run(self, name: str, ids: np.ndarray) -> np.ndarray:
-        program = self.manifest["programs"][name]
-        count, length = ids.size, self.position + ids.size
+    def run(self, name: str, inputs: list[np.ndarray], cache_rows: dict[str, int]) -> np.ndarray:
+        program = self.manifest.programs[name]
+        count = inputs[0].size
         buffers = self._program_buffers(program, count)
         queue = self.device.queue
-        queue.write_buffer(buffers["in:ids"][0], 0, ids.astype(INDEX))
-        queue.write_buffer(buffers["in:positions"][0], 0, np.arange(self.position, length, dtype=INDEX))
-        for slot, buffer in self.caches.items():  # whole caches: attention reads the slots written so far
-            info = self.manifest["kv_slots"][slot]
-            buffers[f"kv:{slot}"] = (buffer, (self._cache_rows[slot], info["kv_heads"], info["head_dim"]), 4)
+        queue.write_buffer(buffers["in:ids"][0], 0, inputs[0])
+        queue.write_buffer(buffers["in:positions"][0], 0, inputs[1])
+        for slot, rows in cache_rows.items():  # bound as the rows the program needs
+            buffer, shape = self._caches[f"kv:{slot}"]
+            buffers[f"kv:{slot}"] = (buffer, (rows, *shape[1:]), 4)
         encoder = self.device.create_command_encoder()
         compute = None
-        for step in program["steps"]:
-            kernel, args = step["kernel"], step["args"]
+        for step in program.steps:
+            kernel, args = step.kernel, step.args
             if kernel == "rows":
-                queue.write_buffer(buffers[args[1]][0], 0, self._ple_rows(ids, step["attrs"]["table"]))
+                queue.write_buffer(buffers[args[1]][0], 0, inputs[2])
             elif kernel == "reshape":
                 src = buffers[args[0]]
                 buffers[args[1]] = (src[0], self._shape(program, args[1], count), src[2])
@@ -192,10 +166,9 @@ class WgpuSession(Session):
                 compute = compute or encoder.begin_compute_pass()
                 self.kernels.dispatch(compute, kernel, [buffers[a] for a in args])
         self._end(compute)
-        logits = buffers[program["outputs"]["logits"]]
+        logits = buffers[program.outputs["logits"]]
         queue.submit([encoder.finish()])
         data = queue.read_buffer(logits[0], 0, int(np.prod(logits[1])) * 4)
-        self.position = length
         return np.frombuffer(data, dtype=np.float32).reshape(logits[1]).copy()
 
     @staticmethod
@@ -204,28 +177,24 @@ class WgpuSession(Session):
             compute.end()
         return None
 
-    def _shape(self, program: dict, ref: str, count: int) -> tuple[int, ...]:
-        shape, _ = program["buffers"][ref[2:]]
+    @staticmethod
+    def _shape(program, ref: str, count: int) -> tuple[int, ...]:
+        shape, _ = program.buffers[ref[2:]]
         return tuple(count if d == "T" else int(d) for d in shape)
 
-    def _program_buffers(self, program: dict, count: int) -> dict[str, tuple]:
+    def _program_buffers(self, program, count: int) -> dict[str, tuple]:
         """(buffer, shape, itemsize) of every reference of the program: weights, inputs and the
         activations for `count` tokens (allocated once per program and token count)."""
-        key = (program["name"], count)
+        key = (program.name, count)
         if key not in self._activations:
             made = {}
-            for ref, (shape, dtype) in program["buffers"].items():
+            for ref, (shape, dtype) in program.buffers.items():
                 dims = self._shape(program, f"a:{ref}", count)
                 size = max(4, int(np.prod(dims)) * np.dtype(dtype).itemsize)
                 made[f"a:{ref}"] = (self.device.create_buffer(size=size, usage=self._storage), dims,
                                     np.dtype(dtype).itemsize)
             made["in:ids"] = (self.device.create_buffer(size=count * 4, usage=self._storage), (count,), 4)
             made["in:positions"] = (self.device.create_buffer(size=count * 4, usage=self._storage), (count,), 4)
-            for name, buffer in self._weight_buffers.items():
-                made[f"w:{name}"] = (buffer, self.weights[name].shape, self.weights[name].itemsize)
+            made.update(self._weights)
             self._activations[key] = made
         return dict(self._activations[key])
-
-    def _ple_rows(self, ids: np.ndarray, table: str) -> np.ndarray:
-        view = self._host_tables[table]
-        return np.ascontiguousarray(np.concatenate([view[int(i): int(i) + 1] for i in ids]).astype(np.float32))

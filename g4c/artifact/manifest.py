@@ -1,0 +1,193 @@
+"""The artifact manifest (`manifest.json`): one dataclass, written by the compiler, read by every runtime.
+
+The format is documented in docs/artifact-format.md. Versioning rule: `FORMAT_VERSION` changes
+whenever a field is added, removed or changes meaning; a runtime reads exactly its own version and
+refuses others with "recompile it" (artifacts are cheap to rebuild, silent misreads are not).
+
+Programs are the kernel-call sequences of the entry functions (`prefill`, `prefill_all`, `decode`).
+Buffer references in a step's args: `in:ids`, `in:positions` (runtime inputs), `w:NAME` (weights),
+`a:NAME` (activations, shapes in `Program.buffers`, "T" = the token count), `kv:SLOT` (a KV cache);
+three steps are not kernels: `rows` (PLE rows gathered by the runtime from a host table), `last`
+(the last n rows) and `reshape`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from g4c import __version__
+from g4c.artifact.tensors import ArtifactError, sha256_file
+
+FORMAT = "g4c-artifact"
+FORMAT_VERSION = 3  # 3: typed manifest (kernel specs, executor requirements); 2: Relax VM entry functions
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+HOST = "host.safetensors"
+
+Shape = list  # of int | str ("T")
+
+
+@dataclass
+class Step:
+    kernel: str  # kernel name (a key of Manifest.kernels), or a runtime step: "rows" | "last" | "reshape"
+    args: list[str]  # buffer references: inputs then outputs
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Program:
+    name: str
+    steps: list[Step] = field(default_factory=list)
+    buffers: dict[str, tuple[Shape, str]] = field(default_factory=dict)  # activation → (shape, dtype)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "steps": [asdict(s) for s in self.steps],
+                "buffers": {k: [list(v[0]), v[1]] for k, v in self.buffers.items()}, "outputs": self.outputs}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Program:
+        return cls(data["name"], [Step(**s) for s in data["steps"]],
+                   {k: (list(v[0]), v[1]) for k, v in data["buffers"].items()}, dict(data["outputs"]))
+
+    def ple_width(self) -> int | None:
+        """Width of the PLE rows the runtime gathers for this program (None: no PLE)."""
+        rows = next((s for s in self.steps if s.kernel == "rows"), None)
+        return None if rows is None else int(self.buffers[rows.args[1][2:]][0][1])
+
+
+@dataclass
+class KVSlot:
+    slot: str
+    layer: int
+    kv_heads: int
+    head_dim: int
+    ring: bool  # a sliding layer's ring buffer; else a full-length cache
+    window: int | None
+
+    def capacity(self, max_context: int, prefill_chunk: int) -> int:
+        """Rows to allocate: a ring holds the window plus one chunk's new keys minus one (a chunk's
+        queries still see the window before them), a full cache every position."""
+        return self.window + prefill_chunk - 1 if self.ring else max_context
+
+
+@dataclass
+class EntrySignature:
+    """Parameter order of every entry function (what a runtime passes)."""
+
+    inputs: list[str]  # "ids", "positions"(, "ple_rows")
+    weights: list[str]
+    caches: list[str]
+
+
+@dataclass
+class Manifest:
+    target: str  # the target name, e.g. "llvm", "cuda:sm_90"
+    target_spec: str  # the TVM target, as JSON
+    config: dict  # the model's Hugging Face config
+    # how the artifact runs: its executor, the library that executor loads, where the kernels run
+    runtime: str  # "relax-vm" (TVM's Relax VM through tvm_ffi) or "wgpu" (WGSL kernels through wgpu)
+    library: str  # file the executor loads
+    entry: EntrySignature
+    kernels: dict[str, dict]  # kernel name → its spec (op, variant, static parameters)
+    programs: dict[str, Program]
+    kv_slots: dict[str, KVSlot]
+    device: str = "cpu"  # tvm_ffi device name of the kernels ("cpu", "cuda", "metal", ...)
+    device_type: int = 1  # its DLPack device type
+    runtime_libraries: list[str] = field(default_factory=list)  # TVM runtime libraries to load first
+    machines: list[str] = field(default_factory=list)  # platform.machine() values the code runs on ([]: any)
+    system: str | None = None  # platform.system() the code needs (None: any)
+    prepare: str | None = None  # what to do on the device before the library exists (e.g. link it)
+    static_decode: bool = False  # decode takes fixed tensors: one token, whole caches
+    index_dtype: str = "int64"  # ids, positions and indices
+    weight_dtype: str = "float32"  # storage of the tensors in `weight_dtype_tensors`; the rest is fp32
+    weight_dtype_tensors: list[str] = field(default_factory=list)
+    weight_recipes: dict[str, dict] = field(default_factory=dict)  # g4c.artifact.recipes
+    host_tables: list[str] = field(default_factory=list)  # tables gathered row by row on the host (PLE)
+    kv_plan: list = field(default_factory=list)  # plan_kv_cache's per-layer plan, for inspection
+    launches: dict[str, list[dict]] | None = None  # wgpu: per kernel, its device launches (codegen.wgsl)
+    decode_graph: dict[str, int] | None = None  # CUDA graphs: kernels captured / launched outside
+    weights_from_seed: dict | None = None  # {"seed", "dtype"}: weights regenerated at load time
+    build_seconds: float = 0.0
+    files: dict[str, str] = field(default_factory=dict)  # file name → SHA-256
+    tvm_version: str = ""
+    g4c_version: str = __version__
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    # -- JSON ------------------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["programs"] = {k: p.to_json() for k, p in self.programs.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = MANIFEST) -> Manifest:
+        """Validate and type a manifest read from JSON: format and version first, then every field."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ArtifactError(f"{source}: not a {FORMAT} manifest")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"artifact format v{data.get('format_version')} is not the v{FORMAT_VERSION} this "
+                                "g4c reads: recompile it")
+        if data.get("g4c_version") != __version__:
+            raise ArtifactError(f"artifact was compiled by g4c {data.get('g4c_version')}, this is g4c {__version__}: "
+                                "recompile it")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ArtifactError(f"{source}: unknown field {unknown[0]!r}")
+        try:
+            values = dict(data)
+            values["entry"] = EntrySignature(**data["entry"])
+            values["programs"] = {k: Program.from_json(p) for k, p in data["programs"].items()}
+            values["kv_slots"] = {k: KVSlot(**v) for k, v in data["kv_slots"].items()}
+            manifest = cls(**values)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise ArtifactError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from None
+        for name in [manifest.library, *manifest.files]:
+            _plain_file_name(name, source)
+        return manifest
+
+    def write(self, directory: Path) -> None:
+        """Hash every file of `directory` into `files`, then write manifest.json beside them."""
+        self.files = {f.name: sha256_file(f) for f in sorted(directory.iterdir()) if f.name != MANIFEST}
+        (directory / MANIFEST).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    # -- derived ---------------------------------------------------------------------------------------
+    @property
+    def has_ple(self) -> bool:
+        return self.entry.inputs[2:] == ["ple_rows"]
+
+
+def _plain_file_name(name: str, source: str) -> None:
+    """File references are names inside the artifact directory, never paths."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ArtifactError(f"{source}: {name!r} is not a file name inside the artifact")
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(directory: str | Path, check_files: bool = True) -> Manifest:
+    """The validated manifest of an artifact directory; with `check_files`, every listed file must
+    exist and match its SHA-256."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is not a g4c artifact (no {MANIFEST})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: corrupt manifest ({exc})") from None
+    manifest = Manifest.from_json(data, str(path))
+    if check_files:
+        for name, digest in manifest.files.items():
+            f = directory / name
+            if not f.is_file():
+                raise ArtifactError(f"artifact file {name} is missing")
+            if sha256_file(f) != digest:
+                raise ArtifactError(f"artifact file {name} is corrupt or was modified (SHA-256 mismatch)")
+    return manifest
