@@ -153,10 +153,11 @@ class ModelConfig:
     @property
     def kv_sharing_modes(self) -> list[KVMode]:
         """Same rule as transformers: the last `num_kv_shared_layers` layers "reuse"; the last
-        earlier layer of each type "store"s (is the donor)."""
+        earlier layer of each type "store"s (is the donor), even when no layer reuses it (transformers
+        ≥ 5.24: assistant models read those states); "store" computes exactly what None does."""
         n, shared = self.num_hidden_layers, self.num_kv_shared_layers
-        if shared == 0:
-            return [None] * n
+        if shared == n:
+            return ["reuse"] * n
         first_shared = n - shared
         modes: list[KVMode] = [None if i < first_shared else "reuse" for i in range(n)]
         for layer_type in set(self.layer_types):
