@@ -88,11 +88,11 @@ def gemv_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
         return 0.0
     from g4c.artifact import aligned_empty
     from g4c.codegen.spec import KernelSpec
-    from g4c.targets.registry import get_target
+    from g4c.targets.registry import host_target
 
     k = 1536
     n = megabytes * (1 << 20) // 4 // k
-    target = get_target("llvm")
+    target = host_target()
     spec = KernelSpec.of("linear", k=k, n=n, dtype="float32", rows=None)
     func = tvm.compile(tvm.IRModule({"main": target.kernel(spec)}), target=target.tvm_target())["main"]
 

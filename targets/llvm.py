@@ -180,4 +180,4 @@ class HostTarget(RelaxVMTarget):
         return list(self.requirements().runtime_libraries)
 
 
-KIND = TargetKind("llvm", lambda profile: HostTarget(), "this CPU", order=0)
+KIND = TargetKind("llvm", lambda profile: HostTarget(), "this CPU", order=0, host=True)

@@ -25,6 +25,7 @@ class TargetKind:
     default: str = ""  # the profile of a bare "kind"
     profile_option: str | None = None  # a CLI option that also names the profile (e.g. "arch")
     order: int = 100  # position in listings
+    host: bool = False  # the CPU of the machine g4c runs on
 
     def help(self) -> str:
         if not self.profiles:
@@ -43,6 +44,11 @@ def target_kinds() -> dict[str, TargetKind]:
         if isinstance(kind, TargetKind):
             kinds.append(kind)
     return {k.kind: k for k in sorted(kinds, key=lambda k: (k.order, k.kind))}
+
+
+def host_target():
+    """The target of this machine's CPU (what `g4c bench` measures its bandwidth kernel with)."""
+    return get_target(next(k.kind for k in target_kinds().values() if k.host))
 
 
 def target_names() -> list[str]:
