@@ -2,9 +2,10 @@
 GPU threads: attention, per-head norm + RoPE, cache writes, MoE routing and experts.
 
 These are written for GPUs directly (TensorIR with thread bindings, shared memory and barriers),
-share their math helpers with the CPU kernels, and are used by every GPU target (WebGPU/Vulkan,
-CUDA, Metal): one source of truth per kernel. All indices are int32 (WGSL has no 64-bit integers),
-arithmetic is fp32. The other ops (linear, norms, elementwise) are TE kernels scheduled by dlight.
+share their math with the CPU kernels (`g4c.codegen.kernel_math`), and are used by every GPU target
+(WebGPU/Vulkan, CUDA, Metal): one source of truth per kernel. All indices are int32 (WGSL has no
+64-bit integers), arithmetic is fp32. The other ops (linear, norms, elementwise) are TE kernels
+scheduled by dlight.
 
 Each kernel is marked `tirx.is_scheduled`, so dlight leaves it as written.
 """
@@ -14,11 +15,12 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from g4c.codegen.kernels import F32, STORAGE, _gelu, _load
+from g4c.codegen.kernel_math import (F32, MASKED_SCORE, STORAGE, causal_window_visible, gelu_tanh, inv_rms,
+                                     load_weight, online_softmax_update, ring_key_position, ring_slot, rope_rotate,
+                                     route_top_k, unmasked)
 
 I32 = "int32"
 THREADS = 64  # threads per workgroup for row-wise kernels
-NEG = -3.0e38  # score of a masked key
 
 
 def _attrs(name: str) -> dict:
@@ -39,16 +41,12 @@ def attention_parts(window: int | None) -> int:
 def _key_reader(head_dim: int, k_from_v: bool):
     """key(k, v, k_norm, freq, slot, kv_head, key_position, d): K from its cache, or for k_eq_v layers
     (plan_kv_cache stores V only) rebuilt as rope(V * k_norm) at the key's position."""
-    half = head_dim // 2
 
     def key_plain(k, v, kn, freq, j, kvh, kp, d):
         return k[j, kvh, d]
 
     def key_rebuilt(k, v, kn, freq, j, kvh, kp, d):
-        angle = kp.astype(F32) * freq[d % half]
-        up, down = (d + half) % head_dim, (d + head_dim - half) % head_dim
-        partner = tirx.if_then_else(d < half, -v[j, kvh, up] * kn[up], v[j, kvh, down] * kn[down])
-        return v[j, kvh, d] * kn[d] * tirx.cos(angle) + partner * tirx.sin(angle)
+        return rope_rotate(lambda e: v[j, kvh, e] * kn[e], kp, freq, d, head_dim)
 
     return key_rebuilt if k_from_v else key_plain
 
@@ -85,19 +83,19 @@ def _attention_func(body, attrs: dict, q_heads: int, kv_heads: int, head_dim: in
     return func_plain
 
 
-def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, scaling: float,
-              name: str, k_from_v: bool = False) -> tirx.PrimFunc:
+def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, name: str,
+              k_from_v: bool = False) -> tirx.PrimFunc:
     """Causal GQA attention (same contract as `kernels.attention`, except the output) over one of
     `attention_parts(window)` key ranges per workgroup: workgroup (query, head, range) streams its keys
-    in chunks of THREADS (one key's score per thread, in shared memory) with an online softmax, each
-    thread accumulating its slice of head_dim, so no [T, heads, S] intermediate exists and any cache
-    length S fits. It writes the unnormalised sum, the running max and the softmax denominator
-    [T, heads, parts, head_dim + 2]; `attention_merge` combines the ranges. Sliding layers pass their
-    ring of window slots, so they read only the window; a full cache may be passed whole (its slots
-    past the last position are never read), which keeps a decode step's shapes static."""
+    in chunks of THREADS (one key's score per thread, in shared memory) with an online softmax
+    (`kernel_math.online_softmax_update`), each thread accumulating its slice of head_dim, so no
+    [T, heads, S] intermediate exists and any cache length S fits. It writes the unnormalised sum, the
+    running max and the softmax denominator [T, heads, parts, head_dim + 2]; `attention_merge`
+    combines the ranges. Sliding layers pass their ring of window slots, so they read only the
+    window; a full cache may be passed whole (its slots past the last position are never read),
+    which keeps a decode step's shapes static."""
     group, per, nt = q_heads // kv_heads, _ceil(head_dim, THREADS), THREADS
     parts = attention_parts(window)
-    win = window or 0
 
     attrs = _attrs(name)
     key_at = _key_reader(head_dim, k_from_v)
@@ -106,40 +104,34 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
     def body(q, k, v, pos, kn, freq, out, t, s):
         for blk in T.thread_binding(t * q_heads * parts, thread="blockIdx.x"):
             for tid in T.thread_binding(nt, thread="threadIdx.x"):
-                sc = T.alloc_buffer((nt,), F32, scope="shared")
+                sc = T.alloc_buffer((1, nt), F32, scope="shared")
                 acc = T.alloc_buffer((per,), F32, scope="local")
-                run = T.alloc_buffer((3,), F32, scope="local")  # running max, running sum, chunk max
+                run = T.alloc_buffer((4,), F32, scope="local")  # online softmax state
                 dot = T.alloc_buffer((2,), F32, scope="local")  # dot product, score
                 i = blk // (q_heads * parts)
                 h = blk // parts % q_heads
                 p = blk % parts
                 last = pos[t - 1]
                 chunk = T.ceildiv(T.min(last + 1, s), parts)  # only the slots written so far
-                run[0] = T.float32(NEG)
+                run[0] = T.float32(MASKED_SCORE)
                 run[1] = T.float32(0)
                 for r in range(per):
                     acc[r] = T.float32(0)
                 for c in range(T.ceildiv(chunk, nt)):
                     j = p * chunk + c * nt + tid
-                    kp = j + s * T.floordiv(last - j, s)
-                    dot[1] = T.float32(NEG)
-                    if j < s and j < (p + 1) * chunk and j <= last and kp <= pos[i] and (
-                            win == 0 or pos[i] - kp < win):
-                        dot[0] = T.float32(0)
+                    kp = ring_key_position(j, last, s)
+                    dot[1] = T.float32(MASKED_SCORE)
+                    if j < s and j < (p + 1) * chunk and causal_window_visible(j, kp, pos[i], last, window):
+                        dot[1] = T.float32(0)
                         for d in range(head_dim):
-                            dot[0] = dot[0] + q[i, h, d] * key_at(k, v, kn, freq, j, h // group, kp, d)
-                        dot[1] = dot[0] * T.float32(scaling)
-                    sc[tid] = dot[1]
-                    run[2] = run[0]
-                    for u in range(nt):
-                        run[2] = T.max(run[2], sc[u])
-                    run[1] = run[1] * T.exp(run[0] - run[2])
+                            dot[1] = dot[1] + q[i, h, d] * key_at(k, v, kn, freq, j, h // group, kp, d)
+                    sc[0, tid] = dot[1]
+                    online_softmax_update(run, sc, 0, nt)
                     for r in range(per):
-                        acc[r] = acc[r] * T.exp(run[0] - run[2])
-                    run[0] = run[2]
+                        acc[r] = acc[r] * run[3]
                     for u in range(nt):
-                        dot[1] = sc[u]  # a shared load may not sit in a branch condition
-                        if dot[1] > T.float32(NEG / 2):
+                        dot[1] = sc[0, u]  # a shared load may not sit in a branch condition
+                        if unmasked(dot[1]):
                             dot[0] = T.exp(dot[1] - run[0])
                             run[1] = run[1] + dot[0]
                             for r in range(per):
@@ -156,31 +148,30 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
     return _attention_func(body, attrs, q_heads, kv_heads, head_dim, parts, k_from_v)
 
 
-TILE_ROWS = 16  # (query, head) rows of one prefill attention workgroup: 16 rows share each K/V load
-TILE_THREADS = 128
+PREFILL_TILE_ROWS = 16  # (query, head) rows of one prefill attention workgroup: 16 rows share each K/V load
+PREFILL_TILE_THREADS = 128
 
 
 def prefill_chunk_keys(head_dim: int, shared_bytes: int) -> int:
     """Keys per shared-memory chunk of `prefill_attention`: a power of two whose K and V rows plus the
     score tile fit `shared_bytes` (WebGPU's default 16 KiB, 48 KiB on CUDA), at most 32."""
-    per_key = 2 * head_dim * 4 + 2 * TILE_ROWS * 4  # K, V rows; scores, probabilities
-    keys = max(1, min(32, (shared_bytes - TILE_ROWS * 4) // per_key))
+    per_key = 2 * head_dim * 4 + 2 * PREFILL_TILE_ROWS * 4  # K, V rows; scores, probabilities
+    keys = max(1, min(32, (shared_bytes - PREFILL_TILE_ROWS * 4) // per_key))
     return 1 << (keys.bit_length() - 1)
 
 
-def prefill_attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, scaling: float,
-                      name: str, k_from_v: bool = False, shared_bytes: int = 16384) -> tirx.PrimFunc:
-    """`attention` for prefill, tiled over queries: a workgroup takes TILE_ROWS (query, head) rows that
-    share one KV head (the GQA group of a few consecutive queries) and one key range; per chunk of
-    keys it loads K and V into shared memory once for all its rows (the untiled kernel reloads them
-    per query and head), computes the rows × keys scores, updates each row's online softmax
-    (max, denominator, rescale factor) and accumulates P·V, every thread owning a slice of the rows ×
-    head_dim accumulator. Same masks (causal, window, ring slots), same output as `attention`:
-    [T, heads, parts, head_dim + 2] partial results for `attention_merge`."""
-    group, nt, rows = q_heads // kv_heads, TILE_THREADS, TILE_ROWS
+def prefill_attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, name: str,
+                      k_from_v: bool = False, shared_bytes: int = 16384) -> tirx.PrimFunc:
+    """`attention` for prefill, tiled over queries: a workgroup takes PREFILL_TILE_ROWS (query, head)
+    rows that share one KV head (the GQA group of a few consecutive queries) and one key range; per
+    chunk of keys it loads K and V into shared memory once for all its rows (the untiled kernel
+    reloads them per query and head), computes the rows × keys scores, updates each row's online
+    softmax (max, denominator, rescale factor) and accumulates P·V, every thread owning a slice of
+    the rows × head_dim accumulator. Same masks (causal, window, ring slots), same output as
+    `attention`: [T, heads, parts, head_dim + 2] partial results for `attention_merge`."""
+    group, nt, rows = q_heads // kv_heads, PREFILL_TILE_THREADS, PREFILL_TILE_ROWS
     parts = attention_parts(window)
     keys = prefill_chunk_keys(head_dim, shared_bytes)
-    win = window or 0
     per_acc = _ceil(rows * head_dim, nt)
     attrs = _attrs(name)
     key_at = _key_reader(head_dim, k_from_v)
@@ -196,7 +187,7 @@ def prefill_attention(q_heads: int, kv_heads: int, head_dim: int, window: int | 
                 rescale = T.alloc_buffer((rows,), F32, scope="shared")
                 acc = T.alloc_buffer((per_acc,), F32, scope="local")
                 tmp = T.alloc_buffer((2,), F32, scope="local")
-                row = T.alloc_buffer((3,), F32, scope="local")  # thread r < rows: row r's max, denominator, new max
+                row = T.alloc_buffer((4,), F32, scope="local")  # thread r < rows: row r's online softmax state
                 tile = blk // (kv_heads * parts)
                 kvh = blk // parts % kv_heads
                 p = blk % parts
@@ -205,7 +196,7 @@ def prefill_attention(q_heads: int, kv_heads: int, head_dim: int, window: int | 
                 chunk = T.ceildiv(n, parts)
                 for e in range(per_acc):
                     acc[e] = T.float32(0)
-                row[0] = T.float32(NEG)
+                row[0] = T.float32(MASKED_SCORE)
                 row[1] = T.float32(0)
                 for c in range(T.ceildiv(chunk, keys)):
                     for e in range(_ceil(keys * head_dim, nt)):  # K, V chunk → shared
@@ -214,7 +205,7 @@ def prefill_attention(q_heads: int, kv_heads: int, head_dim: int, window: int | 
                             col = (e * nt + tid) % head_dim
                             if slot < n and slot < (p + 1) * chunk:
                                 ks[(e * nt + tid) // head_dim, col] = key_at(
-                                    k, v, kn, freq, slot, kvh, slot + s * T.floordiv(last - slot, s), col)
+                                    k, v, kn, freq, slot, kvh, ring_key_position(slot, last, s), col)
                                 vs[(e * nt + tid) // head_dim, col] = v[slot, kvh, col]
                             else:
                                 ks[(e * nt + tid) // head_dim, col] = T.float32(0)
@@ -225,25 +216,20 @@ def prefill_attention(q_heads: int, kv_heads: int, head_dim: int, window: int | 
                             u = (e * nt + tid) % keys
                             i = (tile * rows + r) // group
                             j = p * chunk + c * keys + u
-                            kp = j + s * T.floordiv(last - j, s)
-                            tmp[1] = T.float32(NEG)
-                            if i < t and j < n and j < (p + 1) * chunk and kp <= pos[i] and (
-                                    win == 0 or pos[i] - kp < win):
-                                tmp[0] = T.float32(0)
+                            kp = ring_key_position(j, last, s)
+                            tmp[1] = T.float32(MASKED_SCORE)
+                            if i < t and j < n and j < (p + 1) * chunk and causal_window_visible(
+                                    j, kp, pos[i], last, window):
+                                tmp[1] = T.float32(0)
                                 for d in range(head_dim):
-                                    tmp[0] = tmp[0] + q[i, kvh * group + (tile * rows + r) % group, d] * ks[u, d]
-                                tmp[1] = tmp[0] * T.float32(scaling)
+                                    tmp[1] = tmp[1] + q[i, kvh * group + (tile * rows + r) % group, d] * ks[u, d]
                             sc[r, u] = tmp[1]
                     if tid < rows:  # online softmax of row tid: new max, rescale, probabilities, denominator
-                        row[2] = row[0]
-                        for u in range(keys):
-                            row[2] = T.max(row[2], sc[tid, u])
-                        rescale[tid] = T.exp(row[0] - row[2])
-                        row[1] = row[1] * T.exp(row[0] - row[2])
-                        row[0] = row[2]
+                        online_softmax_update(row, sc, tid, keys)
+                        rescale[tid] = row[3]
                         for u in range(keys):
                             tmp[1] = sc[tid, u]  # a shared load may not sit in a branch condition
-                            if tmp[1] > T.float32(NEG / 2):
+                            if unmasked(tmp[1]):
                                 tmp[1] = T.exp(tmp[1] - row[0])
                                 row[1] = row[1] + tmp[1]
                             else:
@@ -287,7 +273,7 @@ def attention_merge(q_heads: int, head_dim: int, parts: int, name: str) -> tirx.
                 stat = T.alloc_buffer((3,), F32, scope="local")  # max, denominator, numerator
                 i = blk // q_heads
                 h = blk % q_heads
-                stat[0] = T.float32(NEG)
+                stat[0] = T.float32(MASKED_SCORE)
                 for p in range(parts):
                     stat[0] = T.max(stat[0], part[i, h, p, head_dim])
                 stat[1] = T.float32(0)
@@ -316,10 +302,7 @@ def head_norm_rope(total: int, offset: int, heads: int, head_dim: int, eps: floa
         return value * w[d] if weighted else value
 
     def rotated(src, w, pos, freq, i, h, d, inv):
-        angle = pos[i].astype(F32) * freq[d % half]
-        up, down = (d + half) % head_dim, (d + head_dim - half) % head_dim
-        partner = tirx.if_then_else(d < half, -normed(src, w, i, h, up, inv), normed(src, w, i, h, down, inv))
-        return normed(src, w, i, h, d, inv) * tirx.cos(angle) + partner * tirx.sin(angle)
+        return rope_rotate(lambda e: normed(src, w, i, h, e, inv), pos[i], freq, d, head_dim)
 
     @T.macro
     def body(src, pos, w, freq, out, t):
@@ -338,7 +321,7 @@ def head_norm_rope(total: int, offset: int, heads: int, head_dim: int, eps: floa
                 inv[0] = T.float32(0)
                 for u in range(nt):
                     inv[0] = inv[0] + red[u]
-                inv[0] = T.pow(inv[0] / T.float32(head_dim) + T.float32(eps), T.float32(-0.5))
+                inv[0] = inv_rms(inv[0], head_dim, eps)
                 for r in range(per):
                     if r * nt + tid < head_dim:
                         if rope:
@@ -399,7 +382,7 @@ def cache_write(kv_heads: int, head_dim: int, name: str) -> tirx.PrimFunc:
         for blk in T.thread_binding(T.ceildiv(t * width, THREADS), thread="blockIdx.x"):
             for tid in T.thread_binding(THREADS, thread="threadIdx.x"):
                 if blk * THREADS + tid < t * width:
-                    cache[T.floormod(pos[(blk * THREADS + tid) // width], r), (blk * THREADS + tid) % width // head_dim,
+                    cache[ring_slot(pos[(blk * THREADS + tid) // width], r), (blk * THREADS + tid) % width // head_dim,
                           (blk * THREADS + tid) % head_dim] = new[(blk * THREADS + tid) // width,
                                                                    (blk * THREADS + tid) % width // head_dim,
                                                                    (blk * THREADS + tid) % head_dim]
@@ -407,7 +390,8 @@ def cache_write(kv_heads: int, head_dim: int, name: str) -> tirx.PrimFunc:
 
 
 def router_topk(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
-    """`kernels.router_topk` with one thread per token (experts ≤ a few hundred: a serial scan)."""
+    """`kernels.router_topk` (`kernel_math.route_top_k`) with one thread per token (experts ≤ a few
+    hundred: a serial scan)."""
     attrs = _attrs(name)
     @T.prim_func
     def func(logits_h: T.handle, pes_h: T.handle, idx_h: T.handle, w_h: T.handle):
@@ -419,33 +403,12 @@ def router_topk(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
         w = T.match_buffer(w_h, (t, top_k), F32)
         for blk in T.thread_binding(T.ceildiv(t, THREADS), thread="blockIdx.x"):
             for tid in T.thread_binding(THREADS, thread="threadIdx.x"):
-                taken = T.alloc_buffer((experts,), I32, scope="local")
-                acc = T.alloc_buffer((3,), F32, scope="local")  # max logit, softmax sum, top-k sum
+                probs = T.alloc_buffer((experts,), F32, scope="local")
+                acc = T.alloc_buffer((3,), F32, scope="local")
                 best = T.alloc_buffer((1,), I32, scope="local")
                 i = blk * THREADS + tid
                 if i < t:
-                    acc[0] = T.float32(NEG)
-                    for e in range(experts):
-                        acc[0] = T.max(acc[0], logits[i, e])
-                        taken[e] = 0
-                    acc[1] = T.float32(0)
-                    for e in range(experts):
-                        acc[1] = acc[1] + T.exp(logits[i, e] - acc[0])
-                    acc[2] = T.float32(0)
-                    for j in range(top_k):
-                        best[0] = -1
-                        for e in range(experts):
-                            if taken[e] == 0:
-                                if best[0] < 0:
-                                    best[0] = e
-                                elif logits[i, e] > logits[i, best[0]]:
-                                    best[0] = e
-                        taken[best[0]] = 1
-                        idx[i, j] = best[0]
-                        w[i, j] = T.exp(logits[i, best[0]] - acc[0]) / acc[1]
-                        acc[2] = acc[2] + w[i, j]
-                    for j in range(top_k):
-                        w[i, j] = w[i, j] / acc[2] * pes[idx[i, j]]
+                    route_top_k(logits, pes, idx, w, i, probs, acc, best, experts, top_k)
     return func
 
 
@@ -476,9 +439,10 @@ def moe_gate_up(hidden: int, inter: int, experts: int, top_k: int, name: str, dt
                 sums[1] = T.float32(0)
                 for r in range(_ceil(hidden, nt)):
                     if r * nt + tid < hidden:
-                        sums[0] = sums[0] + x[i, r * nt + tid] * _load(gate_up[idx[i, j], c, r * nt + tid], dtype)
-                        sums[1] = sums[1] + x[i, r * nt + tid] * _load(gate_up[idx[i, j], inter + c, r * nt + tid],
-                                                                       dtype)
+                        sums[0] = sums[0] + x[i, r * nt + tid] * load_weight(
+                            gate_up[idx[i, j], c, r * nt + tid], dtype)
+                        sums[1] = sums[1] + x[i, r * nt + tid] * load_weight(
+                            gate_up[idx[i, j], inter + c, r * nt + tid], dtype)
                 red[0, tid] = sums[0]
                 red[1, tid] = sums[1]
                 if tid == 0:
@@ -487,7 +451,7 @@ def moe_gate_up(hidden: int, inter: int, experts: int, top_k: int, name: str, dt
                     for u in range(nt):
                         sums[0] = sums[0] + red[0, u]
                         sums[1] = sums[1] + red[1, u]
-                    act[i, j, c] = _gelu(sums[0]) * sums[1] * w[i, j]
+                    act[i, j, c] = gelu_tanh(sums[0]) * sums[1] * w[i, j]
     return func
 
 
@@ -514,8 +478,8 @@ def moe_down(hidden: int, inter: int, experts: int, top_k: int, name: str, dtype
                 for j in range(top_k):
                     for r in range(_ceil(inter, nt)):
                         if r * nt + tid < inter:
-                            total[0] = total[0] + act[i, j, r * nt + tid] * _load(down[idx[i, j], o, r * nt + tid],
-                                                                                 dtype)
+                            total[0] = total[0] + act[i, j, r * nt + tid] * load_weight(
+                                down[idx[i, j], o, r * nt + tid], dtype)
                 red[tid] = total[0]
                 if tid == 0:
                     total[0] = T.float32(0)
@@ -526,22 +490,23 @@ def moe_down(hidden: int, inter: int, experts: int, top_k: int, name: str, dtype
 
 
 
-# Grouped MoE for prefill: entries (token, slot) sorted by expert into tiles of MOE_TILE entries of one
-# expert; a workgroup multiplies one tile by MOE_ROWS rows of that expert's weights, chunk by chunk
-# through shared memory, so each weight row is read once per tile instead of once per entry.
-MOE_TILE = 16  # entries per tile
-MOE_ROWS = 32  # weight rows per workgroup
-MOE_K = 32  # reduction chunk held in shared memory
-MOE_THREADS = 128  # thread = (entry, group of 4 rows): 16 × 8
+# The tiled GEMM (`_tiled_gemm`) of prefill linears (`linear_tiled`: tiles of consecutive tokens) and
+# grouped MoE (`moe_align` sorts the (token, slot) entries by expert into tiles of one expert): a
+# workgroup multiplies one tile of GEMM_TILE entries by GEMM_ROWS weight rows, chunk by chunk through
+# shared memory, so each weight row is read once per tile instead of once per entry.
+GEMM_TILE = 16  # entries (tokens, or routed (token, slot) pairs) per tile
+GEMM_ROWS = 32  # weight rows per workgroup
+GEMM_K = 32  # reduction chunk held in shared memory
+GEMM_THREADS = 128  # thread = (entry, group of 4 rows): 16 × 8
 
 
 def moe_align(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
     """Sort the routed entries e = token·top_k + slot by expert into tiles: tile_expert[q] is the expert
-    of tile q (−1 past the last tile), tile_entries[q] its up-to-MOE_TILE entries in token order (−1
+    of tile q (−1 past the last tile), tile_entries[q] its up-to-GEMM_TILE entries in token order (−1
     pads); tile and entry numbers index the [T, top_k] buffers flat. One workgroup; thread x counts
     expert x's entries, then writes its tiles after the tiles of the experts before it. There are at
-    most min(entries, entries / MOE_TILE + experts) tiles."""
-    nt, tile = 256, MOE_TILE
+    most min(entries, entries / GEMM_TILE + experts) tiles."""
+    nt, tile = 256, GEMM_TILE
     attrs = _attrs(name)
 
     @T.prim_func
@@ -592,17 +557,17 @@ def moe_align(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
 
 
 def _grouped_tiles(t, top_k: int, experts: int):
-    return T.min(t * top_k, T.ceildiv(t * top_k, MOE_TILE) + experts)
+    return T.min(t * top_k, T.ceildiv(t * top_k, GEMM_TILE) + experts)
 
 
 def _tiled_gemm(rows: int, depth: int, name: str, dtype: str, mode: str, experts: int = 1, top_k: int = 1):
-    """A GEMM over tiles of MOE_TILE entries: workgroup (tile, row block) multiplies MOE_ROWS weight
-    rows with the tile's entries, both staged in shared memory MOE_K columns at a time; thread
-    (entry u, row group) accumulates MOE_ROWS / 8 rows, so each weight element is read once per tile.
+    """A GEMM over tiles of GEMM_TILE entries: workgroup (tile, row block) multiplies GEMM_ROWS weight
+    rows with the tile's entries, both staged in shared memory GEMM_K columns at a time; thread
+    (entry u, row group) accumulates GEMM_ROWS / 8 rows, so each weight element is read once per tile.
     mode "dense": y[t] = W·x[t] over tiles of consecutive tokens (a prefill linear);
     "gate_up"/"down": `moe_align`'s tiles of one expert's (token, slot) entries e: act[e] =
     gelu(gate·x)·(up·x)·w[e] with x the token's row, or part[e] = down·act[e]."""
-    storage, nt, tile, rt, kc = STORAGE[dtype], MOE_THREADS, MOE_TILE, MOE_ROWS, MOE_K
+    storage, nt, tile, rt, kc = STORAGE[dtype], GEMM_THREADS, GEMM_TILE, GEMM_ROWS, GEMM_K
     mats, per = 2 if mode == "gate_up" else 1, rt // (nt // tile)
     row_tiles, chunks = _ceil(rows, rt), _ceil(depth, kc)
     assert tile * kc % nt == 0 and rt * kc % nt == 0
@@ -653,7 +618,8 @@ def _tiled_gemm(rows: int, depth: int, name: str, dtype: str, mode: str, experts
                         row = r0 + (i * nt + tid) // kc % rt
                         col = k * kc + (i * nt + tid) % kc
                         if row < rows and col < depth:
-                            ws[m, row - r0, (i * nt + tid) % kc] = _load(weight_at(weight, ex, m, row, col), dtype)
+                            ws[m, row - r0, (i * nt + tid) % kc] = load_weight(
+                                weight_at(weight, ex, m, row, col), dtype)
                         else:
                             ws[m, row - r0, (i * nt + tid) % kc] = T.float32(0)
                     for d in range(kc):
@@ -667,7 +633,7 @@ def _tiled_gemm(rows: int, depth: int, name: str, dtype: str, mode: str, experts
                             out[ent, r0 + tid // tile * per + r] = acc[0, r]
                         elif mode == "gate_up":
                             out[ent // top_k, ent % top_k, r0 + tid // tile * per + r] = (
-                                _gelu(acc[0, r]) * acc[mats - 1, r] * w[ent // top_k, ent % top_k])
+                                gelu_tanh(acc[0, r]) * acc[mats - 1, r] * w[ent // top_k, ent % top_k])
                         else:
                             out[ent // top_k, ent % top_k, r0 + tid // tile * per + r] = acc[0, r]
 
@@ -710,8 +676,8 @@ def _tiled_gemm(rows: int, depth: int, name: str, dtype: str, mode: str, experts
 
 
 def linear_tiled(k: int, n: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
-    """`kernels.linear` as a shared-memory tiled GEMM (`_tiled_gemm`, tiles of MOE_TILE tokens ×
-    MOE_ROWS rows): prefill linears where dlight's Matmul rule is not used (Metal)."""
+    """`kernels.linear` as a shared-memory tiled GEMM (`_tiled_gemm`, tiles of GEMM_TILE tokens ×
+    GEMM_ROWS rows): prefill linears where dlight's Matmul rule is not used (Metal)."""
     return _tiled_gemm(n, k, name, dtype, "dense")
 
 
@@ -768,7 +734,7 @@ def embed_rows(lo: int, rows: int, hidden: int, name: str, dtype: str = "float32
             for tid in T.thread_binding(nt, thread="threadIdx.x"):
                 for r in range(_ceil(hidden, nt)):
                     if r * nt + tid < hidden and lo <= ids[blk] and ids[blk] < lo + rows:
-                        out[blk, r * nt + tid] = _load(table[ids[blk] - lo, r * nt + tid], dtype)
+                        out[blk, r * nt + tid] = load_weight(table[ids[blk] - lo, r * nt + tid], dtype)
     return func
 
 

@@ -3,7 +3,9 @@
 Each function returns a `tirx.PrimFunc` for one static configuration (widths, heads, head_dim, eps,
 RoPE, window...) with a symbolic token count T (and symbolic cache length S), so one build serves
 every prompt length. Kernels are destination-passing: the last parameters are outputs, except
-`cache_write`, which updates the cache buffer in place. All arithmetic is fp32.
+`cache_write`, which updates the cache buffer in place. All arithmetic is fp32. The math these
+kernels share with the GPU kernels (RoPE, ring slots and masks, the router...) lives in
+`g4c.codegen.kernel_math`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import math
 from tvm import te, tirx
 from tvm.script import tirx as T_
 
-F32 = "float32"
+from g4c.codegen.kernel_math import (F32, MASKED_SCORE, STORAGE, causal_window_visible, gelu_tanh, inv_rms,
+                                     load_weight, ring_key_position, ring_slot, rope_rotate, route_top_k)
+
 I64 = "int64"
 
 
@@ -41,22 +45,12 @@ def _prim(args, name: str) -> tirx.PrimFunc:
     return te.create_prim_func(args).with_attr("global_symbol", name)
 
 
-# Weight storage: fp32, fp16, or bf16 carried as its uint16 bit pattern (numpy/DLPack have no bf16).
-STORAGE = {"float32": F32, "float16": "float16", "bfloat16": "uint16"}
-
-
-def _load(value, dtype: str):
-    """A stored weight element as fp32 (bf16: the upper half of an fp32 bit pattern)."""
-    if dtype == "bfloat16":
-        return tirx.reinterpret(F32, value.astype("uint32") << tirx.const(16, "uint32"))
-    return value.astype(F32) if dtype != "float32" else value
-
-
-def embed(vocab: int, hidden: int, scale: float, name: str, dtype: str = "float32") -> tirx.PrimFunc:
+def embed(vocab: int, hidden: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
+    """out[i] = table[ids[i]] as fp32 (Gemma's √hidden embedding scale is applied by a later op)."""
     t = _t()
     table = te.placeholder((vocab, hidden), STORAGE[dtype], name="table")
     ids = te.placeholder((t,), _INDEX.get(), name="ids")
-    out = te.compute((t, hidden), lambda i, j: _load(table[ids[i], j], dtype) * tirx.const(scale, F32), name="out")
+    out = te.compute((t, hidden), lambda i, j: load_weight(table[ids[i], j], dtype), name="out")
     return _prim([table, ids, out], name)
 
 
@@ -67,7 +61,7 @@ def linear(k: int, n: int, name: str, dtype: str = "float32", rows: int | None =
     x = te.placeholder((t, k), F32, name="x")
     w = te.placeholder((n, k), STORAGE[dtype], name="w")
     r = te.reduce_axis((0, k), name="k")
-    y = te.compute((t, n), lambda i, j: te.sum(x[i, r] * _load(w[j, r], dtype), axis=r), name="y")
+    y = te.compute((t, n), lambda i, j: te.sum(x[i, r] * load_weight(w[j, r], dtype), axis=r), name="y")
     return _prim([x, w, y], name)
 
 
@@ -75,8 +69,7 @@ def _rms(x, rows_shape, dim: int, eps: float, index):
     """(mean(x²) + eps)^-0.5 per row, as a TE tensor over `rows_shape`."""
     r = te.reduce_axis((0, dim), name="d")
     sq = te.compute(rows_shape, lambda *i: te.sum(index(x, i, r) * index(x, i, r), axis=r), name="sq")
-    return te.compute(rows_shape, lambda *i: tirx.power(sq[i] / tirx.const(dim, F32) + tirx.const(eps, F32),
-                                                        tirx.const(-0.5, F32)), name="inv_rms")
+    return te.compute(rows_shape, lambda *i: inv_rms(sq[i], dim, eps), name="inv_rms")
 
 
 def rms_norm(dim: int, eps: float, weighted: bool, name: str) -> tirx.PrimFunc:
@@ -126,13 +119,8 @@ def head_norm_rope(total: int, offset: int, heads: int, head_dim: int, eps: floa
         return _prim(args + [out], name)
     inv_freq = te.placeholder((half,), F32, name="inv_freq")
     args.append(inv_freq)
-
-    def rotated(i, h, d):
-        angle = pos[i].astype(F32) * inv_freq[tirx.floormod(d, half)]
-        partner = tirx.if_then_else(d < half, -normed[i, h, d + half], normed[i, h, d - half])
-        return normed[i, h, d] * tirx.cos(angle) + partner * tirx.sin(angle)
-
-    out = te.compute((t, heads, head_dim), rotated, name="out")
+    out = te.compute((t, heads, head_dim), lambda i, h, d: rope_rotate(
+        lambda e: normed[i, h, e], pos[i], inv_freq, d, head_dim), name="out")
     return _prim(args + [out], name)
 
 
@@ -148,15 +136,16 @@ def cache_write(kv_heads: int, head_dim: int, name: str) -> tirx.PrimFunc:
         new = T_.match_buffer(new_h, (t, kv_heads, head_dim), F32)
         pos = T_.match_buffer(pos_h, (t,), I64)
         for i, h, d in T_.grid(t, kv_heads, head_dim):
-            cache[T_.floormod(pos[i], r), h, d] = new[i, h, d]
+            cache[ring_slot(pos[i], r), h, d] = new[i, h, d]
     return func
 
 
-def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, scaling: float,
-              name: str, k_from_v: bool = False) -> tirx.PrimFunc:
-    """Causal GQA attention of T queries over a cache view of S slots. The cache holds positions
-    `0 .. L-1` (L = positions[T-1] + 1) either directly (full: slot = position, S = L) or as a ring of
-    S slots (slot s holds the newest position p ≤ L-1 with p ≡ s mod S); one formula covers both.
+def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, name: str,
+              k_from_v: bool = False) -> tirx.PrimFunc:
+    """Causal GQA attention of T queries over a cache view of S slots, unscaled (Gemma 4's q·k scaling
+    is 1.0). The cache holds positions `0 .. L-1` (L = positions[T-1] + 1) either directly (full:
+    slot = position, S = L) or as a ring of S slots (slot s holds the newest position p ≤ L-1 with
+    p ≡ s mod S); one formula (`kernel_math.ring_key_position`) covers both.
 
     `k_from_v` (k_eq_v global layers): only V is cached and K is rebuilt as rope(V * k_norm) at each
     key's position — exact, since both come from the same normalised raw projection."""
@@ -168,38 +157,28 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, sc
     last = pos[t - 1]
 
     def key_pos(j):
-        return j + s * tirx.floordiv(last - j, s)
+        return ring_key_position(j, last, s)
 
     if k_from_v:
-        half = head_dim // 2
         k_norm = te.placeholder((head_dim,), F32, name="k_norm")
-        inv_freq = te.placeholder((half,), F32, name="inv_freq")
+        inv_freq = te.placeholder((head_dim // 2,), F32, name="inv_freq")
         scaled = te.compute((s, kv_heads, head_dim), lambda j, h, e: vc[j, h, e] * k_norm[e], name="k_unrotated")
-
-        def rebuilt(j, h, e):
-            angle = key_pos(j).astype(F32) * inv_freq[tirx.floormod(e, half)]
-            partner = tirx.if_then_else(e < half, -scaled[j, h, e + half], scaled[j, h, e - half])
-            return scaled[j, h, e] * tirx.cos(angle) + partner * tirx.sin(angle)
-
-        kc = te.compute((s, kv_heads, head_dim), rebuilt, name="k_cache")
+        kc = te.compute((s, kv_heads, head_dim), lambda j, h, e: rope_rotate(
+            lambda x: scaled[j, h, x], key_pos(j), inv_freq, e, head_dim), name="k_cache")
         inputs = [q, vc, pos, k_norm, inv_freq]
     else:
         kc = te.placeholder((s, kv_heads, head_dim), F32, name="k_cache")
         inputs = [q, kc, vc, pos]
 
     def visible(i, j):
-        kp = key_pos(j)
-        ok = tirx.all(j <= last, kp <= pos[i])
-        if window is not None:
-            ok = tirx.all(ok, pos[i] - kp < window)
-        return ok
+        return causal_window_visible(j, key_pos(j), pos[i], last, window)
 
     d = te.reduce_axis((0, head_dim), name="d")
-    neg = tirx.const(-3.0e38, F32)
+    neg = tirx.const(MASKED_SCORE, F32)
     dots = te.compute((t, q_heads, s), lambda i, h, j: te.sum(q[i, h, d] * kc[j, h // group, d], axis=d),
                       name="dots")
     scores = te.compute((t, q_heads, s), lambda i, h, j: tirx.if_then_else(
-        visible(i, j), dots[i, h, j] * tirx.const(scaling, F32), neg), name="scores")
+        visible(i, j), dots[i, h, j], neg), name="scores")
     j1 = te.reduce_axis((0, s), name="j1")
     mx = te.compute((t, q_heads), lambda i, h: te.max(scores[i, h, j1], axis=j1), name="mx")
     ex = te.compute((t, q_heads, s), lambda i, h, j: tirx.if_then_else(
@@ -226,13 +205,8 @@ def gelu_mul(inter: int, name: str) -> tirx.PrimFunc:
     """gelu_tanh(h[:, :I]) * h[:, I:] for a fused gate/up projection h [T, 2I]."""
     t = _t()
     h = te.placeholder((t, 2 * inter), F32, name="h")
-    out = te.compute((t, inter), lambda i, j: _gelu(h[i, j]) * h[i, j + inter], name="out")
+    out = te.compute((t, inter), lambda i, j: gelu_tanh(h[i, j]) * h[i, j + inter], name="out")
     return _prim([h, out], name)
-
-
-def _gelu(x):
-    c = tirx.const(math.sqrt(2.0 / math.pi), F32)
-    return tirx.const(0.5, F32) * x * (tirx.const(1.0, F32) + tirx.tanh(c * (x + tirx.const(0.044715, F32) * x * x * x)))
 
 
 def scale_rows(dim: int, name: str) -> tirx.PrimFunc:
@@ -281,7 +255,7 @@ def ple_gate(layers: int, dim: int, index: int, name: str) -> tirx.PrimFunc:
     t = _t()
     g = te.placeholder((t, dim), F32, name="g")
     ple = te.placeholder((t, layers * dim), F32, name="ple")
-    out = te.compute((t, dim), lambda i, j: _gelu(g[i, j]) * ple[i, index * dim + j], name="out")
+    out = te.compute((t, dim), lambda i, j: gelu_tanh(g[i, j]) * ple[i, index * dim + j], name="out")
     return _prim([g, ple, out], name)
 
 
@@ -296,7 +270,8 @@ def router_input(dim: int, eps: float, input_scale: float, name: str) -> tirx.Pr
 
 
 def router_topk(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
-    """softmax over experts, the top-k (first index wins ties), renormalised, times per_expert_scale."""
+    """softmax over experts, the top-k (first index wins ties), renormalised, times per_expert_scale
+    (`kernel_math.route_top_k`), token by token."""
     @T_.prim_func
     def func(logits_h: T_.handle, pes_h: T_.handle, idx_h: T_.handle, w_h: T_.handle):
         T_.func_attr({"global_symbol": name, "tirx.noalias": True})
@@ -306,35 +281,10 @@ def router_topk(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
         idx = T_.match_buffer(idx_h, (t, top_k), I64)
         w = T_.match_buffer(w_h, (t, top_k), F32)
         probs = T_.alloc_buffer((experts,), F32)
-        taken = T_.alloc_buffer((experts,), "int32")
         acc = T_.alloc_buffer((3,), F32)
         best = T_.alloc_buffer((1,), I64)
         for i in range(t):
-            acc[0] = T_.float32(-3.0e38)
-            for e in range(experts):
-                acc[0] = T_.max(acc[0], logits[i, e])
-                taken[e] = 0
-            acc[1] = T_.float32(0)
-            for e in range(experts):
-                probs[e] = T_.exp(logits[i, e] - acc[0])
-                acc[1] = acc[1] + probs[e]
-            for e in range(experts):
-                probs[e] = probs[e] / acc[1]
-            acc[2] = T_.float32(0)
-            for j in range(top_k):
-                best[0] = T_.int64(-1)
-                for e in range(experts):
-                    if taken[e] == 0:
-                        if best[0] < 0:
-                            best[0] = e
-                        elif probs[e] > probs[best[0]]:
-                            best[0] = e
-                taken[best[0]] = 1
-                idx[i, j] = best[0]
-                w[i, j] = probs[best[0]]
-                acc[2] = acc[2] + probs[best[0]]
-            for j in range(top_k):
-                w[i, j] = w[i, j] / acc[2] * pes[idx[i, j]]
+            route_top_k(logits, pes, idx, w, i, probs, acc, best, experts, top_k)
     return func
 
 
@@ -377,14 +327,14 @@ def moe_experts(hidden: int, inter: int, experts: int, top_k: int, name: str, dt
                                 acc[lane] = T_.float32(0)
                             for k in range(hidden // lanes_h):
                                 for lane in T_.vectorized(lanes_h):
-                                    acc[lane] = acc[lane] + x[i, k * lanes_h + lane] * _load(
+                                    acc[lane] = acc[lane] + x[i, k * lanes_h + lane] * load_weight(
                                         gate_up[e, c, k * lanes_h + lane], dtype)
-                                    acc[lanes_h + lane] = acc[lanes_h + lane] + x[i, k * lanes_h + lane] * _load(
+                                    acc[lanes_h + lane] = acc[lanes_h + lane] + x[i, k * lanes_h + lane] * load_weight(
                                         gate_up[e, inter + c, k * lanes_h + lane], dtype)
                             for lane in range(1, lanes_h):
                                 acc[0] = acc[0] + acc[lane]
                                 acc[lanes_h] = acc[lanes_h] + acc[lanes_h + lane]
-                            act[i, j, c] = _gelu(acc[0]) * acc[lanes_h] * w[i, j]
+                            act[i, j, c] = gelu_tanh(acc[0]) * acc[lanes_h] * w[i, j]
         for task in T_.parallel((hidden // rows_h) * experts):
             acc2 = T_.decl_buffer((lanes_i,), F32, scope="local")
             e = task % experts
@@ -397,7 +347,7 @@ def moe_experts(hidden: int, inter: int, experts: int, top_k: int, name: str, dt
                                 acc2[lane] = T_.float32(0)
                             for k in range(inter // lanes_i):
                                 for lane in T_.vectorized(lanes_i):
-                                    acc2[lane] = acc2[lane] + act[i, j, k * lanes_i + lane] * _load(
+                                    acc2[lane] = acc2[lane] + act[i, j, k * lanes_i + lane] * load_weight(
                                         down[e, o, k * lanes_i + lane], dtype)
                             for lane in range(1, lanes_i):
                                 acc2[0] = acc2[0] + acc2[lane]

@@ -1,0 +1,132 @@
+"""The math the CPU kernels (`g4c.codegen.kernels`) and the GPU kernels (`g4c.codegen.gpu_kernels`)
+share, written once: weight loads, GELU, the RMS scale, rotate_half RoPE, the KV-cache ring slots and
+attention mask, the online softmax update and the router's softmax top-k.
+
+Expression builders take and return TIR expressions, so they serve TE `compute` lambdas and
+TVMScript bodies alike (a TVMScript kernel calls them like any Python function). The two multi-
+statement helpers (`online_softmax_update`, `route_top_k`) are TVMScript macros, expanded in place
+in the kernel that calls them; their scratch buffers are the caller's, so each target picks their
+scope. All arithmetic is fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+F32 = "float32"
+
+# Weight storage: fp32, fp16, or bf16 carried as its uint16 bit pattern (numpy/DLPack have no bf16).
+STORAGE = {"float32": F32, "float16": "float16", "bfloat16": "uint16"}
+
+MASKED_SCORE = -3.0e38  # the score of a masked key; also the initial running max of a softmax
+
+
+def load_weight(value, dtype: str):
+    """A stored weight element `value` (storage dtype `STORAGE[dtype]`) as fp32; bf16 is the upper
+    half of an fp32 bit pattern."""
+    if dtype == "bfloat16":
+        return tirx.reinterpret(F32, value.astype("uint32") << tirx.const(16, "uint32"))
+    return value.astype(F32) if dtype != "float32" else value
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
+    c, k = tirx.const(math.sqrt(2.0 / math.pi), F32), tirx.const(0.044715, F32)
+    return tirx.const(0.5, F32) * x * (tirx.const(1.0, F32) + tirx.tanh(c * (x + k * x * x * x)))
+
+
+def inv_rms(sum_squares, dim: int, eps: float):
+    """(Σx² / dim + eps)^-0.5: the RMS-norm scale of a row of `dim` elements."""
+    return tirx.power(sum_squares / tirx.const(dim, F32) + tirx.const(eps, F32), tirx.const(-0.5, F32))
+
+
+def rope_rotate(element, position, inv_freq, d, head_dim: int):
+    """Element `d` of a head rotated by rotate_half RoPE at `position`:
+    x[d]·cos θ + partner·sin θ with θ = position · inv_freq[d mod half], partner = −x[d + half] in the
+    first half and x[d − half] in the second. `element(e)` gives the unrotated x[e]; the partner
+    index is (d + half) mod head_dim, which is both, so neither branch reads out of bounds."""
+    assert head_dim % 2 == 0, "rotate_half RoPE pairs the two halves of a head"
+    half = head_dim // 2
+    angle = position.astype(F32) * inv_freq[tirx.floormod(d, half)]
+    other = tirx.floormod(d + half, head_dim)
+    partner = tirx.if_then_else(d < half, -element(other), element(other))
+    return element(d) * tirx.cos(angle) + partner * tirx.sin(angle)
+
+
+def ring_slot(position, slots):
+    """The cache slot of `position` in a cache of `slots` slots: position mod slots. A ring buffer
+    keeps the newest positions; a full cache has more slots than positions, so the slot is the
+    position itself."""
+    return tirx.floormod(position, slots)
+
+
+def ring_key_position(slot, last, slots):
+    """The position held by `slot` of a cache view of `slots` slots holding positions 0..last: the
+    newest p ≤ last with p ≡ slot (mod slots), i.e. the inverse of `ring_slot`; for a full cache
+    (slots > last) the slot itself. Valid for written slots (slot ≤ last)."""
+    return slot + slots * tirx.floordiv(last - slot, slots)
+
+
+def causal_window_visible(slot, key_position, query_position, last, window: int | None):
+    """Whether the key in `slot` (at `key_position`, see `ring_key_position`) is visible to the query
+    at `query_position`: the slot is written (slot ≤ last), causal (key ≤ query) and, for a sliding
+    layer, within `window` positions back."""
+    visible = tirx.all(slot <= last, key_position <= query_position)
+    if window:
+        visible = tirx.all(visible, query_position - key_position < window)
+    return visible
+
+
+def unmasked(score):
+    """Whether a score is a real key's (masked keys score `MASKED_SCORE`)."""
+    return score > tirx.const(MASKED_SCORE / 2, F32)
+
+
+@T.macro
+def online_softmax_update(stat, scores, row, keys):
+    """One chunk of an online softmax: `stat` (4 fp32) holds the running max [0] and denominator [1]
+    over the chunks seen so far; the chunk's scores are scores[row, 0:keys]. Sets stat[2] to the new
+    max and stat[3] to e^(old max − new max), rescales the denominator and moves the max. The caller
+    then rescales its accumulators by stat[3] and adds the chunk's probabilities e^(score − stat[0])
+    of its `unmasked` scores to stat[1] and its accumulators."""
+    stat[2] = stat[0]
+    for u in range(keys):
+        stat[2] = T.max(stat[2], scores[row, u])
+    stat[3] = T.exp(stat[0] - stat[2])
+    stat[1] = stat[1] * stat[3]
+    stat[0] = stat[2]
+
+
+@T.macro
+def route_top_k(logits, pes, idx, w, i, probs, acc, best, experts, top_k):
+    """Route token i: softmax over the `experts` logits[i], the top_k probabilities (first index wins
+    ties) renormalised to sum 1, times per_expert_scale `pes`, into idx[i] / w[i]. Scratch: probs
+    (experts fp32; a taken expert is marked −1), acc (3 fp32: max logit, softmax sum, top-k sum),
+    best (1 index)."""
+    acc[0] = T.float32(MASKED_SCORE)
+    for e in range(experts):
+        acc[0] = T.max(acc[0], logits[i, e])
+    acc[1] = T.float32(0)
+    for e in range(experts):
+        probs[e] = T.exp(logits[i, e] - acc[0])
+        acc[1] = acc[1] + probs[e]
+    for e in range(experts):
+        probs[e] = probs[e] / acc[1]
+    acc[2] = T.float32(0)
+    for j in range(top_k):
+        best[0] = -1
+        for e in range(experts):
+            if probs[e] >= T.float32(0):
+                if best[0] < 0:
+                    best[0] = e
+                elif probs[e] > probs[best[0]]:
+                    best[0] = e
+        idx[i, j] = best[0]
+        w[i, j] = probs[best[0]]
+        acc[2] = acc[2] + probs[best[0]]
+        probs[best[0]] = T.float32(-1)
+    for j in range(top_k):
+        w[i, j] = w[i, j] / acc[2] * pes[idx[i, j]]
