@@ -85,4 +85,5 @@ case "$cmd" in
 esac
 export QEMU_CPU="${QEMU_CPU:-cortex-a76}" QEMU_LD_PREFIX="$SYSROOT"
 export PYTHONPATH="$SITE/.g4c:$SITE" PYTHONHOME="$SYSROOT/usr" G4C_TVM_RUNTIME="$SITE/.lib/libtvm_runtime.so"
-exec qemu-aarch64 -L "$SYSROOT" "$SYSROOT/usr/bin/python$PY" "$@"
+# -P: the working directory (a checkout, whose g4c/ lacks the mapped subpackages) is not on sys.path
+exec qemu-aarch64 -L "$SYSROOT" "$SYSROOT/usr/bin/python$PY" -P "$@"

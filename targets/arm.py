@@ -66,4 +66,5 @@ class ArmTarget(RelaxVMTarget):
         return Requirements(machines=("aarch64", "arm64"))
 
 
-KIND = TargetKind("arm", ArmTarget, "AArch64 cores, cross-compiled", tuple(PROFILES), DEFAULT_PROFILE, order=1)
+KIND = TargetKind("arm", ArmTarget, "AArch64 cores, cross-compiled", tuple(PROFILES), DEFAULT_PROFILE, order=1,
+                  title="ARM")

@@ -42,6 +42,7 @@ class Requirements:
     runtime_libraries: tuple[str, ...] = ("libtvm_runtime.so",)
     machines: tuple[str, ...] = ()  # platform.machine() values the code runs on (): this build machine's kind
     system: str | None = None
+    platform: str | None = None  # how messages describe where it runs ("macOS, Metal")
     prepare: str | None = None
 
 

@@ -125,7 +125,7 @@ class CudaTarget(GpuTarget):
 
 
 KIND = TargetKind("cuda", CudaTarget, "NVIDIA GPUs; fatbin built with nvcc", ARCHS, DEFAULT_ARCH,
-                  profile_option="arch", order=3)
+                  profile_option="arch", order=3, title="CUDA")
 
 
 def kernel_launches(mod) -> dict[str, int]:

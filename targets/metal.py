@@ -64,8 +64,9 @@ class MetalTarget(GpuTarget):
     def requirements(self) -> Requirements:
         return Requirements(library="kernels.dylib", device="metal", device_type=8,
                             runtime_libraries=("libtvm_runtime.dylib",),  # TVM's macOS wheel: Metal built in
-                            machines=("arm64",), system="Darwin", prepare="run link.sh in it on the Mac first")
+                            machines=("arm64",), system="Darwin", platform="macOS, Metal",
+                            prepare="run link.sh in it on the Mac first")
 
 
 KIND = TargetKind("metal", MetalTarget, "Apple GPUs; MSL + arm64-macOS objects, linked on the Mac",
-                  tuple(PROFILES), DEFAULT_PROFILE, order=4)
+                  tuple(PROFILES), DEFAULT_PROFILE, order=4, title="Metal")

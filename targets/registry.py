@@ -26,6 +26,7 @@ class TargetKind:
     profile_option: str | None = None  # a CLI option that also names the profile (e.g. "arch")
     order: int = 100  # position in listings
     host: bool = False  # the CPU of the machine g4c runs on
+    title: str = ""  # how messages name the kind ("CUDA")
 
     def help(self) -> str:
         if not self.profiles:
@@ -56,7 +57,6 @@ def target_names() -> list[str]:
             for k in target_kinds().values()]
 
 
-@functools.cache
 def get_target(name: str):
     """`kind` (its default profile) or `kind:profile`; unknown names are one clear error."""
     kind, _, profile = name.partition(":")
@@ -66,7 +66,8 @@ def get_target(name: str):
     profile = profile or spec.default
     if spec.profiles and profile not in spec.profiles:
         what = spec.profile_option or "profile"
-        raise G4CError(f"unknown {spec.kind} {what} {profile!r}: available are {', '.join(spec.profiles)}")
+        raise G4CError(f"unknown {spec.title or spec.kind} {what} {profile!r}: available {what}s are "
+                       f"{', '.join(spec.profiles)}")
     return spec.make(profile)
 
 

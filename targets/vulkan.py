@@ -85,4 +85,5 @@ class VulkanTarget(GpuTarget):
         return True  # wgpu finds a Vulkan device or says why not
 
 
-KIND = TargetKind("vulkan", VulkanTarget, "WGSL run through wgpu", tuple(PROFILES), DEFAULT_PROFILE, order=2)
+KIND = TargetKind("vulkan", VulkanTarget, "WGSL run through wgpu", tuple(PROFILES), DEFAULT_PROFILE, order=2,
+                  title="Vulkan")

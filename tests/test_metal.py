@@ -34,10 +34,12 @@ def test_metal_artifact_has_msl_for_every_kernel(metal_artifact):
     entries = set(re.findall(r"kernel void (\w+)\(", msl))
     for kernel in manifest["kernels"]:
         assert f"{kernel}_kernel" in entries, kernel
-    for kind in ("moe_gate_up", "moe_gate_up_grouped", "moe_align", "prefill_attention", "linear_tiled", "gemv"):
-        assert any(k.startswith(kind) for k in manifest["kernels"]), kind
-    prefill = {s["kernel"] for s in manifest["programs"]["prefill"]["steps"]}
-    assert not any(k.startswith(("linear_", "gemv")) and not k.startswith("linear_tiled") for k in prefill)
+    specs = manifest["kernels"]
+    ops = {spec["op"] for spec in specs.values()}
+    assert {"moe_gate_up", "moe_gate_up_grouped", "moe_align", "prefill_attention_split", "linear_tiled"} <= ops
+    assert any(spec["op"] == "linear" and spec["rows"] == 1 for spec in specs.values())  # decode GEMVs
+    prefill = {specs[s["kernel"]]["op"] for s in manifest["programs"]["prefill"]["steps"] if s["kernel"] in specs}
+    assert "linear_tiled" in prefill and "linear" not in prefill
 
 
 def test_metal_package_is_arm64_macos_objects_and_a_link_script(metal_artifact):

@@ -14,9 +14,9 @@ from conftest import PROMPT, compile_families
 from hf_reference import reference_greedy, reference_logits
 
 from g4c.cli import main
-from g4c.codegen.build import compile_model
+from g4c.compiler import compile_model
 from g4c.model import load_model
-from g4c.runtime.artifact import load
+from g4c.runtime import load
 
 FAMILIES = ["e", "moe", "dense"]
 os.environ.setdefault("WGPU_BACKEND_TYPE", "Vulkan")
@@ -45,7 +45,7 @@ def vulkan_artifacts(checkpoints, tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_vulkan_logits_and_greedy_match_transformers(family, vulkan_artifacts, references):
     session = load(vulkan_artifacts[family])
-    assert "Vulkan" in session.device_name
+    assert "Vulkan" in session.executor.device_name
     logits = session.prefill(PROMPT, all_logits=True)
     assert np.abs(logits - reference_logits(references[family], PROMPT)).max() <= 1e-4
     session.reset()
@@ -69,8 +69,9 @@ def test_vulkan_artifact_holds_wgsl_and_launches(vulkan_artifacts):
     entries = {x["kernel"] for group in manifest["launches"].values() for x in group}
     assert entries == set(re.findall(r"^fn (\w+)\(", source, re.MULTILINE))
     assert "i64" not in source and "@workgroup_size" in source
-    for kind in ("moe_gate_up", "moe_down", "router_topk", "attention", "heads", "cache_write", "linear"):
-        assert any(k.startswith(kind) for k in manifest["kernels"]), kind
+    ops = {spec["op"] for spec in manifest["kernels"].values()}
+    assert {"moe_gate_up", "moe_down", "router_topk", "attention_split", "head_norm_rope", "cache_write",
+            "linear"} <= ops
 
 
 def test_grids_wider_than_the_dispatch_limit_fold_into_z():
@@ -78,17 +79,16 @@ def test_grids_wider_than_the_dispatch_limit_fold_into_z():
     and the kernel skips the padding blocks past packGridDimX."""
     import wgpu
 
-    from g4c.codegen import kernels as K
     from g4c.codegen import wgsl
-    from g4c.runtime.wgpu_session import Kernels, split_source, workgroups
-    from g4c.targets.vulkan import vulkan_target
+    from g4c.codegen.spec import KernelSpec
+    from g4c.artifact import split_source
+    from g4c.runtime.wgpu_executor import Kernels, workgroups
+    from g4c.targets.registry import get_target
 
     assert workgroups(70000, 1) == ((65535, 1, 2), 69999)
     assert workgroups(100, 3) == ((100, 3, 1), 99)
-    target = vulkan_target()
-    with K.index_dtype("int32"):
-        func = K.add(256, "add_256")
-    source, launches = wgsl.build({"add_256": target.schedule("add_256", func)}, target.tvm_target())
+    target = get_target("vulkan")
+    source, launches = wgsl.build({"add_256": target.kernel(KernelSpec.of("add", dim=256))}, target.tvm_target())
     (launch,) = launches["add_256"]
     rows = 70000 * 256 // launch.threads[0]
     a = np.random.default_rng(0).standard_normal((rows, 256), dtype=np.float32)
@@ -110,7 +110,7 @@ def test_grids_wider_than_the_dispatch_limit_fold_into_z():
 
 
 def wgsl_width(launch, rows: int) -> int:
-    from g4c.runtime.wgpu_session import evaluate
+    from g4c.runtime.wgpu_executor import evaluate
 
     return evaluate(launch.grid[0], [rows])
 
@@ -185,11 +185,13 @@ def _run_kernels(funcs: dict, calls: list[tuple[str, list[np.ndarray]]], outputs
     import wgpu
 
     from g4c.codegen import wgsl
-    from g4c.runtime.wgpu_session import Kernels, split_source
-    from g4c.targets.vulkan import vulkan_target
+    from g4c.artifact import split_source
+    from g4c.runtime.wgpu_executor import Kernels
+    from g4c.targets.gpu import gpu_schedule
+    from g4c.targets.registry import get_target
 
-    target = vulkan_target()
-    source, launches = wgsl.build({n: target.schedule(n, f) for n, f in funcs.items()}, target.tvm_target())
+    target = get_target("vulkan").tvm_target()
+    source, launches = wgsl.build({n: gpu_schedule(target, n, f) for n, f in funcs.items()}, target)
     device = _adapter().request_device_sync()
     usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
     made = {k: (device.create_buffer(size=4 * int(np.prod(s)), usage=usage), s, 4) for k, s in outputs.items()}
@@ -241,8 +243,8 @@ def test_gpu_attention_kernels_over_many_key_chunks(window):
     q_pos = np.arange(start, last + 1, dtype=np.int32)
     parts = G.attention_parts(window)
     assert G.prefill_chunk_keys(dim, 16384) == 4
-    funcs = {"prefill": G.prefill_attention(heads, kv_heads, dim, window, 1.0, "prefill"),
-             "decode": G.attention(heads, kv_heads, dim, window, 1.0, "decode"),
+    funcs = {"prefill": G.prefill_attention(heads, kv_heads, dim, window, "prefill"),
+             "decode": G.attention(heads, kv_heads, dim, window, "decode"),
              "merge": G.attention_merge(heads, dim, parts, "merge")}
     calls = [("prefill", [q, cache_k, cache_v, q_pos, 0]), ("merge", [0, 1]),
              ("decode", [q[-1:], cache_k, cache_v, q_pos[-1:], 2]), ("merge", [2, 3])]
@@ -273,11 +275,11 @@ def test_grouped_moe_kernels_match_numpy():
              "combine": G.moe_combine(hidden, top_k, "combine")}
     calls = [("align", [idx, 0, 1]), ("gate_up", [x, w, gate_up, 0, 1, 2]), ("down", [2, down, 0, 1, 3]),
              ("combine", [3, 4])]
-    shapes = {0: (t, top_k), 1: (t, top_k, G.MOE_TILE), 2: (t, top_k, inter), 3: (t, top_k, hidden), 4: (t, hidden)}
+    shapes = {0: (t, top_k), 1: (t, top_k, G.GEMM_TILE), 2: (t, top_k, inter), 3: (t, top_k, hidden), 4: (t, hidden)}
     tile_expert, _, act, _, out = _run_kernels(funcs, calls, shapes)
     tiles = tile_expert.view(np.int32).reshape(-1)
     counts = np.bincount(idx.reshape(-1), minlength=experts)
-    assert list(tiles[tiles >= 0]) == [e for e in range(experts) for _ in range(-(-counts[e] // G.MOE_TILE))]
+    assert list(tiles[tiles >= 0]) == [e for e in range(experts) for _ in range(-(-counts[e] // G.GEMM_TILE))]
     assert (tiles[len(tiles[tiles >= 0]):] == -1).all()
 
     def gelu(v):

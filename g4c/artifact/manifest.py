@@ -99,6 +99,7 @@ class Manifest:
     runtime_libraries: list[str] = field(default_factory=list)  # TVM runtime libraries to load first
     machines: list[str] = field(default_factory=list)  # platform.machine() values the code runs on ([]: any)
     system: str | None = None  # platform.system() the code needs (None: any)
+    platform: str | None = None  # how messages describe where it runs (e.g. "macOS, Metal")
     prepare: str | None = None  # what to do on the device before the library exists (e.g. link it)
     static_decode: bool = False  # decode takes fixed tensors: one token, whole caches
     index_dtype: str = "int64"  # ids, positions and indices

@@ -41,7 +41,7 @@ def check_machine(manifest: Manifest) -> None:
     here_system, here = platform.system(), platform.machine().lower()
     if manifest.system and here_system != manifest.system:
         hint = f": {manifest.prepare}, and run it there" if manifest.prepare else ""
-        raise ArtifactError(f"artifact was compiled for {manifest.target} ({manifest.system}){hint}")
+        raise ArtifactError(f"artifact was compiled for {manifest.target} ({manifest.platform or manifest.system}){hint}")
     if manifest.machines and here not in manifest.machines:
         raise ArtifactError(f"artifact was compiled for {manifest.target} ({manifest.machines[0]}); this machine "
                             f"is {here}")
