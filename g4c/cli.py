@@ -1,26 +1,29 @@
 """The `g4c` command line. MODEL is a checkpoint directory (config.json + *.safetensors) or a preset
 name (e2b, e4b, 12b, 26b-a4b, 31b, tiny-*) with `--random-weights --seed S`.
 
+\b
 Examples:
+  g4c compile e2b --random-weights --layers 4 -o /tmp/e2b-4l.g4c
+  g4c generate /tmp/e2b-4l.g4c --tokens 2,17,99 --max-new-tokens 8
   g4c init-random tiny-e -o /tmp/tiny-e --seed 1
   g4c inspect e2b
   g4c logits /tmp/tiny-e --tokens 2,17,99 -o out.npy
   g4c generate e2b --random-weights --layers 4 --tokens 2,17,99 --max-new-tokens 8
   g4c graph tiny-moe -o moe.dot
 
-User errors print one line on stderr and exit with status 1.
+User errors print one line on stderr and exit with status 1; usage errors (unknown command or option,
+missing or malformed value) one line and exit status 2.
 """
 
 from __future__ import annotations
 
 import contextlib
-
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
-import click
 import numpy as np
 import typer
 from rich.console import Console
@@ -41,11 +44,16 @@ BackendOpt = typer.Option("reference", "--backend",
                           help="reference (numpy interpreter) or tvm (compiled kernels; compiles MODEL in memory "
                                "unless it is an artifact). Artifacts always run compiled.")
 BACKENDS = ("reference", "tvm")
-TargetOpt = typer.Option("llvm", "--target", help="Compile target: llvm (this CPU), arm or arm:<profile> "
-                         "(cortex-a76, cortex-a78, cortex-x1, cortex-a710, cortex-a55; cross-compiled), vulkan or "
-                         "vulkan:<profile> (generic, adreno-7xx, mali-g7xx; WGSL run through wgpu), cuda or "
-                         "cuda:<arch> (sm_80, sm_86, sm_89, sm_90; fatbin built with nvcc), metal or "
-                         "metal:<profile> (apple-m1..apple-m4; MSL + arm64-macOS objects, linked on the Mac).")
+DEFAULT_TARGET = "llvm"  # this CPU: the one place outside g4c.targets that names a target kind
+
+
+def _target_help() -> str:
+    from g4c.targets.registry import target_kinds
+
+    return "Compile target: " + "; ".join(k.help() for k in target_kinds().values()) + "."
+
+
+TargetOpt = typer.Option(DEFAULT_TARGET, "--target", help=_target_help())
 RpcOpt = typer.Option(None, "--rpc", help="Run the artifact on a TVM RPC server at HOST:PORT (e.g. "
                       "python -m g4c.runtime.rpc_server on the device), or a tracker with --rpc-key.")
 RpcKeyOpt = typer.Option(None, "--rpc-key", help="With --rpc: HOST:PORT is an RPC tracker; run on a device it "
@@ -64,25 +72,19 @@ def _model(model: str, random_weights: bool, seed: int, layers: Optional[int]):
 
 def _config(model: str, layers: Optional[int]):
     """Config only (no weights needed): a directory's config.json or a preset."""
-    from g4c.config import load_config
-    from g4c.presets import PRESETS, preset_config
+    from g4c.model import model_config
 
-    path = Path(model)
-    if path.is_dir():
-        cfg = load_config(path)
-        return cfg.with_layers(layers) if layers else cfg
-    if model.lower() in PRESETS:
-        return preset_config(model, layers)
-    raise G4CError(f"no checkpoint directory or preset named {model!r} (presets: {', '.join(PRESETS)})")
+    return model_config(model, layers)
 
 
 def _session(model: str, backend: str, random_weights: bool, seed: int, layers: Optional[int],
              passes: str = "all", dump_after: Optional[str] = None, dump_dir: Optional[Path] = None,
-             target: str = "llvm", max_context: int = 4096, rpc: Optional[str] = None,
+             target: str = DEFAULT_TARGET, max_context: int = 4096, rpc: Optional[str] = None,
              rpc_key: Optional[str] = None):
     """(tokenizer directory or None, eos ids, session) for a checkpoint, preset or compiled artifact
     (run on an RPC server when `rpc` is HOST:PORT)."""
-    from g4c.runtime.artifact import is_artifact, load
+    from g4c.artifact import is_artifact
+    from g4c.runtime import load
 
     if backend not in BACKENDS:
         raise G4CError(f"unknown backend {backend!r}: available backends are {', '.join(BACKENDS)}")
@@ -94,9 +96,10 @@ def _session(model: str, backend: str, random_weights: bool, seed: int, layers: 
         raise G4CError("--rpc runs a compiled artifact: g4c compile MODEL --target <the device's> -o DIR first")
     if is_artifact(model):
         if rpc is not None:
-            from g4c.runtime.remote import RemoteSession
+            from g4c.runtime import ArtifactSession
+            from g4c.runtime.remote import remote_executor
 
-            session = RemoteSession(model, rpc, max_context, tracker_key=rpc_key)
+            session = ArtifactSession(model, remote_executor(rpc, rpc_key), max_context)
         else:
             session = load(model, max_context)
         return Path(model), session.config.get("eos_token_id"), session
@@ -120,9 +123,9 @@ def _compile_in_child(model: str, output: Path, target: str, random_weights: boo
     import subprocess
 
     args = [sys.executable, "-m", "g4c.cli", "compile", model, "-o", str(output), "--target", target,
-            "--dtype", dtype, "--seed", str(seed)]
+            "--dtype", dtype, "--seed", str(seed), "--no-check"]  # bench times the artifact itself
     args += ["--random-weights"] if random_weights else []
-    args += ["--layers", str(layers)] if layers else []
+    args += ["--layers", str(layers)] if layers is not None else []
     with err.status(f"compiling {model} for {target}"):
         result = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
@@ -134,7 +137,7 @@ def _compile_in_child(model: str, output: Path, target: str, random_weights: boo
 
 def _runnable_target(name: str) -> None:
     """Refuse, before any work, targets whose artifacts cannot execute on this machine."""
-    from g4c.targets.base import get_target
+    from g4c.targets.registry import get_target
 
     if not get_target(name).runs_here:
         raise G4CError(f"target {name} builds artifacts for another device: compile them with "
@@ -146,19 +149,55 @@ def _compile_in_memory(loaded, target: str, max_context: int):
     import shutil
     import tempfile
 
-    from g4c.runtime.artifact import load
+    from g4c.runtime import load
 
     tmp = Path(tempfile.mkdtemp(prefix="g4c-"))
     atexit.register(shutil.rmtree, tmp, True)
     return load(_compile_with_progress(loaded.cfg, loaded.weights, target, tmp / "artifact"), max_context)
 
 
+class _PlainProgress:
+    """`report(stage, done, total)` as plain, flushed lines on stderr (CI logs, pipes): one when a stage
+    starts and one when it finishes, and in between one per `step` of its total (at least `pause`
+    seconds apart) or, on slow steps, every `seconds`: `scheduling kernels: 40/112`, ...,
+    `scheduling kernels: 112/112 (8.1 s)`. A stage that takes under `pause` prints only its ends."""
+
+    def __init__(self, step: float = 0.1, pause: float = 1.0, seconds: float = 10.0):
+        self.step, self.pause, self.seconds = step, pause, seconds
+        self.stages: dict[str, dict] = {}
+
+    def __call__(self, stage: str, done: int, total: Optional[int]) -> None:
+        now = time.monotonic()
+        state = self.stages.get(stage)
+        first = state is None
+        if first:
+            state = self.stages[stage] = {"start": now, "at": now, "done": done, "finished": False}
+        if state["finished"]:
+            return
+        finished = bool(total) and done >= total
+        waited = now - state["at"]
+        advanced = done > state["done"]
+        due = (first or finished or advanced and waited >= self.seconds
+               or bool(total) and done - state["done"] >= self.step * total and waited >= self.pause)
+        if not due:
+            return
+        line = f"{stage}: {done}/{total}" if total else f"{stage}: {done}"
+        if finished and not first:
+            line += f" ({now - state['start']:.1f} s)"
+        print(line, file=sys.stderr, flush=True)
+        state.update(at=now, done=done, finished=finished)
+
+
 @contextlib.contextmanager
 def _progress():
-    """A `report(stage, done, total)` callback drawing one rich progress bar per stage (on a terminal)."""
+    """A `report(stage, done, total)` callback: one rich progress bar per stage on a terminal, plain
+    progress lines otherwise (`_PlainProgress`)."""
     from rich.progress import Progress
 
-    with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
+    if not err.is_terminal:
+        yield _PlainProgress()
+        return
+    with Progress(console=err, transient=True) as progress:
         tasks: dict[str, object] = {}
 
         def report(stage: str, done: int, total: int) -> None:
@@ -171,7 +210,7 @@ def _progress():
 
 def _compile_with_progress(cfg, weights, target: str, output: Path, overwrite: bool = False,
                            dtype: str = "float32", **options) -> Path:
-    from g4c.codegen.build import compile_model
+    from g4c.compiler import compile_model
 
     with _progress() as report:
         return compile_model(cfg, weights, target, output, overwrite=overwrite, progress=report, dtype=dtype,
@@ -182,13 +221,13 @@ def _split(text: Optional[str]) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()] if text else []
 
 
-def parse_tokens(text: str) -> list[int]:
+def parse_tokens(text: str, option: str = "--tokens") -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise G4CError(f"--tokens must be comma-separated integers, got {text!r}") from None
+        raise G4CError(f"{option} must be comma-separated integers, got {text!r}") from None
     if not ids:
-        raise G4CError("--tokens is empty")
+        raise G4CError(f"{option} is empty")
     return ids
 
 
@@ -288,9 +327,11 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
              layers: Optional[int] = LayersOpt, passes: str = PassesOpt, dump_after: Optional[str] = DumpAfterOpt,
              dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt, max_context: int = MaxContextOpt,
              rpc: Optional[str] = RpcOpt, rpc_key: Optional[str] = RpcKeyOpt):
-    """Continue a prompt; the new token ids are the last line of stdout, comma-separated.
+    """Continue a prompt; the new token ids are the last line of stdout, comma-separated. Compiled runs
+    print their prefill and decode speed on stderr first.
 
     Example: g4c generate tiny-e --random-weights --tokens 2,17,99 --max-new-tokens 8"""
+    from g4c.reference import ReferenceSession
     from g4c.runtime import Sampler
 
     if (tokens is None) == (prompt is None):
@@ -304,7 +345,13 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
         ids = tokenizer.encode(prompt).ids
     else:
         ids = parse_tokens(tokens)
-    new = session.generate(ids, max_new_tokens, sampler, stop_tokens=_stop_tokens(stop, eos))
+    sampled: list[float] = []  # when each new token was sampled: the first after prefill, then one per decode
+    start = time.perf_counter()
+    new = session.generate(ids, max_new_tokens, sampler, stop_tokens=_stop_tokens(stop, eos),
+                           on_token=lambda _: sampled.append(time.perf_counter()))
+    if sampled and not isinstance(session, ReferenceSession):  # compiled: artifact, --rpc or --backend tvm
+        print(_speed(len(ids), sampled[0] - start, len(sampled) - 1, sampled[-1] - sampled[0]), file=sys.stderr,
+              flush=True)
     if tokenizer is not None:
         out.print(tokenizer.decode(new), markup=False, highlight=False)
     print(",".join(map(str, new)))
@@ -343,28 +390,148 @@ def compile_(model: str = typer.Argument(..., help="Checkpoint directory or pres
                                                  "numpy and apache-tvm-ffi."),
              weights_from_seed: bool = typer.Option(False, "--weights-from-seed", help="With --random-weights: "
                                                     "write no weight files; the runtime regenerates them from "
-                                                    "the seed (small benchmark artifacts).")):
-    """Compile MODEL to TVM kernels: DIR gets the library, packed weights and manifest.json.
+                                                    "the seed (small benchmark artifacts)."),
+             check_tokens: str = typer.Option("2,17,99", "--check-tokens", help="Prompt of the self-check: when "
+                                              "the artifact runs on this machine, its logits for these ids are "
+                                              "compared with the reference interpreter's, and its prefill and "
+                                              "decode are timed."),
+             no_check: bool = typer.Option(False, "--no-check", help="Skip the self-check (it loads the artifact "
+                                           "and runs the model once more in the reference interpreter).")):
+    """Compile MODEL to TVM kernels: DIR gets the library, packed weights and manifest.json. Ends with a
+    summary: compile time, size on disk and, when the artifact runs here, a self-check against the
+    reference interpreter with prefill/decode speed.
 
     Example: g4c compile tiny-e --random-weights -o /tmp/tiny-e.g4c && g4c generate /tmp/tiny-e.g4c --tokens 2,17"""
-    from g4c.targets.base import get_target
-
     from g4c.dtypes import canonical_dtype
+    from g4c.targets.registry import get_target, with_profile_option
 
-    if arch is not None:
-        if target not in ("cuda", "llvm"):
-            raise G4CError(f"--arch applies to --target cuda, not {target}")
-        target = f"cuda:{arch}"
+    target = with_profile_option(target, "arch", arch)
     get_target(target)  # unknown targets and dtypes fail before any work
     dtype = canonical_dtype(dtype)
+    check = None if no_check else parse_tokens(check_tokens, "--check-tokens")
+    started = time.perf_counter()
     loaded = _model(model, random_weights, seed, layers)
+    if check is not None:
+        _check_vocabulary(check, loaded.cfg.input_vocab_size, "--check-tokens")
     path = _compile_with_progress(loaded.cfg, loaded.weights, target, output, overwrite, dtype,
                                   bundle_runtime=bundle_runtime, weights_from_seed=weights_from_seed)
     if loaded.directory is not None and (loaded.directory / "tokenizer.json").is_file():
         import shutil
 
         shutil.copy(loaded.directory / "tokenizer.json", path / "tokenizer.json")
-    out.print(f"wrote {path} (target {target}, {loaded.cfg.num_hidden_layers} layers)")
+    from g4c.summary import human_bytes
+
+    out.print(f"wrote {path} (target {target}, {loaded.cfg.num_hidden_layers} layers): "
+              f"{human_bytes(_disk_bytes(path))} on disk, compiled in {_duration(time.perf_counter() - started)}",
+              markup=False, highlight=False)
+    if check is not None:
+        _self_check(path, target, loaded, check, dtype)
+
+
+CHECK_DECODE_STEPS = 4  # decode steps the compile self-check times
+
+
+def _check_vocabulary(ids: list[int], vocab_size: int, option: str) -> None:
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise G4CError(f"{option}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def _disk_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (links not followed)."""
+    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+def _speed(prompt_tokens: int, prefill_s: float, decode_steps: int, decode_s: float) -> str:
+    """`prefill 3 tokens: 41.2 tok/s · decode: 6.3 tok/s`."""
+    line = f"prefill {prompt_tokens} tokens: {prompt_tokens / max(prefill_s, 1e-9):.1f} tok/s"
+    if decode_steps:
+        line += f" · decode: {decode_steps / max(decode_s, 1e-9):.1f} tok/s"
+    return line
+
+
+def _runs_here(target: str) -> bool:
+    """Whether `target`'s artifacts execute on this machine (the rule `_runnable_target` enforces)."""
+    try:
+        _runnable_target(target)
+    except G4CError:
+        return False
+    return True
+
+
+def _available_memory() -> Optional[int]:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _time_session(session, tokens: list[int], steps: int) -> tuple[np.ndarray, float, float]:
+    """(last-token logits of a first, untimed prefill of `tokens`; seconds of a second prefill;
+    seconds of `steps` greedy decode steps after it). The first run also warms up decode."""
+    logits = np.array(session.prefill(tokens), dtype=np.float32)
+    session.decode(int(np.argmax(logits)))
+    session.reset()
+    start = time.perf_counter()
+    token = int(np.argmax(session.prefill(tokens)))
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = int(np.argmax(session.decode(token)))
+    return logits, prefill_s, time.perf_counter() - start
+
+
+def _self_check(path: Path, target: str, loaded, tokens: list[int], dtype: str) -> None:
+    """The end of `g4c compile`: load the fresh artifact, compare its logits for `tokens` with the
+    reference interpreter's (same config and weights) and time its prefill and decode. The artifact's
+    session is freed before the reference runs, so the two never hold their weights at once."""
+    import gc
+
+    import g4c
+    from g4c.reference import ReferenceSession
+    from g4c.summary import human_bytes, parameter_totals
+
+    def say(line: str) -> None:
+        out.print(line, markup=False, highlight=False)
+
+    if not _runs_here(target):
+        say(f"self-check skipped: {target} artifacts run on another device (there: g4c generate {path.name} "
+            "--tokens ..., or from here with --rpc)")
+        return
+    totals = parameter_totals(loaded.cfg)  # the reference holds fp32 weights (PLE rows are gathered)
+    need = max(_disk_bytes(path), 4 * (totals["total"] - totals["ple_table"]))
+    available = _available_memory()
+    if available is not None and need > 0.9 * available:
+        say(f"self-check skipped: it needs about {human_bytes(need)} of memory and {human_bytes(available)} is "
+            f"available (g4c generate {path} runs the artifact alone)")
+        return
+    try:
+        session = g4c.load(path, max_context=len(tokens) + CHECK_DECODE_STEPS + 1)
+    except G4CError as exc:  # e.g. no Vulkan adapter on this machine
+        say(f"self-check skipped: {exc}")
+        return
+    with err.status("self-check: running the artifact"):
+        logits, prefill_s, decode_s = _time_session(session, tokens, CHECK_DECODE_STEPS)
+    del session
+    gc.collect()
+    with err.status("self-check: running the reference interpreter"):
+        reference = ReferenceSession(loaded.cfg, loaded.weights).prefill(tokens)
+    delta = float(np.max(np.abs(logits - reference)))
+    del reference
+    gc.collect()
+    note = f" (weights stored in {dtype}; the reference computes in float32)" if dtype != "float32" else ""
+    say(f"self-check on tokens {','.join(map(str, tokens))}: max |Δlogits| vs the reference interpreter: "
+        f"{delta:.1e}{note}")
+    say(f"speed: {_speed(len(tokens), prefill_s, CHECK_DECODE_STEPS, decode_s)} ({CHECK_DECODE_STEPS} decode steps)")
 
 
 @app.command("spirv")
@@ -461,17 +628,14 @@ def init_random(preset: str = typer.Argument(..., help="Preset name (or a direct
     """Write a random HF-format checkpoint (config.json + safetensors) transformers can load.
 
     Example: g4c init-random e2b --layers 4 -o /tmp/e2b-4l --dtype bf16"""
-    from rich.progress import Progress
-
     from g4c.checkpoint import write_random_checkpoint
     from g4c.dtypes import canonical_dtype
 
     cfg = _config(preset, layers)
     dtype = canonical_dtype(dtype)
-    with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
-        task = progress.add_task("writing tensors", total=None)
+    with _progress() as report:
         path = write_random_checkpoint(cfg, output, seed=seed, dtype=dtype, overwrite=overwrite,
-                                       progress=lambda done, total: progress.update(task, completed=done, total=total))
+                                       progress=lambda done, total: report("writing tensors", done, total))
     out.print(f"wrote {path} ({cfg.num_hidden_layers} layers, {dtype}, seed {seed})")
 
 
@@ -494,7 +658,9 @@ def bench(model: str = typer.Argument(..., help="Compiled artifact, checkpoint d
     import tempfile
 
     from g4c.bench import bench_session, format_result, measured_bandwidth
-    from g4c.runtime.artifact import is_artifact, load, read_manifest
+    from g4c.artifact import is_artifact, read_manifest
+    from g4c.runtime import load
+    from g4c.runtime.relax_vm import DEVICE_CPU
 
     if prompt_len < 1 or gen < 1 or threads < 1 or context < 0:
         raise G4CError("--prompt-len, --gen and --threads must be >= 1 and --context >= 0")
@@ -507,8 +673,8 @@ def bench(model: str = typer.Argument(..., help="Compiled artifact, checkpoint d
         with err.status("measuring memory bandwidth"):  # before loading: its buffers must not add to peak RSS
             bandwidth = measured_bandwidth(threads)
         manifest = read_manifest(directory, check_files=False)
-        if manifest.get("runtime", "relax-vm") != "relax-vm" or manifest.get("device", "cpu") != "cpu":
-            raise G4CError(f"g4c bench measures CPU artifacts; this one is for {manifest['target']} "
+        if manifest.runtime != "relax-vm" or manifest.device_type != DEVICE_CPU:
+            raise G4CError(f"g4c bench measures CPU artifacts; this one is for {manifest.target} "
                            "(GPU benchmarks: scripts/gpu_check.sh on the GPU machine)")
         session = load(directory, max_context=max(context, prompt_len) + gen + 8, prefill_chunk=prompt_len)
         with err.status("timing prefill and decode"):
@@ -539,23 +705,41 @@ def tokenizer_cmd(gguf_vocab: Path = typer.Argument(..., help="GGUF file with a 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app; user errors become one line on stderr and exit status 1."""
+    """Entry point: runs the app. User errors become one line on stderr and exit status 1; usage errors
+    (unknown command or option, missing or malformed value) one line and exit status 2; no arguments
+    prints the help and exits with status 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(args=argv, standalone_mode=False, prog_name="g4c")
+        if not args:
+            app(args=["--help"], standalone_mode=False, prog_name="g4c")
+            return 2
+        app(args=args, standalone_mode=False, prog_name="g4c")
     except G4CError as exc:
         print(f"g4c: error: {exc}", file=sys.stderr)
         return 1
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("g4c: aborted", file=sys.stderr)
         return 1
+    except typer.TyperException as exc:  # typer's (bundled click's) usage errors: exit status 2
+        print(_usage_error(exc, args), file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _usage_error(exc: Exception, args: list[str]) -> str:
+    """One line: `g4c compile: error: Missing option '-o' / '--output' (see g4c compile --help)`."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        command = ctx.command_path
+    else:  # some parse errors carry no context: name the command from the arguments
+        names = {(c.name or c.callback.__name__).replace("_", "-") for c in app.registered_commands}
+        command = f"g4c {args[0]}" if args and args[0] in names else "g4c"
+    return f"{command}: error: {message} (see {command} --help)"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from g4c.errors import G4CError
 from g4c.presets import PRESETS, preset_config
 from g4c.weights import Checkpoint, RandomWeights, Weights
 
+MANIFEST = "manifest.json"  # what makes a directory a compiled g4c artifact (g4c.artifact)
+
 
 @dataclass
 class LoadedModel:
@@ -19,25 +21,39 @@ class LoadedModel:
     directory: Path | None = None  # checkpoint directory (holds tokenizer.json when there is one)
 
 
+def model_config(model: str, num_layers: int | None = None) -> ModelConfig:
+    """The config of MODEL (a checkpoint directory's config.json or a preset), cut to `num_layers`
+    layers when given. Every command resolves MODEL here, so `--layers` is checked in one place:
+    0 and negatives are refused like a count above the model's layers (`ModelConfig.with_layers`)."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            if (path / MANIFEST).is_file():
+                raise G4CError(f"{model} is a compiled g4c artifact: this command needs a checkpoint directory "
+                               "or a preset (artifacts run with g4c generate, logits and bench)")
+            raise G4CError(f"{model} is neither a checkpoint (no config.json) nor a g4c artifact (no {MANIFEST})")
+        cfg = load_config(path)
+    elif model.lower() in PRESETS:
+        cfg = preset_config(model)
+    elif path.exists():
+        raise G4CError(f"{model} is not a directory: MODEL must be a checkpoint directory or a preset name")
+    else:
+        raise G4CError(f"no checkpoint directory or preset named {model!r} (presets: {', '.join(PRESETS)})")
+    return cfg if num_layers is None else cfg.with_layers(num_layers)
+
+
 def load_model(model: str, random_weights: bool = False, seed: int = 0, num_layers: int | None = None,
                dtype: str = "float32") -> LoadedModel:
     """MODEL is a directory with config.json + *.safetensors, or a preset (needs `random_weights`)."""
+    cfg = model_config(model, num_layers)
     path = Path(model)
     if path.is_dir():
         if random_weights:
-            cfg = load_config(path)
-            cfg = cfg.with_layers(num_layers) if num_layers else cfg
             return LoadedModel(path.name, cfg, Weights(cfg, RandomWeights(cfg, seed, dtype)), path)
-        if num_layers:
+        if num_layers is not None:
             raise G4CError("--layers only applies to presets or with --random-weights")
-        cfg = load_config(path)
         return LoadedModel(path.name, cfg, Weights(cfg, Checkpoint(path)), path)
-    if model.lower() in PRESETS:
-        cfg = preset_config(model, num_layers)
-        if not random_weights:
-            raise G4CError(f"preset {model!r} has no weights here: add --random-weights (with --seed) or pass a "
-                           "checkpoint directory")
-        return LoadedModel(model.lower(), cfg, Weights(cfg, RandomWeights(cfg, seed, dtype)))
-    if path.exists():
-        raise G4CError(f"{model} is not a directory: MODEL must be a checkpoint directory or a preset name")
-    raise G4CError(f"no checkpoint directory or preset named {model!r} (presets: {', '.join(PRESETS)})")
+    if not random_weights:
+        raise G4CError(f"preset {model!r} has no weights here: add --random-weights (with --seed) or pass a "
+                       "checkpoint directory")
+    return LoadedModel(model.lower(), cfg, Weights(cfg, RandomWeights(cfg, seed, dtype)))

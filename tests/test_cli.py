@@ -1,4 +1,5 @@
-"""The `g4c` command line: each command on real checkpoints, and one-line errors with exit status 1."""
+"""The `g4c` command line: each command on real checkpoints, one-line errors with exit status 1 (usage
+errors: exit status 2), progress without a terminal, and the compile and generate summaries."""
 
 from __future__ import annotations
 
@@ -118,6 +119,125 @@ def test_user_errors_are_one_line_with_exit_1(args, message, tmp_path):
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    [],  # prints the help
+    ["frobnicate"],  # unknown command
+    ["compile", "tiny-e", "--random-weights"],  # missing -o
+    ["inspect", "e2b", "--layer", "4"],  # misspelled option
+    ["generate", "tiny-e", "--random-weights", "--tokens"],  # option without its value
+    ["bench", "tiny-e", "--random-weights", "--gen", "abc"],  # malformed value
+])
+def test_usage_errors_are_short_with_exit_2(args, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "g4c.cli", *args], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.splitlines()) <= 3
+    if args:
+        assert result.stderr.startswith("g4c") and "error: " in result.stderr
+        if args[0] != "frobnicate":
+            assert f"g4c {args[0]} --help" in result.stderr
+    else:
+        assert result.stderr == "" and "Usage: g4c" in result.stdout and "compile" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "e2b", "--layers", "0"], "--layers must be in 1..35, got 0"),
+    (["plan", "e2b", "--context", "64", "--layers", "-1"], "--layers must be in 1..35, got -1"),
+    (["logits", "tiny-e", "--random-weights", "--layers", "0", "--tokens", "1", "-o", "x.npy"],
+     "--layers must be in 1..6, got 0"),
+    (["compile", "tiny-e", "--random-weights", "--layers", "0", "-o", "out"], "--layers must be in 1..6, got 0"),
+    (["bench", "tiny-e", "--random-weights", "--layers", "0"], "--layers must be in 1..6, got 0"),
+])
+def test_layers_zero_and_negative_are_refused(args, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "g4c.cli", *args], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 1 and message in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.npy").exists()
+
+
+def test_layers_are_checked_where_every_command_resolves_model(checkpoints):
+    from g4c.errors import G4CError
+    from g4c.model import load_model, model_config
+
+    assert model_config("e2b", 4).num_hidden_layers == 4 and model_config("e2b").num_hidden_layers == 35
+    for layers in (0, -2, 36):
+        with pytest.raises(G4CError, match=f"--layers must be in 1..35, got {layers}"):
+            model_config("e2b", layers)
+        with pytest.raises(G4CError, match="--layers must be in 1..35"):
+            load_model("e2b", random_weights=True, num_layers=layers)
+    with pytest.raises(G4CError, match="--layers must be in 1..4, got 0"):
+        load_model(str(checkpoints["dense"]), random_weights=True, num_layers=0)
+
+
+def test_a_directory_that_is_no_checkpoint_nor_artifact(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args in (["logits", str(empty), "--tokens", "1", "-o", str(tmp_path / "x.npy")],
+                 ["generate", str(empty), "--tokens", "1"], ["inspect", str(empty)]):
+        result = g4c(*args)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert (f"{empty} is neither a checkpoint (no config.json) nor a g4c artifact (no manifest.json)"
+                in result.stderr)
+    (empty / "manifest.json").write_text("{}")  # an artifact where a checkpoint is needed
+    result = g4c("inspect", str(empty))
+    assert result.returncode == 1 and "is a compiled g4c artifact: this command needs a checkpoint" in result.stderr
+
+
+def test_plain_progress_lines_without_a_terminal(capsys, monkeypatch):
+    from g4c import cli
+
+    clock = [0.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    report = cli._PlainProgress()
+    for i in range(100):  # a fast stage: only its ends
+        report("fast", i + 1, 100)
+    for i in range(100):  # 0.5 s a step: a line per 10% (5 s apart)
+        clock[0] += 0.5
+        report("slow", i + 1, 100)
+    report("slow", 100, 100)  # finished stages print nothing more
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == ["fast: 1/100", "fast: 100/100 (0.0 s)"]
+    assert lines[2:] == ["slow: 1/100"] + [f"slow: {n}/100" for n in range(11, 100, 10)] + ["slow: 100/100 (49.5 s)"]
+
+
+def test_compile_summary_self_check_and_generate_speed(tmp_path):
+    """Without a terminal, compile prints progress lines on stderr; it ends with the time, the size and
+    a self-check against the reference interpreter; generate prints its speed before the tokens."""
+    import re
+
+    art = tmp_path / "t.g4c"
+    result = g4c("compile", "tiny-e", "--random-weights", "-o", str(art))
+    assert result.returncode == 0, result.stderr
+    progress = result.stderr.splitlines()
+    assert "scheduling kernels: 1/" in progress[0]
+    assert any(re.fullmatch(r"scheduling kernels: (\d+)/\1 \(\d+\.\d s\)", line) for line in progress)
+    assert any(line.startswith("building library: ") for line in progress)
+    summary = result.stdout
+    assert re.search(rf"wrote {re.escape(str(art))} \(target llvm, 6 layers\): [\d.]+ (KiB|MiB) on disk, "
+                     r"compiled in [\d.]+ s", summary), summary
+    delta = re.search(r"self-check on tokens 2,17,99: max \|Δlogits\| vs the reference interpreter: (\S+)", summary)
+    assert delta and float(delta.group(1)) <= 1e-4, summary
+    assert re.search(r"speed: prefill 3 tokens: [\d.]+ tok/s · decode: [\d.]+ tok/s", summary), summary
+
+    run = g4c("generate", str(art), "--tokens", "2,17,99", "--max-new-tokens", "5", "--stop", "none")
+    assert run.returncode == 0, run.stderr
+    assert re.fullmatch(r"prefill 3 tokens: [\d.]+ tok/s · decode: [\d.]+ tok/s\n", run.stderr), run.stderr
+    from g4c.model import load_model
+    from g4c.reference import ReferenceSession
+
+    loaded = load_model("tiny-e", random_weights=True)
+    expected = ReferenceSession(loaded.cfg, loaded.weights).generate([2, 17, 99], 5)
+    assert run.stdout.strip().splitlines()[-1] == ",".join(map(str, expected))
+
+    quiet = g4c("compile", "tiny-e", "--random-weights", "--layers", "2", "-o", str(tmp_path / "q"), "--no-check")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "wrote" in quiet.stdout and "self-check" not in quiet.stdout and "tok/s" not in quiet.stdout
+    bad = g4c("compile", "tiny-e", "--random-weights", "-o", str(tmp_path / "b"), "--check-tokens", "1,99999")
+    assert bad.returncode == 1 and "--check-tokens: token id 99999 is outside" in bad.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_bad_config_in_checkpoint_is_one_line(checkpoints, tmp_path):
