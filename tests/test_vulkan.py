@@ -308,3 +308,16 @@ def test_tiled_gemm_matches_numpy():
     w = rng.standard_normal((n, k), dtype=np.float32)
     (y,) = _run_kernels({"gemm": G.linear_tiled(k, n, "gemm")}, [("gemm", [x, w, 0])], {0: (t, n)})
     np.testing.assert_allclose(y, x @ w.T, atol=1e-4)
+
+
+NO_WGPU = "import sys; sys.modules['wgpu'] = None; from g4c.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_vulkan_artifact_without_wgpu_says_what_to_install(vulkan_artifacts):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", NO_WGPU, "generate", str(vulkan_artifacts["e"]), "--tokens", "1,2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "pip install 'g4c[vulkan]'" in result.stderr
