@@ -108,3 +108,21 @@ def test_cuda_cli_arch_and_refusals(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "unknown CUDA arch 'sm_70'" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_cuda_target_states_its_shared_memory(caplog):
+    """dlight's GEMV rule warns per kernel when a CUDA target lacks max_shared_memory_per_block; g4c
+    sets it, so scheduling a model's kernels logs no such warning."""
+    from g4c.codegen.lower import lower
+    from g4c.compiler import optimized_graphs
+    from g4c.model import load_model
+    from g4c.targets.registry import get_target
+
+    target = get_target("cuda")
+    assert int(target.tvm_target().attrs["max_shared_memory_per_block"]) == 48 << 10
+    model = load_model("tiny-e", random_weights=True)
+    lowered = lower(model.cfg, optimized_graphs(model.cfg, model.weights), target.lowering)
+    with caplog.at_level("WARNING"):
+        for spec in lowered.kernels.values():
+            target.kernel(spec)
+    assert not [r for r in caplog.records if "max_shared_memory_per_block" in r.getMessage()]
