@@ -103,7 +103,7 @@ def test_malformed_json_and_missing_file(tmp_path):
         load_config(tmp_path / "nowhere")
 
 
-# Published numbers (transformers convert_gemma4_weights.py _VARIANTS; ../shared/gemma4-architecture.md).
+# Published numbers (transformers convert_gemma4_weights.py _VARIANTS; docs/gemma4-architecture.md).
 @pytest.mark.parametrize("name, hidden, layers, heads, kv, global_kv, inter, window, shared, ple, n_full", [
     ("e2b", 1536, 35, 8, 1, 1, 6144, 512, 20, 256, 7),
     ("e4b", 2560, 42, 8, 2, 2, 10240, 512, 18, 256, 7),
