@@ -60,8 +60,6 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     full-size model stays a few MB. `static_decode` (default: the target's choice, on for CUDA and
     Metal) makes `decode` a fixed-shape function the runtime calls with the same tensors every step
     (see `relax_module.build_module`), which CUDA replays as one graph."""
-    import tvm
-
     from g4c.codegen.kernels import STORAGE
     from g4c.codegen.lower import lower
     from g4c.codegen.relax_module import signature
@@ -98,18 +96,26 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
             _write_host_tables(tmp, lowered, weights)
         for library in libraries:
             shutil.copy(library, tmp / library.name)
-        requirements = asdict(target.requirements())
-        requirements = {k: list(v) if isinstance(v, tuple) else v for k, v in requirements.items()}
-        Manifest(target=target.name, target_spec=str(target.tvm_target()), config=cfg.to_hf_dict(),
-                 runtime=target.runtime, entry=entry,
-                 kernels={name: spec.to_json() for name, spec in lowered.kernels.items()},
-                 programs=lowered.programs, kv_slots=lowered.kv_slots, **requirements,
-                 static_decode=static_decode and target.runtime == "relax-vm", index_dtype=lowered.index_dtype,
-                 weight_dtype=lowered.weight_dtype, weight_dtype_tensors=sorted(lowered.weight_dtype_tensors),
-                 weight_recipes=lowered.recipes, host_tables=lowered.host_tables,
-                 kv_plan=graphs["decode"].meta.get("kv_plan", []), weights_from_seed=seed,
-                 build_seconds=round(build_seconds, 2), tvm_version=tvm.__version__, **built.manifest).write(tmp)
+        manifest = _manifest(cfg, target, lowered, entry, static_decode, **built.manifest, weights_from_seed=seed,
+                             kv_plan=graphs["decode"].meta.get("kv_plan", []), build_seconds=round(build_seconds, 2))
+        manifest.write(tmp)
     return out
+
+
+def _manifest(cfg: ModelConfig, target, lowered, entry, static_decode: bool, **fields) -> Manifest:
+    """The manifest of an artifact: the target's requirements, the lowering's programs and kernel
+    specs, storage dtypes and recipes (`fields`: what the build and the caller add)."""
+    import tvm
+
+    requirements = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(target.requirements()).items()}
+    return Manifest(target=target.name, target_spec=str(target.tvm_target()), config=cfg.to_hf_dict(),
+                    runtime=target.runtime, entry=entry,
+                    kernels={name: spec.to_json() for name, spec in lowered.kernels.items()},
+                    programs=lowered.programs, kv_slots=lowered.kv_slots, **requirements,
+                    static_decode=static_decode and target.runtime == "relax-vm", index_dtype=lowered.index_dtype,
+                    weight_dtype=lowered.weight_dtype, weight_dtype_tensors=sorted(lowered.weight_dtype_tensors),
+                    weight_recipes=lowered.recipes, host_tables=lowered.host_tables, tvm_version=tvm.__version__,
+                    **fields)
 
 
 def _seed_of(weights: Weights) -> dict:
