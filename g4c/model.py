@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from g4c.artifact import MANIFEST
 from g4c.config import ModelConfig, load_config
 from g4c.errors import G4CError
 from g4c.presets import PRESETS, preset_config
 from g4c.weights import Checkpoint, RandomWeights, Weights
-
-MANIFEST = "manifest.json"  # what makes a directory a compiled g4c artifact (g4c.artifact)
 
 
 @dataclass
