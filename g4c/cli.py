@@ -45,15 +45,10 @@ BackendOpt = typer.Option("reference", "--backend",
                                "unless it is an artifact). Artifacts always run compiled.")
 BACKENDS = ("reference", "tvm")
 DEFAULT_TARGET = "llvm"  # this CPU: the one place outside g4c.targets that names a target kind
-
-
-def _target_help() -> str:
-    from g4c.targets.registry import target_kinds
-
-    return "Compile target: " + "; ".join(k.help() for k in target_kinds().values()) + "."
-
-
-TargetOpt = typer.Option(DEFAULT_TARGET, "--target", help=_target_help())
+# the targets are listed by `g4c targets` (from the registry), not here: the CLI must start on a device
+# that has only the runtime
+TargetOpt = typer.Option(DEFAULT_TARGET, "--target", help="Compile target: KIND or KIND:PROFILE; `g4c targets` "
+                         "lists them (default: this CPU).")
 RpcOpt = typer.Option(None, "--rpc", help="Run the artifact on a TVM RPC server at HOST:PORT (e.g. "
                       "python -m g4c.runtime.rpc_server on the device), or a tracker with --rpc-key.")
 RpcKeyOpt = typer.Option(None, "--rpc-key", help="With --rpc: HOST:PORT is an RPC tracker; run on a device it "
@@ -331,8 +326,7 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
     print their prefill and decode speed on stderr first.
 
     Example: g4c generate tiny-e --random-weights --tokens 2,17,99 --max-new-tokens 8"""
-    from g4c.reference import ReferenceSession
-    from g4c.runtime import Sampler
+    from g4c.runtime import ArtifactSession, Sampler
 
     if (tokens is None) == (prompt is None):
         raise G4CError("give exactly one of --tokens or --prompt")
@@ -349,7 +343,7 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
     start = time.perf_counter()
     new = session.generate(ids, max_new_tokens, sampler, stop_tokens=_stop_tokens(stop, eos),
                            on_token=lambda _: sampled.append(time.perf_counter()))
-    if sampled and not isinstance(session, ReferenceSession):  # compiled: artifact, --rpc or --backend tvm
+    if sampled and isinstance(session, ArtifactSession):  # compiled: artifact, --rpc or --backend tvm
         print(_speed(len(ids), sampled[0] - start, len(sampled) - 1, sampled[-1] - sampled[0]), file=sys.stderr,
               flush=True)
     if tokenizer is not None:
@@ -546,6 +540,17 @@ def spirv(artifact: Path = typer.Argument(..., help="A --target vulkan artifact.
     with _progress() as report:
         names = emit_spirv(artifact, output, overwrite, report)
     out.print(f"wrote {output}: {len(names)} SPIR-V modules (spirv-val: valid for Vulkan 1.1) + launches.json")
+
+
+@app.command("targets")
+def list_targets():
+    """List the compile targets and their profiles (every module of g4c.targets with a KIND).
+
+    Example: g4c targets"""
+    from g4c.targets.registry import target_kinds
+
+    for kind in target_kinds().values():
+        out.print(kind.help(), markup=False, highlight=False)
 
 
 @app.command("passes")

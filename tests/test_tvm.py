@@ -243,3 +243,20 @@ def test_runtime_memory_session_reports_decode_bytes(artifacts):
 
     plain = load(artifacts["moe"])
     assert decode_weight_bytes(load(artifacts["moe"], runtime_memory=True)) == decode_weight_bytes(plain)
+
+
+DEVICE_CLI = """
+import sys
+for name in ("tvm", "g4c.ir", "g4c.passes", "g4c.codegen", "g4c.targets", "g4c.frontend", "g4c.compiler"):
+    sys.modules[name] = None  # a device has the runtime only
+from g4c.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_runs_an_artifact_where_only_the_runtime_is_installed(artifacts):
+    result = subprocess.run([sys.executable, "-c", DEVICE_CLI, "generate", str(artifacts["e"]), "--tokens", "2,17,99",
+                             "--max-new-tokens", "6", "--stop", "none"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert [int(t) for t in result.stdout.strip().splitlines()[-1].split(",")] == \
+        load(artifacts["e"]).generate([2, 17, 99], 6)
