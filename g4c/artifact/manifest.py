@@ -14,6 +14,7 @@ three steps are not kernels: `rows` (PLE rows gathered by the runtime from a hos
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -147,9 +148,86 @@ class Manifest:
             manifest = cls(**values)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise ArtifactError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from None
-        for name in [manifest.library, *manifest.files]:
-            _plain_file_name(name, source)
+        try:
+            manifest.validate()
+        except _Invalid as exc:
+            raise ArtifactError(f"{source}: invalid manifest: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # a value of the wrong kind
+            raise ArtifactError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from None
         return manifest
+
+    def validate(self) -> None:
+        """Every value a runtime trusts, checked: types and ranges, file references that are plain
+        names inside the artifact, required files hashed, programs that reference only declared
+        kernels, weights, caches and buffers. (Sizes are checked against the tensors at load time.)"""
+        for name in ("target", "target_spec", "runtime", "library", "device", "tvm_version"):
+            _check(isinstance(getattr(self, name), str), f"{name} must be a string")
+        _check(self.index_dtype in INDEX_DTYPES, f"index_dtype must be one of {INDEX_DTYPES}")
+        _check(self.weight_dtype in WEIGHT_DTYPES, f"weight_dtype must be one of {WEIGHT_DTYPES}")
+        _check(_is_int(self.device_type) and self.device_type >= 0, "device_type must be a non-negative integer")
+        _check(isinstance(self.static_decode, bool), "static_decode must be true or false")
+        for name in ("system", "platform", "prepare"):
+            _check(getattr(self, name) is None or isinstance(getattr(self, name), str), f"{name} must be a string")
+        for name in ("runtime_libraries", "machines", "weight_dtype_tensors", "host_tables"):
+            _check(_strings(getattr(self, name)), f"{name} must be a list of strings")
+        for name in ("config", "weight_recipes", "kernels", "files"):
+            _check(isinstance(getattr(self, name), dict), f"{name} must be an object")
+        for name in [self.library, *self.files, *self.runtime_libraries]:
+            _check(_plain_file_name(name), f"{name!r} is not a file name inside the artifact")
+        _check(all(isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d) for d in self.files.values()),
+               "files must map names to SHA-256 digests")
+        _check(all(isinstance(k, dict) and isinstance(k.get("op"), str) for k in self.kernels.values()),
+               "kernels must map names to specs with an op")
+        self._validate_seed()
+        self._validate_required_files()
+        self._validate_slots()
+        self._validate_programs()
+
+    def _validate_seed(self) -> None:
+        seed = self.weights_from_seed
+        _check(seed is None or (isinstance(seed, dict) and _is_int(seed.get("seed"))
+                                and seed.get("dtype") in WEIGHT_DTYPES), "weights_from_seed must be {seed, dtype}")
+
+    def _validate_required_files(self) -> None:
+        required = [] if self.prepare else [self.library]  # a library made on the device is not hashed
+        if self.weights_from_seed is None:
+            required += [WEIGHTS] + ([HOST] if self.host_tables else [])
+        missing = [name for name in required if name not in self.files]
+        _check(not missing, f"{missing[0] if missing else ''} is not among the hashed files")
+
+    def _validate_slots(self) -> None:
+        for key, slot in self.kv_slots.items():
+            _check(slot.slot == key and _is_int(slot.layer) and slot.layer >= 0, f"kv_slots.{key}: bad slot/layer")
+            _check(_is_int(slot.kv_heads) and 1 <= slot.kv_heads <= MAX_DIM, f"kv_slots.{key}.kv_heads out of range")
+            _check(_is_int(slot.head_dim) and 1 <= slot.head_dim <= MAX_DIM, f"kv_slots.{key}.head_dim out of range")
+            _check(isinstance(slot.ring, bool), f"kv_slots.{key}.ring must be true or false")
+            window_ok = slot.window is None or (_is_int(slot.window) and 1 <= slot.window <= MAX_POSITIONS)
+            _check(window_ok and (slot.window is not None or not slot.ring), f"kv_slots.{key}.window out of range")
+        entry = self.entry
+        _check(entry.inputs in (["ids", "positions"], ["ids", "positions", "ple_rows"]), "entry.inputs")
+        _check(_strings(entry.weights) and _strings(entry.caches), "entry weights and caches must be names")
+        _check(sorted(entry.caches) == sorted(self.kv_slots), "entry.caches must be the kv_slots")
+        _check(len(self.host_tables) == (1 if self.has_ple else 0), "host_tables must hold the one PLE table")
+
+    def _validate_programs(self) -> None:
+        _check(set(self.programs) == set(PROGRAMS), f"programs must be {', '.join(PROGRAMS)}")
+        weights, slots = set(self.entry.weights), set(self.kv_slots)
+        for name, program in self.programs.items():
+            for ref, value in program.buffers.items():
+                shape, dtype = value
+                _check(_strings([ref]) and dtype in BUFFER_DTYPES and isinstance(shape, list)
+                       and all(d == "T" or (_is_int(d) and 0 <= d <= MAX_ELEMENTS) for d in shape),
+                       f"programs.{name}.buffers.{ref}")
+            for step in program.steps:
+                _check(isinstance(step.kernel, str) and (step.kernel in self.kernels or step.kernel in RUNTIME_STEPS),
+                       f"programs.{name}: unknown kernel {step.kernel!r}")
+                _check(_strings(step.args) and isinstance(step.attrs, dict), f"programs.{name}: bad step")
+                for ref in step.args:
+                    kind, _, rest = ref.partition(":")
+                    known = {"in": rest in ("ids", "positions"), "w": rest in weights, "kv": rest in slots,
+                             "a": rest in program.buffers}
+                    _check(known.get(kind, False), f"programs.{name}: unknown buffer {ref!r}")
+            _check(program.outputs.get("logits", "")[2:] in program.buffers, f"programs.{name}: no logits output")
 
     def write(self, directory: Path) -> None:
         """Hash every file of `directory` into `files`, then write manifest.json beside them."""
@@ -162,10 +240,36 @@ class Manifest:
         return self.entry.inputs[2:] == ["ple_rows"]
 
 
-def _plain_file_name(name: str, source: str) -> None:
+PROGRAMS = ("prefill", "prefill_all", "decode")
+RUNTIME_STEPS = ("rows", "last", "reshape")
+INDEX_DTYPES = ("int32", "int64")
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+BUFFER_DTYPES = ("float32", "int32", "int64")
+MAX_DIM = 1 << 16  # heads, head_dim
+MAX_POSITIONS = 1 << 24  # sliding windows
+MAX_ELEMENTS = 1 << 40
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise _Invalid(what)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _strings(values) -> bool:
+    return isinstance(values, list) and all(isinstance(v, str) for v in values)
+
+
+def _plain_file_name(name) -> bool:
     """File references are names inside the artifact directory, never paths."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ArtifactError(f"{source}: {name!r} is not a file name inside the artifact")
+    return isinstance(name, str) and bool(name) and name not in (".", "..") and not re.search(r"[/\\\x00]", name)
 
 
 def is_artifact(path: str | Path) -> bool:

@@ -56,28 +56,59 @@ def read_aligned_safetensors(path: Path) -> dict[str, np.ndarray]:
     largest tensor (the LM head of E2B); reading into place keeps peak memory at the weights' size.
     The layout (8-byte little-endian header length, JSON header with dtype/shape/data_offsets, then
     the byte buffer) is the documented safetensors format."""
+    if not Path(path).is_file():  # a FIFO or device would block or never end
+        raise ArtifactError(f"{path}: not a regular file")
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
-        try:
-            (length,) = np.frombuffer(f.read(8), dtype="<u8")
-            header = json.loads(f.read(int(length)))
-        except (ValueError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{path}: corrupt safetensors header ({exc})") from None
-        start = 8 + int(length)
+        header, start = _read_header(f, path, size)
         tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info["dtype"] not in _SAFETENSORS_DTYPES:
-                raise ArtifactError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            array = aligned_empty(info["shape"], _SAFETENSORS_DTYPES[info["dtype"]])
-            begin, end = info["data_offsets"]
-            if end - begin != array.nbytes:
-                raise ArtifactError(f"{path}: tensor {name} has {end - begin} bytes, its shape needs {array.nbytes}")
+        for name, (dtype, shape, (begin, end)) in header.items():
+            nbytes = tensor_bytes(shape, dtype)
+            if end - begin != nbytes:
+                raise ArtifactError(f"{path}: tensor {name} has {end - begin} bytes, its shape needs {nbytes}")
+            if start + end > size:
+                raise ArtifactError(f"{path}: truncated at tensor {name}")
+            array = aligned_empty(shape, dtype)
             f.seek(start + begin)
             if f.readinto(memoryview(array.reshape(-1)).cast("B")) != array.nbytes:
                 raise ArtifactError(f"{path}: truncated at tensor {name}")
             tensors[name] = array
     return tensors
+
+
+MAX_HEADER = 100 << 20  # bytes; safetensors' own limit
+
+
+def _read_header(f, path: Path, size: int) -> tuple[dict, int]:
+    """{name: (numpy dtype, shape, (begin, end))} of a safetensors file and where its data starts;
+    every value checked before anything is allocated."""
+    raw = f.read(8)
+    length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+    if not 0 < length <= min(MAX_HEADER, size - 8):
+        raise ArtifactError(f"{path}: corrupt safetensors header (length {length} in a {size}-byte file)")
+    try:
+        header = json.loads(f.read(length))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: corrupt safetensors header (not an object)")
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            valid = (isinstance(shape, list) and all(isinstance(d, int) and 0 <= d < 2**40 for d in shape)
+                     and isinstance(offsets, list) and len(offsets) == 2
+                     and all(isinstance(o, int) and 0 <= o for o in offsets) and offsets[0] <= offsets[1])
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(f"{path}: tensor {name}: corrupt header entry ({exc})") from None
+        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+            raise ArtifactError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        if not valid:
+            raise ArtifactError(f"{path}: tensor {name}: corrupt shape or offsets")
+        tensors[name] = (np.dtype(_SAFETENSORS_DTYPES[dtype]), tuple(shape), tuple(offsets))
+    return tensors, 8 + length
 
 
 def write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], np.dtype]],

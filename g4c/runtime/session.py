@@ -18,8 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from g4c.artifact import HOST, MANIFEST, WEIGHTS, Manifest, aligned, derived_weight, read_aligned_safetensors, \
-    read_manifest
+from g4c.artifact import (HOST, MANIFEST, WEIGHTS, ArtifactError, Manifest, aligned, derived_weight,
+                          read_aligned_safetensors, read_manifest)
 from g4c.config import config_from_dict
 from g4c.errors import G4CError
 from g4c.runtime.sampling import Sampler
@@ -32,6 +32,7 @@ class Session:
     max_context: int
     position: int = 0  # tokens already in the KV cache
     prefill_chunk: int = 64  # compiled backends run a long prompt as chunks of this many tokens
+    context_full: bool = False  # the last `generate` stopped because the context reached max_context
 
     def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Feed tokens after the cached ones; logits of the last token [vocab] (or [T, vocab])."""
@@ -66,12 +67,14 @@ class Session:
 
     def generate(self, tokens: Sequence[int], max_new_tokens: int, sampler: Sampler | None = None,
                  stop_tokens: Sequence[int] = (), on_token: Callable[[int], None] | None = None) -> list[int]:
-        """Continue `tokens`; returns the new ids (ending with a stop token if one was sampled)."""
+        """Continue `tokens`; returns the new ids (ending with a stop token if one was sampled). At the
+        context limit generation stops early and sets `context_full` (what was generated is kept)."""
         if max_new_tokens < 0:
             raise G4CError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
         sampler = sampler or Sampler()
         stops = set(stop_tokens)
         new: list[int] = []
+        self.context_full = False
         if max_new_tokens == 0:
             return new
         logits = self.prefill(tokens)
@@ -81,6 +84,9 @@ class Session:
             if on_token is not None:
                 on_token(token)
             if token in stops or len(new) == max_new_tokens:
+                return new
+            if self.position >= self.max_context:
+                self.context_full = True
                 return new
             logits = self.decode(token)
 
@@ -119,6 +125,10 @@ class ArtifactSession(Session):
         self.executor = executor(self)
         weights, self._host_tables = artifact_weights(self.directory, self.manifest, model)
         order = self.manifest.entry.weights
+        missing = [n for n in order if n not in weights]
+        if missing:
+            raise ArtifactError(f"the artifact's weights lack {missing[0]}, which its entry functions take")
+        self._check_tables(weights)
         self.executor.upload_weights([weights[n] for n in order])
         # shape/dtype stand-ins of the uploaded weights (what `g4c bench` counts for the roofline)
         self.weights = {n: np.broadcast_to(np.zeros((), a.dtype), a.shape) for n, a in weights.items()}
@@ -128,6 +138,27 @@ class ArtifactSession(Session):
                                  slots[s].head_dim) for s in self.manifest.entry.caches}
         self.executor.allocate_caches(self.cache_shapes)
         self.reset()
+
+    def _check_tables(self, weights: dict[str, np.ndarray]) -> None:
+        """Token ids index the embedding table(s) and the PLE table: the vocabulary the session admits
+        is checked against the rows those tables really have, whatever the config says."""
+        covered = 0  # embedding rows 0 .. covered-1, from one table or its contiguous slices
+        for step in self.manifest.programs["decode"].steps:
+            spec = self.manifest.kernels.get(step.kernel, {})
+            if spec.get("op") in ("embed", "embed_rows"):
+                table = weights[step.args[0][2:]]
+                expected = spec.get("rows", spec.get("vocab"))
+                if table.ndim != 2 or table.shape[0] != expected:
+                    raise ArtifactError(f"embedding table {step.args[0][2:]} has shape {list(table.shape)}, its kernel "
+                                        f"expects {expected} rows")
+                if spec.get("lo", 0) == covered:
+                    covered += table.shape[0]
+        tables = [self._host_tables[t].get_shape()[0] if hasattr(self._host_tables[t], "get_shape")
+                  else self._host_tables[t].shape[0] for t in self.manifest.host_tables]
+        available = min([covered, *tables])
+        if self.vocab_size > available:
+            raise ArtifactError(f"the config's vocabulary ({self.vocab_size}) exceeds the embedding rows the artifact "
+                                f"holds ({available})")
 
     @property
     def caches(self) -> dict[str, np.ndarray]:
@@ -147,7 +178,17 @@ class ArtifactSession(Session):
         whole = name == "decode" and self.manifest.static_decode  # fixed shapes: caches passed whole
         rows = {s: shape[0] if whole or self.manifest.kv_slots[s].ring else length
                 for s, shape in self.cache_shapes.items()}
-        logits = self.executor.run(name, inputs, rows)
+        try:
+            logits = self.executor.run(name, inputs, rows)
+        except G4CError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a TVM/wgpu failure inside the artifact: one line
+            message = str(exc).strip().splitlines()
+            raise ArtifactError(f"the compiled model failed in {name}: {message[-1] if message else type(exc).__name__}") \
+                from None
+        if not np.isfinite(logits).all():
+            raise ArtifactError(f"the compiled model produced non-finite logits in {name} (NaN/Inf weights, or a "
+                                "damaged artifact)")
         self.position = length
         return logits
 
