@@ -78,7 +78,8 @@ def with_profile_option(target: str, option: str, value: str | None) -> str:
     kinds = [k for k in target_kinds().values() if k.profile_option == option]
     kind = target.partition(":")[0]
     match = next((k for k in kinds if k.kind == kind), None)
-    if match is None and len(kinds) == 1 and target == "llvm":  # the CLI default: the option picks the kind
+    default = target_kinds().get(target)
+    if match is None and len(kinds) == 1 and default is not None and default.host:  # the CLI's default target
         match = kinds[0]
     if match is None:
         raise G4CError(f"--{option} applies to --target {' or '.join(k.kind for k in kinds)}, not {target}")
