@@ -223,6 +223,9 @@ def parse_tokens(text: str, option: str = "--tokens") -> list[int]:
         raise G4CError(f"{option} must be comma-separated integers, got {text!r}") from None
     if not ids:
         raise G4CError(f"{option} is empty")
+    huge = [i for i in ids if not -2**31 <= i < 2**31]  # no vocabulary comes near; numpy would overflow
+    if huge:
+        raise G4CError(f"{option}: token id {huge[0]} is out of range (token ids are below 2^31)")
     return ids
 
 
@@ -274,12 +277,14 @@ def graph(model: str = typer.Argument(..., help="Checkpoint directory or preset.
     """Write the model's IR graph as DOT (or SVG/PNG, or text), optionally after passes.
 
     Example: g4c graph tiny-e -o tiny-e.dot --passes all"""
+    from g4c.atomic import check_output_file
     from g4c.frontend import MODES, build_graph
     from g4c.ir import format_graph, verify, write_dot
     from g4c.passes import PassContext, PassManager, resolve_passes
 
     if mode not in MODES:
         raise G4CError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_output_file(output)  # before the work
     cfg = _config(model, layers)
     g = build_graph(cfg, mode, logits_to_keep=1 if mode == "prefill" else None)
     verify(g)
@@ -302,6 +307,9 @@ def logits(model: str = typer.Argument(..., help="Checkpoint directory or preset
     """Float32 logits [T, vocab] of the prompt, saved as .npy (MODEL may be a compiled artifact).
 
     Example: g4c logits tiny-e --random-weights --tokens 2,17,99 -o out.npy"""
+    from g4c.atomic import check_output_file
+
+    check_output_file(output if str(output).endswith(".npy") else Path(f"{output}.npy"))  # np.save adds .npy
     _, _, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir, target,
                              max_context, rpc, rpc_key)
     result = session.prefill(parse_tokens(tokens), all_logits=True).astype(np.float32)
@@ -346,6 +354,9 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
     if sampled and isinstance(session, ArtifactSession):  # compiled: artifact, --rpc or --backend tvm
         print(_speed(len(ids), sampled[0] - start, len(sampled) - 1, sampled[-1] - sampled[0]), file=sys.stderr,
               flush=True)
+    if session.context_full:
+        print(f"g4c: warning: stopped after {len(new)} new tokens at the context limit ({session.max_context} "
+              "positions; --max-context raises it for compiled runs)", file=sys.stderr, flush=True)
     if tokenizer is not None:
         out.print(tokenizer.decode(new), markup=False, highlight=False)
     print(",".join(map(str, new)))

@@ -128,6 +128,7 @@ class ModelConfig:
     layers: tuple[LayerSpec, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        check_limits({name: getattr(self, name) for name in LIMITS})  # before lists of num_hidden_layers entries
         if self.layer_types is None:  # transformers' default: every 6th layer full (5:1)
             self.layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(self.num_hidden_layers)]
         self.layer_types = list(self.layer_types)
@@ -225,6 +226,29 @@ def _resolve_layer(cfg: ModelConfig, i: int) -> LayerSpec:
 
 
 # ---- validation --------------------------------------------------------------------------------
+# Upper limits of the dimensions that size the weights (and of the layer count, which sizes lists built
+# from the config): far above every Gemma 4 model (the largest: vocab 262144, hidden 5376, intermediate
+# 21504, head_dim 512, 60 layers, 32 heads, 128 experts) and low enough that a typo (vocab_size 10**12)
+# is refused when the config is read, by every command, instead of as a MemoryError minutes later.
+# Within them a model can still be too big for a machine: `g4c init-random` checks its tensors against
+# this machine's memory and disk (g4c/checkpoint.py).
+LIMITS: dict[str, int] = {
+    "vocab_size": 2**24, "vocab_size_per_layer_input": 2**24,
+    "hidden_size": 2**16, "hidden_size_per_layer_input": 2**16, "head_dim": 2**16,
+    "intermediate_size": 2**18, "moe_intermediate_size": 2**18,
+    "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024, "num_experts": 2**12,
+}
+
+
+def check_limits(values: dict[str, Any]) -> None:
+    """Refuse a dimension above `LIMITS` (values of other types are left to the full validation)."""
+    for name, limit in LIMITS.items():
+        value = values.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise ConfigError(f"{name}: {value} is larger than g4c supports "
+                              f"(at most {limit} = 2^{limit.bit_length() - 1})")
+
+
 _INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
 
@@ -283,6 +307,10 @@ def _validate_per_layer_config(cfg: ModelConfig) -> None:
                 raise ConfigError(f"per_layer_config.{index}.{key}: unsupported override (supported: "
                                   f"{', '.join(PER_LAYER_OVERRIDE_KEYS)})")
             _require_int(f"per_layer_config.{index}.{key}", value, minimum=1)
+            limit = LIMITS[key]
+            if value > limit:
+                raise ConfigError(f"per_layer_config.{index}.{key}: {value} is larger than g4c supports "
+                                  f"(at most {limit} = 2^{limit.bit_length() - 1})")
 
 
 def _validate_heads(cfg: ModelConfig) -> None:
@@ -360,6 +388,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> ModelConfig
                           f"(expected one of {sorted(TEXT_MODEL_TYPES) + sorted(WRAPPER_MODEL_TYPES)})")
     known = {f.name for f in dataclasses.fields(ModelConfig) if f.init}
     kwargs = {k: v for k, v in raw.items() if k in known}
+    check_limits(kwargs)  # before lists of num_hidden_layers entries are built
     if "torch_dtype" in raw and "dtype" not in raw:
         kwargs["dtype"] = raw["torch_dtype"]
     kwargs["per_layer_config"] = _global_layer_overrides(raw)
@@ -415,11 +444,17 @@ def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config.json not found at {path}")
+    if not path.is_file():  # a FIFO would block the read, a device never end it
+        raise ConfigError(f"{path}: not a regular file")
     try:
         raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     return config_from_dict(raw, source=str(path))
 

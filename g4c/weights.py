@@ -12,6 +12,8 @@ with `model.safetensors.index.json`), so inspecting or compiling never loads the
 from __future__ import annotations
 
 import json
+import os
+import stat
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -107,13 +109,17 @@ class Checkpoint:
         if not self.directory.is_dir():
             raise WeightError(f"checkpoint directory not found: {self.directory}")
         index = self.directory / INDEX_FILE
-        if index.is_file():
+        if os.path.lexists(index):
+            check_regular_file(index, "safetensors index")
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                shards = set(weight_map.values())
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
                 raise WeightError(f"{index}: not a valid safetensors index ({exc})") from None
-            files = sorted({self.directory / f for f in weight_map.values()})
-            missing = [f for f in files if not f.is_file()]
+            if not all(isinstance(f, str) and f for f in shards):
+                raise WeightError(f"{index}: weight_map values must be shard file names")
+            files = sorted(self.directory / f for f in shards)
+            missing = [f for f in files if not os.path.lexists(f)]
             if missing:
                 raise WeightError(f"{index} lists shard {missing[0].name}, which does not exist")
             return files
@@ -124,6 +130,7 @@ class Checkpoint:
 
     def _open(self, path: Path):
         if path not in self._handles:
+            check_regular_file(path, "weights file")
             try:
                 self._handles[path] = safe_open(str(path), framework="numpy")
             except Exception as exc:  # safetensors raises its own error types for corrupt headers
@@ -164,6 +171,35 @@ class Checkpoint:
         path, key = self._location[name]
         view = self._open(path).get_slice(key)
         return np.concatenate([view[int(i): int(i) + 1] for i in ids], axis=0)
+
+
+def check_regular_file(path: Path, what: str) -> None:
+    """Refuse, in one line, a `what` that cannot be read as a file before anything opens it: a FIFO,
+    socket or device (reading one blocks or never ends), a directory, a dangling link, or a file this
+    process may not read (safetensors reports permission errors as "No such file or directory")."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise WeightError(f"{path}: no such file (a {what} is expected there)") from None
+    except PermissionError:
+        raise WeightError(f"{path}: permission denied (cannot read the {what})") from None
+    except OSError as exc:
+        raise WeightError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise WeightError(f"{path}: not a regular file ({_file_kind(mode)}); a {what} must be a regular file")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise WeightError(f"{path}: permission denied (cannot read the {what})") from None
+    except OSError as exc:
+        raise WeightError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 
 def _st_dtype(code: str, key: str) -> str:
@@ -268,4 +304,4 @@ def _ignorable(cfg: ModelConfig, name: str) -> bool:
     return False
 
 
-__all__ = ["Checkpoint", "RandomWeights", "Weights", "expected_shapes", "validate"]
+__all__ = ["Checkpoint", "RandomWeights", "Weights", "check_regular_file", "expected_shapes", "validate"]
