@@ -260,3 +260,15 @@ def test_cli_runs_an_artifact_where_only_the_runtime_is_installed(artifacts):
     assert result.returncode == 0, result.stderr
     assert [int(t) for t in result.stdout.strip().splitlines()[-1].split(",")] == \
         load(artifacts["e"]).generate([2, 17, 99], 6)
+
+
+def test_bundled_runtime_artifact_loads_where_tvm_is_imported(checkpoints, tmp_path):
+    """An artifact that carries libtvm_runtime.so, loaded in a process that already imported TVM, uses
+    the runtime already there (a second copy aborts the process on duplicate registrations)."""
+    art = tmp_path / "bundled"
+    assert main(["compile", str(checkpoints["dense"]), "--bundle-runtime", "--no-check", "-o", str(art)]) == 0
+    assert (art / "libtvm_runtime.so").is_file()
+    code = f"import tvm, g4c; print(g4c.load({str(art)!r}).generate([2, 17, 99], 4))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(load(art).generate([2, 17, 99], 4))

@@ -22,10 +22,25 @@ DEVICE_CPU = 1  # DLPack device type
 POOLED_ALLOCATOR = 2  # Relax VM allocator kind
 
 
+def _loaded_libraries() -> set[str]:
+    """File names of the shared libraries this process has mapped (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return {Path(line.split()[-1]).name for line in maps if line.rstrip().endswith((".so", ".dylib"))
+                    or ".so." in line}
+    except OSError:
+        return set()
+
+
 def load_runtime_libraries(directory: Path, names: list[str]) -> None:
     """Load the TVM runtime libraries an artifact needs (the CPU thread pool; a GPU's module loader)
-    without importing the compiler."""
+    without importing the compiler. A library this process has already loaded (from an imported TVM)
+    is not loaded a second time from the artifact: two copies of the runtime abort on their duplicate
+    registrations."""
+    loaded = _loaded_libraries()
     for name in names:
+        if name in loaded:
+            continue
         found = find_runtime_library(name, directory)
         if found is None:
             raise ArtifactError(f"{name} not found: install apache-tvm, compile with --bundle-runtime, "
