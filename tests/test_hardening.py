@@ -412,3 +412,28 @@ def test_written_directories_and_files_follow_the_umask(tmp_path, umask, mask):
     assert got == {"ckpt": directory, "ckpt/config.json": plain, "ckpt/model.safetensors": plain,
                    "out": directory, "out/sub": directory, "out/sub/data.bin": plain, "out/run.sh": executable,
                    "tokenizer.json": plain}
+
+
+@pytest.mark.parametrize("stage", ["scheduling kernels", "building library", "writing weights", "self-check"])
+def test_compile_overwrite_killed_at_each_stage_keeps_a_whole_artifact(tmp_path, stage):
+    """kill -9 during `compile --overwrite`, at each stage: the target still holds a whole artifact (the
+    old one, or the new one once it is in place), and the next compile cleans up after the dead writer."""
+    import signal
+
+    import g4c
+
+    art = tmp_path / "art"
+    base = [sys.executable, "-m", "g4c.cli", "compile", "tiny-dense", "--random-weights", "-o", str(art)]
+    assert subprocess.run(base + ["--no-check"], capture_output=True).returncode == 0
+    old = g4c.load(art).prefill([2, 17, 99])
+    writer = subprocess.Popen(base + ["--overwrite", "--seed", "1"], stderr=subprocess.PIPE, text=True)
+    for line in writer.stderr:
+        if line.startswith(stage):
+            os.kill(writer.pid, signal.SIGKILL)
+            break
+    writer.wait()
+    assert writer.returncode in (-signal.SIGKILL, 0)
+    now = g4c.load(art).prefill([2, 17, 99])  # whole and verified (every file's SHA-256)
+    assert np.array_equal(now, old) or stage == "self-check"  # the new one is in place only at the end
+    assert subprocess.run(base + ["--overwrite", "--no-check"], capture_output=True).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # the dead writer's leftovers are gone
