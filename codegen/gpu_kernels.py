@@ -15,9 +15,9 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from g4c.codegen.kernel_math import (F32, MASKED_SCORE, STORAGE, causal_window_visible, gelu_tanh, inv_rms,
-                                     load_weight, online_softmax_update, ring_key_position, ring_slot, rope_rotate,
-                                     route_top_k, unmasked)
+from g4c.codegen.kernel_math import (F32, MASKED_SCORE, STORAGE, causal_window_visible, dequant, gelu_tanh,
+                                     inv_rms, load_weight, online_softmax_update, ring_key_position, ring_slot,
+                                     rope_rotate, route_top_k, unmasked)
 
 I32 = "int32"
 THREADS = 64  # threads per workgroup for row-wise kernels
@@ -735,6 +735,30 @@ def embed_rows(lo: int, rows: int, hidden: int, name: str, dtype: str = "float32
                 for r in range(_ceil(hidden, nt)):
                     if r * nt + tid < hidden and lo <= ids[blk] and ids[blk] < lo + rows:
                         out[blk, r * nt + tid] = load_weight(table[ids[blk] - lo, r * nt + tid], dtype)
+    return func
+
+
+def embed_rows_q(lo: int, rows: int, hidden: int, scheme: str, name: str) -> tirx.PrimFunc:
+    """`embed_rows` of a group-quantized table slice (`g4c.quant` layout): rows are dequantized as
+    they are gathered."""
+    from g4c.quant import packed_shapes
+
+    data_shape, scales_shape = packed_shapes((rows, hidden), scheme)
+    nt, attrs = THREADS, _attrs(name)
+
+    @T.prim_func
+    def func(data_h: T.handle, scales_h: T.handle, ids_h: T.handle, out_h: T.handle):
+        T.func_attr(attrs)
+        t = T.int32()
+        data = T.match_buffer(data_h, data_shape, "uint32")
+        scales = T.match_buffer(scales_h, scales_shape, F32)
+        ids = T.match_buffer(ids_h, (t,), I32)
+        out = T.match_buffer(out_h, (t, hidden), F32)
+        for blk in T.thread_binding(t, thread="blockIdx.x"):
+            for tid in T.thread_binding(nt, thread="threadIdx.x"):
+                for r in range(_ceil(hidden, nt)):
+                    if r * nt + tid < hidden and lo <= ids[blk] and ids[blk] < lo + rows:
+                        out[blk, r * nt + tid] = dequant(data, scales, ids[blk] - lo, r * nt + tid, scheme)
     return func
 
 

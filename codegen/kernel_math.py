@@ -19,7 +19,7 @@ from tvm.script import tirx as T
 F32 = "float32"
 
 # Weight storage: fp32, fp16, or bf16 carried as its uint16 bit pattern (numpy/DLPack have no bf16).
-STORAGE = {"float32": F32, "float16": "float16", "bfloat16": "uint16"}
+STORAGE = {"float32": F32, "float16": "float16", "bfloat16": "uint16", "uint32": "uint32"}  # uint32: quantized
 
 MASKED_SCORE = -3.0e38  # the score of a masked key; also the initial running max of a softmax
 
@@ -130,3 +130,21 @@ def route_top_k(logits, pes, idx, w, i, probs, acc, best, experts, top_k):
         probs[best[0]] = T.float32(-1)
     for j in range(top_k):
         w[i, j] = w[i, j] / acc[2] * pes[idx[i, j]]
+
+
+def dequant(data, scales, row, k, scheme: str):
+    """Element (row, k) of a group-quantized weight as fp32 (`g4c.quant`'s layout: `data` uint32
+    words [rows, K·bits/32], `scales` float32 [rows, K/32]); works on TE tensors and TIR buffers, so
+    the dequantization is fused into whatever kernel reads the weight."""
+    u32 = "uint32"
+    if scheme == "q8":  # byte k % 4 of word k // 4, sign-extended by an arithmetic shift
+        word = data[row, k // 4]
+        value = tirx.reinterpret("int32", word << ((3 - k % 4) * 8).astype(u32)) >> 24
+    elif scheme == "q4":  # group k // 32: byte b = e % 16 of its 16 holds e (low nibble) and e + 16 (high)
+        e = k % 32
+        b = e % 16
+        word = data[row, (k // 32) * 4 + b // 4]
+        value = ((word >> (8 * (b % 4) + 4 * (e // 16)).astype(u32)) & tirx.const(15, u32)).astype("int32") - 8
+    else:
+        raise ValueError(f"unknown quantization {scheme!r}")
+    return value.astype(F32) * scales[row, k // 32]

@@ -17,8 +17,8 @@ import math
 from tvm import te, tirx
 from tvm.script import tirx as T_
 
-from g4c.codegen.kernel_math import (F32, MASKED_SCORE, STORAGE, causal_window_visible, gelu_tanh, inv_rms,
-                                     load_weight, ring_key_position, ring_slot, rope_rotate, route_top_k)
+from g4c.codegen.kernel_math import (F32, MASKED_SCORE, STORAGE, causal_window_visible, dequant, gelu_tanh,
+                                     inv_rms, load_weight, ring_key_position, ring_slot, rope_rotate, route_top_k)
 
 I64 = "int64"
 
@@ -63,6 +63,37 @@ def linear(k: int, n: int, name: str, dtype: str = "float32", rows: int | None =
     r = te.reduce_axis((0, k), name="k")
     y = te.compute((t, n), lambda i, j: te.sum(x[i, r] * load_weight(w[j, r], dtype), axis=r), name="y")
     return _prim([x, w, y], name)
+
+
+def _quantized(rows: int, k: int, scheme: str) -> tuple:
+    """Placeholders of a group-quantized [rows, k] weight (`g4c.quant` layout)."""
+    from g4c.quant import packed_shapes
+
+    data_shape, scales_shape = packed_shapes((rows, k), scheme)
+    return te.placeholder(data_shape, "uint32", name="w_data"), te.placeholder(scales_shape, F32, name="w_scales")
+
+
+def linear_q(k: int, n: int, scheme: str, name: str, rows: int | None = None) -> tirx.PrimFunc:
+    """`linear` with a group-quantized weight: each weight is dequantized where the reduction reads
+    it (no dequantized copy exists); fp32 accumulation."""
+    t = rows or _t()
+    x = te.placeholder((t, k), F32, name="x")
+    data, scales = _quantized(n, k, scheme)
+    # a separate decode stage that every schedule inlines into the reduction (the GPU GEMV/GEMM rules
+    # recognise the pattern this way; it is never materialised)
+    w = te.compute((n, k), lambda j, c: dequant(data, scales, j, c, scheme), name="w_deq")
+    r = te.reduce_axis((0, k), name="k")
+    y = te.compute((t, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="y")
+    return _prim([x, data, scales, y], name)
+
+
+def embed_q(vocab: int, hidden: int, scheme: str, name: str) -> tirx.PrimFunc:
+    """`embed` of a group-quantized table: only the gathered rows are dequantized."""
+    t = _t()
+    data, scales = _quantized(vocab, hidden, scheme)
+    ids = te.placeholder((t,), _INDEX.get(), name="ids")
+    out = te.compute((t, hidden), lambda i, j: dequant(data, scales, ids[i], j, scheme), name="out")
+    return _prim([data, scales, ids, out], name)
 
 
 def _rms(x, rows_shape, dim: int, eps: float, index):

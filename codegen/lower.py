@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from g4c.artifact import KVSlot, Program, Step
+from g4c.quant import BITS, GROUP
 from g4c.codegen.gpu_kernels import GEMM_TILE, attention_parts
 from g4c.codegen.spec import KernelSpec, LoweringOptions
 from g4c.config import ModelConfig, RopeSpec
@@ -29,6 +30,8 @@ class Lowered:
     options: LoweringOptions
     weight_dtype: str = "float32"  # storage of GEMM/embedding/expert weights; the rest stays fp32
     weight_dtype_tensors: set[str] = field(default_factory=set)  # weights stored in weight_dtype
+    quant: str | None = None  # group quantization of linear and embedding matrices (g4c.quant)
+    host_quant: str | None = None  # ... of the host tables (the PLE table)
 
     @property
     def index_dtype(self) -> str:
@@ -80,15 +83,31 @@ class _Lowering:
         self.out.weight_dtype_tensors.add(w[2:])
         return self.out.weight_dtype
 
+    def matrix(self, w: str, k: int) -> tuple[list[str], str | None]:
+        """The kernel arguments of a [*, k] matrix weight and its quantization: (data, scales) made at
+        compile time when --quant applies (k a multiple of the group), else the weight itself, stored
+        in the weight dtype."""
+        scheme = self.out.quant
+        if scheme is None or k % GROUP:
+            self.stored(w)
+            return [w], None
+        name = w[2:]
+        parts = [f"{name}.{scheme}", f"{name}.{scheme}_scales"]
+        for part, kind in zip(parts, ("data", "scales")):
+            self.out.recipes.setdefault(part, {"quant": [name, scheme, kind]})
+        return [f"w:{p}" for p in parts], scheme
+
     def linear(self, x: str, w: str, k: int, n: int, out_name: str, rows) -> str:
-        dt = self.stored(w)
+        args, scheme = self.matrix(w, k)
         gemv = self.opt.decode_gemv and self.decode  # one token: a GEMV schedule, not a GEMM tile
-        if self.opt.tiled_gemm and not gemv:
-            kern = self.kernel("linear_tiled", k=k, n=n, dtype=dt)
+        if scheme:
+            kern = self.kernel("linear_q", k=k, n=n, scheme=scheme, rows=1 if gemv else None)
+        elif self.opt.tiled_gemm and not gemv:
+            kern = self.kernel("linear_tiled", k=k, n=n, dtype=self.out.weight_dtype)
         else:
-            kern = self.kernel("linear", k=k, n=n, dtype=dt, rows=1 if gemv else None)
+            kern = self.kernel("linear", k=k, n=n, dtype=self.out.weight_dtype, rows=1 if gemv else None)
         out = self.buf(out_name, (rows, n))
-        self.call(kern, x, w, out)
+        self.call(kern, x, *args, out)
         return out
 
     def split_linear(self, x: str, w: str, k: int, n: int, out_name: str, rows) -> str:
@@ -125,16 +144,19 @@ class _Lowering:
     def row_slices(self, w: str, rows: int, width: int) -> list[tuple[int, int, str]] | None:
         """[(lo, hi, weight ref)] slices of a [rows, width] table too big for one storage binding
         (None if it fits): the slices are weights of their own, cut at compile time."""
-        limit, itemsize = self.opt.max_binding, 2 if self.out.weight_dtype != "float32" else 4
-        if not limit or rows * width * itemsize <= limit:
+        limit = self.opt.max_binding
+        if self.out.quant and width % GROUP == 0:
+            row_bytes = width * BITS[self.out.quant] // 8  # the data words; the scales are smaller
+        else:
+            row_bytes = width * (2 if self.out.weight_dtype != "float32" else 4)
+        if not limit or rows * row_bytes <= limit:
             return None
-        step = max(64, limit // (width * itemsize) // 64 * 64)
+        step = max(64, limit // row_bytes // 64 * 64)
         name, slices = w[2:], []
         for lo in range(0, rows, step):
             hi = min(rows, lo + step)
             part = f"{name}.rows{lo}-{hi}"
             self.out.recipes.setdefault(part, {"rows": [name, lo, hi]})
-            self.stored(f"w:{part}")
             slices.append((lo, hi, f"w:{part}"))
         return slices
 
@@ -142,17 +164,17 @@ class _Lowering:
         table, ids = n.inputs
         vocab, hidden = table.type.shape
         w = self.weight(table)
-        dt = self.stored(w)
-        slices = self.row_slices(w, vocab, hidden)
-        if slices:
-            out = self.buf(n.name, n.type.shape)
-            for lo, hi, part in slices:
-                kern = self.kernel("embed_rows", lo=lo, rows=hi - lo, hidden=hidden, dtype=dt)
-                self.call(kern, part, self.ref(ids), out)
-            return out
-        kern = self.kernel("embed", vocab=vocab, hidden=hidden, dtype=dt)
         out = self.buf(n.name, n.type.shape)
-        self.call(kern, w, self.ref(ids), out)
+        slices = self.row_slices(w, vocab, hidden)
+        for lo, hi, part in slices or [(0, vocab, w)]:
+            args, scheme = self.matrix(part, hidden)
+            storage = {"scheme": scheme} if scheme else {"dtype": self.out.weight_dtype}
+            if slices:
+                op = "embed_rows_q" if scheme else "embed_rows"
+                kern = self.kernel(op, lo=lo, rows=hi - lo, hidden=hidden, **storage)
+            else:
+                kern = self.kernel("embed_q" if scheme else "embed", vocab=vocab, hidden=hidden, **storage)
+            self.call(kern, *args, self.ref(ids), out)
         return out
 
     def scale_rows(self, n: Node, x: Node, factor: str) -> str:
@@ -299,6 +321,8 @@ class _Lowering:
         name = table.attrs["name"]
         if name not in self.out.host_tables:
             self.out.host_tables.append(name)
+        if table.type.shape[-1] % GROUP:  # rows that are not whole groups stay in the weight dtype
+            self.out.host_quant = None
         gathered = self.buf(f"{n.name}_rows", (rows_dim, layers * dim))
         self.call("rows", self.ref(ids), gathered, table=name)
         proj = self.linear(self.ref(x), self.weight(w_proj), x.type.shape[1], layers * dim, f"{n.name}_proj", rows_dim)
@@ -370,13 +394,16 @@ class _Lowering:
         self.call(self.kernel("moe_combine", hidden=hidden, top_k=top_k), parts, out)
 
 
-def lower(cfg: ModelConfig, graphs: dict[str, Graph], options: LoweringOptions,
-          weight_dtype: str = "float32") -> Lowered:
+def lower(cfg: ModelConfig, graphs: dict[str, Graph], options: LoweringOptions, weight_dtype: str = "float32",
+          quant: str | None = None, host_quant: str | None = None) -> Lowered:
     """Lower the optimized graphs (prefill, prefill_all, decode) into one set of kernel specs and their
-    programs, structured as the target's `options` ask."""
-    out = Lowered({}, {}, {}, {}, [], options, weight_dtype)
+    programs, structured as the target's `options` ask; `quant` group-quantizes the linear and
+    embedding matrices, `host_quant` the host tables (`g4c.quant`)."""
+    out = Lowered({}, {}, {}, {}, [], options, weight_dtype, quant=quant, host_quant=host_quant)
     for mode, graph in graphs.items():
         program = Program(mode)
         _Lowering(cfg, out, program).lower(graph)
         out.programs[mode] = program
+    if not out.host_tables:
+        out.host_quant = None
     return out

@@ -37,6 +37,7 @@ from g4c.dtypes import canonical_dtype, dtype_name, numpy_dtype
 from g4c.errors import G4CError, WeightError
 from g4c.frontend import build_graph
 from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
+from g4c.quant import quant_scheme
 from g4c.weights import Weights
 
 PROGRAMS = {"prefill": ("prefill", 1), "prefill_all": ("prefill", None), "decode": ("decode", None)}
@@ -53,7 +54,7 @@ def optimized_graphs(cfg: ModelConfig, weights: Weights) -> dict:
 def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir: str | Path,
                   overwrite: bool = False, progress: Progress | None = None, dtype: str = "float32",
                   bundle_runtime: bool = False, weights_from_seed: bool = False,
-                  static_decode: bool | None = None) -> Path:
+                  static_decode: bool | None = None, quant: str | None = None, quant_ple: str | None = None) -> Path:
     """Lower, schedule, build and write an artifact (see the module docstring). `bundle_runtime` copies
     the TVM runtime libraries the target needs into it; `weights_from_seed` (random weights only)
     writes no weight files: the runtime regenerates them from the seed, so a benchmark artifact of a
@@ -73,7 +74,8 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     check_writable(out, overwrite)  # before minutes of building
     report = progress or (lambda stage, done, total: None)
     graphs = optimized_graphs(cfg, weights)
-    lowered = lower(cfg, graphs, target.lowering, canonical_dtype(dtype))
+    lowered = lower(cfg, graphs, target.lowering, canonical_dtype(dtype), quant=quant_scheme(quant),
+                    host_quant=quant_scheme(quant_ple))
     entry = signature(lowered)
     specs = _weight_specs(lowered, entry.weights, weights)
     target.check_weights(lowered.weight_dtype, {n: tensor_bytes(*s) for n, s in specs.items()})
@@ -114,7 +116,8 @@ def _manifest(cfg: ModelConfig, target, lowered, entry, static_decode: bool, **f
                     programs=lowered.programs, kv_slots=lowered.kv_slots, **requirements,
                     static_decode=static_decode and target.runtime == "relax-vm", index_dtype=lowered.index_dtype,
                     weight_dtype=lowered.weight_dtype, weight_dtype_tensors=sorted(lowered.weight_dtype_tensors),
-                    weight_recipes=lowered.recipes, host_tables=lowered.host_tables, tvm_version=tvm.__version__,
+                    weight_recipes=lowered.recipes, host_tables=lowered.host_tables, quant=lowered.quant,
+                    host_quant=lowered.host_quant, tvm_version=tvm.__version__,
                     **fields)
 
 
@@ -138,10 +141,33 @@ Specs = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
 def _weight_specs(lowered, used: list[str], weights: Weights) -> Specs:
-    """(shape, storage dtype) of every weight the entry functions take, packed as the kernels want it."""
-    return {name: (derived_shape(name, lowered.recipes, weights.source.shape),
-                   numpy_dtype(lowered.weight_dtype if name in lowered.weight_dtype_tensors else "float32"))
-            for name in used}
+    """(shape, storage dtype) of every weight the entry functions take, packed as the kernels want it:
+    quantized data as uint32 words, their scales and the small weights fp32, matrices in the weight dtype."""
+    def dtype(name: str) -> np.dtype:
+        quant = lowered.recipes.get(name, {}).get("quant")
+        if quant:
+            return np.dtype(np.uint32 if quant[2] == "data" else np.float32)
+        return numpy_dtype(lowered.weight_dtype if name in lowered.weight_dtype_tensors else "float32")
+
+    return {name: (derived_shape(name, lowered.recipes, weights.source.shape), dtype(name)) for name in used}
+
+
+def _maker(recipes: dict, base: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
+    """`derived_weight` for the writer, with the quantization of a matrix done once for its data and
+    its scales (written one after the other)."""
+    from g4c.quant import quantize
+
+    @functools.lru_cache(maxsize=1)
+    def quantized(source: str, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+        return quantize(derived_weight(source, recipes, base), scheme)
+
+    def make(name: str) -> np.ndarray:
+        quant = recipes.get(name, {}).get("quant")
+        if quant:
+            source, scheme, part = quant
+            return quantized(source, scheme)[part == "scales"]
+        return derived_weight(name, recipes, base)
+    return make
 
 
 def _source_f32(weights: Weights) -> Callable[[str], np.ndarray]:
@@ -178,9 +204,10 @@ def _write_weights(directory: Path, lowered, specs: Specs, weights: Weights, rep
     each checked for NaN/Inf: checkpoint tensors as they are read (the message names the checkpoint's
     tensor), packed tensors after the conversion to their storage dtype (fp16 overflows)."""
     base = _source_f32(weights)
+    make = _maker(lowered.recipes, base)
 
     def produce(name: str) -> np.ndarray:
-        packed = derived_weight(name, lowered.recipes, base)
+        packed = make(name)
         with np.errstate(over="ignore"):  # an overflow is reported by check_finite, not as a warning
             stored = packed.astype(specs[name][1], copy=False)
         if stored is packed:
@@ -206,6 +233,8 @@ def _parts(name: str, recipes: dict) -> list[str]:
         return [leaf for part in recipe["concat"] for leaf in _parts(part, recipes)]
     if "rows" in recipe:
         return _parts(recipe["rows"][0], recipes)
+    if "quant" in recipe:
+        return _parts(recipe["quant"][0], recipes)
     return []
 
 
@@ -213,14 +242,26 @@ def _write_host_tables(directory: Path, lowered, weights: Weights) -> None:
     """host.safetensors (the PLE table), each table checked for NaN/Inf as it is converted and written.
     --weights-from-seed compiles write neither file and need no check: their weights are seeded
     random numbers (`RandomWeights`: bounded, finite in every dtype), regenerated by the runtime."""
-    if lowered.host_tables:
-        host_dtype = numpy_dtype(lowered.weight_dtype)
+    if not lowered.host_tables:
+        return
+    if lowered.host_quant:  # data and scales per table, made from the fp32 table (checked first)
+        recipes = {}
+        for table in lowered.host_tables:
+            for kind, suffix in (("data", ""), ("scales", "_scales")):
+                recipes[f"{table}.{lowered.host_quant}{suffix}"] = {"quant": [table, lowered.host_quant, kind]}
+        make = _maker(recipes, lambda name: check_finite(name, np.asarray(weights.source.get(name), np.float32)))
+        specs = {name: (derived_shape(name, recipes, weights.source.shape),
+                        np.dtype(np.uint32 if recipe["quant"][2] == "data" else np.float32))
+                 for name, recipe in recipes.items()}
+        write_safetensors(directory / HOST, specs, make)
+        return
+    host_dtype = numpy_dtype(lowered.weight_dtype)
 
-        def produce(name: str) -> np.ndarray:
-            source = check_finite(name, np.asarray(weights.source.get(name)))
-            with np.errstate(over="ignore"):
-                stored = source.astype(host_dtype, copy=False)
-            return stored if stored is source else check_finite(name, stored, converted_from=source)
+    def produce(name: str) -> np.ndarray:
+        source = check_finite(name, np.asarray(weights.source.get(name)))
+        with np.errstate(over="ignore"):
+            stored = source.astype(host_dtype, copy=False)
+        return stored if stored is source else check_finite(name, stored, converted_from=source)
 
-        specs = {n: (weights.source.shape(n), host_dtype) for n in lowered.host_tables}
-        write_safetensors(directory / HOST, specs, produce)
+    specs = {n: (weights.source.shape(n), host_dtype) for n in lowered.host_tables}
+    write_safetensors(directory / HOST, specs, produce)

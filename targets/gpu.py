@@ -29,6 +29,7 @@ def gpu_builders() -> dict:
             "router_topk": gpu.router_topk, "attention_split": gpu.attention,
             "prefill_attention_split": gpu.prefill_attention, "attention_merge": gpu.attention_merge,
             "linear_tiled": gpu.linear_tiled, "place_columns": gpu.place_columns, "embed_rows": gpu.embed_rows,
+            "embed_rows_q": gpu.embed_rows_q,
             "moe_gate_up": gpu.moe_gate_up, "moe_down": gpu.moe_down, "moe_align": gpu.moe_align,
             "moe_gate_up_grouped": gpu.moe_gate_up_grouped, "moe_down_grouped": gpu.moe_down_grouped,
             "moe_combine": gpu.moe_combine}
@@ -43,10 +44,26 @@ def gpu_schedule(tvm_target, name: str, func, matmul: bool = True):
     if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
         return func
     rules = [dl.gpu.GEMV()] + ([dl.gpu.Matmul()] if matmul else [])
-    rules += [dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    rules += [dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
     with tvm_target:
-        mod = dl.ApplyDefaultSchedule(*rules)(tvm.IRModule({name: func}))
+        mod = dl.ApplyDefaultSchedule(*[_tolerant(r) for r in rules], dl.gpu.Fallback())(tvm.IRModule({name: func}))
     return mod[name]
+
+
+def _tolerant(rule):
+    """A dlight rule that declines (returns None) where it would raise: dlight's reduction rules raise
+    on some patterns they do not handle (a quantized weight's decode inlined into a GEMV), and the next
+    rule should get the kernel instead."""
+    from tvm.s_tir import dlight as dl
+
+    class Tolerant(dl.ScheduleRule):
+        def apply(self, func, target, tunable):
+            try:
+                return rule.apply(func, target, tunable)
+            except Exception:  # noqa: BLE001 - a rule that cannot handle the pattern
+                return None
+
+    return Tolerant()
 
 
 class GpuTarget(RelaxVMTarget):

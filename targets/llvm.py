@@ -43,9 +43,11 @@ def _schedule_linear(func, reduction: int):
     import tvm
     from tvm import s_tir
 
-    if reduction % VECTOR:
-        return func
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    if _has_block(sch, "w_deq"):  # a quantized weight: dequantized inside the reduction, never stored
+        sch.compute_inline(sch.get_sblock("w_deq"))
+    if reduction % VECTOR:
+        return sch.mod["main"]
     block = sch.get_sblock("y")
     i, j, k = sch.get_loops(block)
     ko, ki = sch.split(k, [None, VECTOR])
@@ -138,14 +140,14 @@ def cpu_builders() -> dict:
     """op → TensorIR builder of the CPU kernels (GPU targets start from these too)."""
     from g4c.codegen import kernels
 
-    ops = ("embed", "linear", "rms_norm", "add_rms_norm", "head_norm_rope", "cache_write", "attention", "gelu_mul",
+    ops = ("embed", "embed_q", "linear", "linear_q", "rms_norm", "add_rms_norm", "head_norm_rope", "cache_write", "attention", "gelu_mul",
            "scale_rows", "add", "softcap", "ple_mix", "ple_gate", "router_input", "router_topk", "moe_experts")
     return {op: getattr(kernels, op) for op in ops}
 
 
 def schedule_cpu(spec: KernelSpec, func):
     """The CPU schedule of a kernel spec (shared with the ARM targets)."""
-    if spec.op == "linear":
+    if spec.op in ("linear", "linear_q"):
         return _schedule_linear(func, spec["k"])
     if spec.op == "attention":
         return _schedule_attention(func)

@@ -108,6 +108,8 @@ class Manifest:
     weight_dtype_tensors: list[str] = field(default_factory=list)
     weight_recipes: dict[str, dict] = field(default_factory=dict)  # g4c.artifact.recipes
     host_tables: list[str] = field(default_factory=list)  # tables gathered row by row on the host (PLE)
+    quant: str | None = None  # group quantization of the linear/embedding matrices (g4c.quant), or none
+    host_quant: str | None = None  # ... of the host tables
     kv_plan: list = field(default_factory=list)  # plan_kv_cache's per-layer plan, for inspection
     launches: dict[str, list[dict]] | None = None  # wgpu: per kernel, its device launches (codegen.wgsl)
     decode_graph: dict[str, int] | None = None  # CUDA graphs: kernels captured / launched outside
@@ -178,6 +180,8 @@ class Manifest:
                "files must map names to SHA-256 digests")
         _check(all(isinstance(k, dict) and isinstance(k.get("op"), str) for k in self.kernels.values()),
                "kernels must map names to specs with an op")
+        _check(self.quant in (None, *QUANT_SCHEMES) and self.host_quant in (None, *QUANT_SCHEMES),
+               f"quant and host_quant must be one of {QUANT_SCHEMES} or null")
         self._validate_seed()
         self._validate_required_files()
         self._validate_slots()
@@ -241,6 +245,7 @@ class Manifest:
 
 
 PROGRAMS = ("prefill", "prefill_all", "decode")
+QUANT_SCHEMES = ("q8", "q4")
 RUNTIME_STEPS = ("rows", "last", "reshape")
 INDEX_DTYPES = ("int32", "int64")
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")

@@ -12,6 +12,7 @@ the program needs (rings and static decode: the whole buffer; full caches: the p
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -145,7 +146,7 @@ class ArtifactSession(Session):
         covered = 0  # embedding rows 0 .. covered-1, from one table or its contiguous slices
         for step in self.manifest.programs["decode"].steps:
             spec = self.manifest.kernels.get(step.kernel, {})
-            if spec.get("op") in ("embed", "embed_rows"):
+            if spec.get("op") in ("embed", "embed_rows", "embed_q", "embed_rows_q"):
                 table = weights[step.args[0][2:]]
                 expected = spec.get("rows", spec.get("vocab"))
                 if table.ndim != 2 or table.shape[0] != expected:
@@ -153,8 +154,7 @@ class ArtifactSession(Session):
                                         f"expects {expected} rows")
                 if spec.get("lo", 0) == covered:
                     covered += table.shape[0]
-        tables = [self._host_tables[t].get_shape()[0] if hasattr(self._host_tables[t], "get_shape")
-                  else self._host_tables[t].shape[0] for t in self.manifest.host_tables]
+        tables = [table.num_rows for table in self._host_tables.values()]
         available = min([covered, *tables])
         if self.vocab_size > available:
             raise ArtifactError(f"the config's vocabulary ({self.vocab_size}) exceeds the embedding rows the artifact "
@@ -195,8 +195,37 @@ class ArtifactSession(Session):
     def _ple_rows(self, ids: np.ndarray) -> np.ndarray:
         """Per-layer-embedding rows of these tokens, read from the host table (memory-mapped file)."""
         (table,) = self.manifest.host_tables
-        view = self._host_tables[table]
-        return aligned(np.concatenate([view[int(i): int(i) + 1] for i in ids]).astype(np.float32))
+        return aligned(self._host_tables[table].rows(ids))
+
+
+class HostTable:
+    """A table kept in host memory (a memory-mapped safetensors slice or an array) and read row by row;
+    a quantized table's rows are dequantized as they are read."""
+
+    def __init__(self, data, scales=None, scheme: str | None = None):
+        self.data, self.scales, self.scheme = data, scales, scheme
+
+    @property
+    def num_rows(self) -> int:
+        shape = self.data.get_shape() if hasattr(self.data, "get_shape") else self.data.shape
+        return int(shape[0])
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        def gather(view) -> np.ndarray:
+            return np.concatenate([view[int(i): int(i) + 1] for i in ids])
+
+        if self.scheme is None:
+            return gather(self.data).astype(np.float32)
+        from g4c.quant import dequantize
+
+        return dequantize(gather(self.data), gather(self.scales), self.scheme)
+
+
+def _host_tables(manifest: Manifest, open_tensor) -> dict[str, HostTable]:
+    q = manifest.host_quant
+    if q is None:
+        return {t: HostTable(open_tensor(t)) for t in manifest.host_tables}
+    return {t: HostTable(open_tensor(f"{t}.{q}"), open_tensor(f"{t}.{q}_scales"), q) for t in manifest.host_tables}
 
 
 def artifact_weights(directory: Path, manifest: Manifest, model) -> tuple[dict[str, np.ndarray], dict]:
@@ -210,10 +239,13 @@ def artifact_weights(directory: Path, manifest: Manifest, model) -> tuple[dict[s
     if not manifest.host_tables:
         return weights, {}
     host = safe_open(str(directory / HOST), framework="numpy")
-    return weights, {t: host.get_slice(t) for t in manifest.host_tables}
+    try:
+        return weights, _host_tables(manifest, host.get_slice)
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error types: one line
+        raise ArtifactError(f"{HOST}: {exc}") from None
 
 
-def seeded_weights(manifest: Manifest, model) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def seeded_weights(manifest: Manifest, model) -> tuple[dict[str, np.ndarray], dict[str, HostTable]]:
     """The weights (as stored) and host tables of a `--weights-from-seed` artifact, regenerated from
     the seed exactly as the compiler made them (g4c.weights is numpy-only)."""
     from g4c.dtypes import numpy_dtype
@@ -223,15 +255,29 @@ def seeded_weights(manifest: Manifest, model) -> tuple[dict[str, np.ndarray], di
     source = RandomWeights(model, spec["seed"], spec["dtype"])
     recipes, stored_in_weight_dtype = manifest.weight_recipes, set(manifest.weight_dtype_tensors)
 
-    def stored(array: np.ndarray, dtype: str) -> np.ndarray:
+    def stored(name: str) -> np.ndarray:
+        array = derived_weight(name, recipes, base)
+        if "quant" in recipes.get(name, {}):  # uint32 words or fp32 scales, as the compiler wrote them
+            return aligned(array)
+        dtype = manifest.weight_dtype if name in stored_in_weight_dtype else "float32"
         array = np.asarray(array, dtype=np.float32).astype(numpy_dtype(dtype))
         return aligned(array.view(np.uint16) if dtype == "bfloat16" else array)
 
     def base(name: str) -> np.ndarray:
         return source.get(name).astype(np.float32)
 
-    weights = {n: stored(derived_weight(n, recipes, base),
-                         manifest.weight_dtype if n in stored_in_weight_dtype else "float32")
-               for n in manifest.entry.weights}
-    host = {t: base(t).astype(numpy_dtype(manifest.weight_dtype)) for t in manifest.host_tables}
-    return weights, host
+    @functools.lru_cache(maxsize=1)
+    def quantized(table: str) -> tuple[np.ndarray, np.ndarray]:  # data and scales from one pass
+        from g4c.quant import quantize
+
+        return quantize(base(table), manifest.host_quant)
+
+    def host_tensor(name: str) -> np.ndarray:
+        q = manifest.host_quant
+        if q is None:
+            return base(name).astype(numpy_dtype(manifest.weight_dtype))
+        table, _, part = name.rpartition(f".{q}")
+        return quantized(table)[part == "_scales"]
+
+    host = _host_tables(manifest, host_tensor)
+    return {n: stored(n) for n in manifest.entry.weights}, host

@@ -1,0 +1,83 @@
+"""Weight quantization: int8 (`q8`) and int4 (`q4`) with one scale per group of 32 along the reduction
+axis — the blocks of llama.cpp's Q8_0 and Q4_0, so GGUF files of those types map onto the same kernels.
+
+Why group 32: it is what Q4_0/Q8_0/MLC q4f16_1 use (the error of every engine users compare with is
+measured at that granularity), it divides every Gemma 4 reduction width, and a group is a whole
+number of 32-bit words (8 int4 or 4 int8 values per word), which WGSL needs (it has no 8-bit loads).
+
+Layout of a [N, K] weight (K a multiple of 32):
+- `q8`: `data` uint32 [N, K/4]; value k of row n is byte k % 4 of word k // 4, two's complement;
+  w = q · scale.
+- `q4`: `data` uint32 [N, K/8]; per group g of 32 values, its 4 words hold Q4_0's 16 bytes: byte b
+  (0..15) has value b in its low nibble and value b + 16 in its high nibble; w = (q − 8) · scale.
+- `scales` float32 [N, K/32], fp16-representable (Q4_0/Q8_0 store fp16 scales; fp32 holds them exactly).
+
+numpy only: the compiler writes quantized weights with it, tests dequantize with it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GROUP = 32
+SCHEMES = ("q8", "q4")
+BITS = {"q8": 8, "q4": 4}
+
+
+def quant_scheme(name: str | None) -> str | None:
+    """A --quant value: q8, q4, or none/None (no quantization)."""
+    from g4c.errors import G4CError
+
+    if name in (None, "none"):
+        return None
+    if name not in SCHEMES:
+        raise G4CError(f"unknown quantization {name!r}: use {', '.join(SCHEMES)} or none")
+    return name
+
+
+def quantizable(shape: tuple[int, ...]) -> bool:
+    """Whether a weight of this shape can be group-quantized along its last axis."""
+    return len(shape) >= 2 and shape[-1] % GROUP == 0
+
+
+def packed_shapes(shape: tuple[int, ...], scheme: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(data shape, scales shape) of a quantized [..., K] weight."""
+    *lead, k = shape
+    return (*lead, k * BITS[scheme] // 32), (*lead, k // GROUP)
+
+
+def quantize(weight: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """(data uint32, scales float32) of `weight` [..., K], round to nearest as llama.cpp does:
+    q8: scale = max|w| / 127; q4: scale = m / −8 with m the value of largest magnitude (Q4_0)."""
+    w = np.asarray(weight, dtype=np.float32)
+    groups = w.reshape(*w.shape[:-1], w.shape[-1] // GROUP, GROUP)
+    if scheme == "q8":
+        scale = np.abs(groups).max(axis=-1) / 127.0
+        inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
+        q = np.clip(np.round(groups * inv[..., None]), -127, 127).astype(np.int8)
+        data = q.reshape(*w.shape[:-1], -1).view(np.uint8).reshape(*w.shape[:-1], -1, 4)
+    elif scheme == "q4":
+        index = np.abs(groups).argmax(axis=-1)[..., None]
+        scale = np.take_along_axis(groups, index, axis=-1)[..., 0] / -8.0
+        inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
+        q = np.clip(np.floor(groups * inv[..., None] + 8.5), 0, 15).astype(np.uint8)  # Q4_0's rounding
+        data = (q[..., :16] | (q[..., 16:] << 4)).reshape(*w.shape[:-1], -1, 4)  # 16 bytes per group
+    else:
+        raise ValueError(f"unknown quantization {scheme!r}")
+    words = np.ascontiguousarray(data).view("<u4")[..., 0]
+    # stored as Q4_0/Q8_0 store them: fp16 (the values are computed with the fp32 scale, as llama.cpp does)
+    return words.astype(np.uint32), scale.astype(np.float16).astype(np.float32)
+
+
+def dequantize(data: np.ndarray, scales: np.ndarray, scheme: str) -> np.ndarray:
+    """The float32 weight the kernels compute with."""
+    raw = np.ascontiguousarray(data.astype("<u4")).view(np.uint8)  # bytes in memory order
+    lead = data.shape[:-1]
+    if scheme == "q8":
+        q = raw.view(np.int8).astype(np.float32).reshape(*lead, -1, GROUP)
+    elif scheme == "q4":
+        b = raw.reshape(*lead, -1, 16)
+        q = np.concatenate([b & 15, b >> 4], axis=-1).astype(np.float32) - 8.0
+    else:
+        raise ValueError(f"unknown quantization {scheme!r}")
+    return (q * scales[..., None]).reshape(*lead, -1).astype(np.float32)

@@ -1,0 +1,152 @@
+"""Group-quantized weights (`--quant q8|q4`): llama.cpp's Q8_0/Q4_0 blocks bit for bit, kernels that
+compute exactly on the dequantized weights (checked against transformers running those weights in
+fp32), on the CPU and on Vulkan, and an error no larger than round-to-nearest quantization's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import PROMPT
+from hf_reference import FAMILIES, UNIFIED, hf_config, load_reference, make_checkpoint, reference_greedy, reference_logits
+
+from g4c.compiler import compile_model
+from g4c.model import load_model
+from g4c.quant import dequantize, quantize
+from g4c.runtime import load
+
+
+@pytest.mark.parametrize("scheme, ggml", [("q4", "Q4_0"), ("q8", "Q8_0")])
+def test_blocks_are_llama_cpp_blocks(scheme, ggml):
+    """quantize + dequantize gives exactly what gguf's reference Q4_0/Q8_0 quantizer gives."""
+    from gguf import GGMLQuantizationType, quants
+
+    w = np.random.default_rng(0).standard_normal((48, 256)).astype(np.float32) * 0.05
+    w[3, :32] = 0.0  # an all-zero block
+    kind = GGMLQuantizationType[ggml]
+    expected = quants.dequantize(quants.quantize(w, kind), kind)
+    assert np.array_equal(dequantize(*quantize(w, scheme), scheme), expected)
+
+
+def _leaves(name: str, recipes: dict) -> list[str]:
+    recipe = recipes.get(name, {})
+    if "concat" in recipe:
+        return [leaf for part in recipe["concat"] for leaf in _leaves(part, recipes)]
+    if "rows" in recipe:
+        return _leaves(recipe["rows"][0], recipes)
+    return [name]
+
+
+def dequantized_reference(checkpoint, artifact, tmp_path):
+    """transformers with the artifact's quantized tensors replaced by their dequantized values (the
+    exact weights the kernels compute with), in fp32."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    recipes = manifest["weight_recipes"]
+    quantized = {leaf: r["quant"][1] for r in recipes.values() if "quant" in r for leaf in _leaves(r["quant"][0], recipes)}
+    quantized.update({t: manifest["host_quant"] for t in manifest["host_tables"] if manifest["host_quant"]})
+    model = load_reference(checkpoint)
+    state = model.state_dict()
+    done = set()
+    with torch.no_grad():
+        for key, tensor in state.items():
+            name = next((n for n in quantized if key.endswith(n)), None)
+            if name is not None and tensor.ndim == 2:
+                scheme = quantized[name]
+                tensor.copy_(torch.from_numpy(dequantize(*quantize(tensor.numpy(), scheme), scheme)))
+                done.add(name)
+    assert done == set(quantized), set(quantized) - done
+    return model
+
+
+# The test families with widths that are whole groups of 32, so that every matrix is quantized
+WIDE = {"hidden_size": 64, "head_dim": 32, "global_head_dim": 64}
+QUANT_FAMILIES = {
+    "e": (dict(FAMILIES["e"], **WIDE, intermediate_size=64, hidden_size_per_layer_input=32, vocab_size=1024,
+               vocab_size_per_layer_input=1024), False),
+    "moe": (dict(FAMILIES["moe"], **WIDE, intermediate_size=64, moe_intermediate_size=32), False),
+    "dense": (dict(FAMILIES["dense"], **WIDE, intermediate_size=96), False),
+    "unified": (dict(UNIFIED, **WIDE), True),
+}
+CASES = [("e", "q8"), ("e", "q4"), ("moe", "q4"), ("dense", "q8"), ("unified", "q4")]
+
+
+@pytest.fixture(scope="module")
+def quant_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant-ckpt")
+    return {name: make_checkpoint(root / name, hf_config(kwargs, unified), seed=20 + i)
+            for i, (name, (kwargs, unified)) in enumerate(QUANT_FAMILIES.items())}
+
+
+@pytest.fixture(scope="module")
+def quant_artifacts(quant_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    out = {}
+    for family, scheme in CASES:
+        loaded = load_model(str(quant_checkpoints[family]))
+        out[family, scheme] = compile_model(loaded.cfg, loaded.weights, "llvm", root / f"{family}-{scheme}",
+                                            quant=scheme, quant_ple=scheme)
+    return out
+
+
+@pytest.mark.parametrize("family, scheme", CASES)
+def test_quantized_artifact_is_exact_on_its_dequantized_weights(family, scheme, quant_artifacts, quant_checkpoints,
+                                                                 tmp_path):
+    art = quant_artifacts[family, scheme]
+    manifest = json.loads((art / "manifest.json").read_text())
+    ops = {spec["op"] for spec in manifest["kernels"].values()}
+    assert {"linear_q", "embed_q"} <= ops and "linear" not in ops and manifest["quant"] == scheme
+    assert manifest["host_quant"] == (scheme if family == "e" else None)  # the PLE table
+    reference = dequantized_reference(quant_checkpoints[family], art, tmp_path)
+    logits = load(art, prefill_chunk=7).prefill(PROMPT, all_logits=True)
+    expected = reference_logits(reference, PROMPT)
+    assert np.abs(logits - expected).max() <= 1e-4
+    assert load(art).generate(PROMPT[:6], 16) == reference_greedy(reference, PROMPT[:6], 16)
+    # the error against the unquantized model is round-to-nearest's (same weights), no more
+    exact = reference_logits(load_reference(quant_checkpoints[family]), PROMPT)
+    assert np.abs(logits - exact).max() <= np.abs(expected - exact).max() + 1e-4
+
+
+def test_quantized_weights_are_smaller(quant_artifacts, quant_checkpoints, tmp_path):
+    loaded = load_model(str(quant_checkpoints["e"]))
+    fp32 = compile_model(loaded.cfg, loaded.weights, "llvm", tmp_path / "fp32")
+    size = {s: sum(f.stat().st_size for f in quant_artifacts["e", s].glob("*.safetensors")) for s in ("q8", "q4")}
+    assert size["q4"] < size["q8"] < 0.6 * sum(f.stat().st_size for f in fp32.glob("*.safetensors"))
+
+
+def test_vulkan_quantized_kernels_are_exact(quant_checkpoints, tmp_path, monkeypatch):
+    """The same on Vulkan (lavapipe), with the embedding table split into quantized row slices."""
+    from g4c.targets import vulkan
+
+    monkeypatch.setitem(vulkan.PROFILES, "generic", vulkan.VulkanProfile(threads=256, fp16=False,
+                                                                         max_binding=16 << 10))
+    loaded = load_model(str(quant_checkpoints["e"]))
+    art = compile_model(loaded.cfg, loaded.weights, "vulkan", tmp_path / "vk", quant="q4", quant_ple="q4")
+    ops = {spec["op"] for spec in json.loads((art / "manifest.json").read_text())["kernels"].values()}
+    assert {"linear_q", "embed_rows_q"} <= ops
+    reference = dequantized_reference(quant_checkpoints["e"], art, tmp_path)
+    session = load(art, prefill_chunk=7)
+    assert np.abs(session.prefill(PROMPT, all_logits=True) - reference_logits(reference, PROMPT)).max() <= 1e-4
+    session.reset()
+    assert session.generate(PROMPT[:6], 12) == reference_greedy(reference, PROMPT[:6], 12)
+
+
+def test_seeded_quantized_artifact_matches_the_written_one(tmp_path):
+    from g4c.cli import main
+
+    common = ["compile", "tiny-e", "--random-weights", "--seed", "2", "--quant", "q4", "--no-check"]
+    assert main(common + ["-o", str(tmp_path / "full")]) == 0
+    assert main(common + ["--weights-from-seed", "-o", str(tmp_path / "seed")]) == 0
+    prompt = [2, 17, 99, 5, 8]
+    assert np.array_equal(load(tmp_path / "full").prefill(prompt, all_logits=True),
+                          load(tmp_path / "seed").prefill(prompt, all_logits=True))
+
+
+def test_unknown_quantization_is_one_line_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "g4c.cli", "compile", "tiny-e", "--random-weights", "--quant",
+                             "q3", "-o", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "unknown quantization 'q3'" in result.stderr
+    assert not (tmp_path / "x").exists()
