@@ -10,9 +10,10 @@ function; the programs also go into the artifact manifest, for inspection and pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from g4c.artifact import KVSlot, Program, Step
+from g4c.artifact import KVSlot, Program, Step, source_tensors
 from g4c.quant import BITS, GROUP
 from g4c.codegen.gpu_kernels import GEMM_TILE, attention_parts
 from g4c.codegen.spec import KernelSpec, LoweringOptions
@@ -32,6 +33,7 @@ class Lowered:
     weight_dtype_tensors: set[str] = field(default_factory=set)  # weights stored in weight_dtype
     quant: str | None = None  # group quantization of linear and embedding matrices (g4c.quant)
     host_quant: str | None = None  # ... of the host tables (the PLE table)
+    stored_scheme: Callable[[str], str | None] | None = field(default=None, repr=False)  # checkpoint's own blocks
 
     @property
     def index_dtype(self) -> str:
@@ -87,7 +89,7 @@ class _Lowering:
         """The kernel arguments of a [*, k] matrix weight and its quantization: (data, scales) made at
         compile time when --quant applies (k a multiple of the group), else the weight itself, stored
         in the weight dtype."""
-        scheme = self.out.quant
+        scheme = self.scheme_for(w[2:])
         if scheme is None or k % GROUP:
             self.stored(w)
             return [w], None
@@ -96,6 +98,15 @@ class _Lowering:
         for part, kind in zip(parts, ("data", "scales")):
             self.out.recipes.setdefault(part, {"quant": [name, scheme, kind]})
         return [f"w:{p}" for p in parts], scheme
+
+    def scheme_for(self, name: str) -> str | None:
+        """The checkpoint's own scheme when every source tensor of this weight is stored quantized in
+        it (a GGUF file's Q4_0/Q8_0 blocks: compiled as they are), else --quant's."""
+        if self.out.stored_scheme is not None:
+            stored = {self.out.stored_scheme(leaf) for leaf in source_tensors(name, self.out.recipes)}
+            if len(stored) == 1 and None not in stored:
+                return stored.pop()
+        return self.out.quant
 
     def linear(self, x: str, w: str, k: int, n: int, out_name: str, rows) -> str:
         args, scheme = self.matrix(w, k)
@@ -395,11 +406,14 @@ class _Lowering:
 
 
 def lower(cfg: ModelConfig, graphs: dict[str, Graph], options: LoweringOptions, weight_dtype: str = "float32",
-          quant: str | None = None, host_quant: str | None = None) -> Lowered:
+          quant: str | None = None, host_quant: str | None = None,
+          stored_scheme: Callable[[str], str | None] | None = None) -> Lowered:
     """Lower the optimized graphs (prefill, prefill_all, decode) into one set of kernel specs and their
     programs, structured as the target's `options` ask; `quant` group-quantizes the linear and
-    embedding matrices, `host_quant` the host tables (`g4c.quant`)."""
-    out = Lowered({}, {}, {}, {}, [], options, weight_dtype, quant=quant, host_quant=host_quant)
+    embedding matrices, `host_quant` the host tables (`g4c.quant`); `stored_scheme(tensor)` names the
+    scheme a checkpoint tensor is already stored in (kept as it is)."""
+    out = Lowered({}, {}, {}, {}, [], options, weight_dtype, quant=quant, host_quant=host_quant,
+                  stored_scheme=stored_scheme)
     for mode, graph in graphs.items():
         program = Program(mode)
         _Lowering(cfg, out, program).lower(graph)

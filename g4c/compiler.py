@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from g4c.artifact import (HOST, WEIGHTS, Manifest, derived_shape, derived_weight, tensor_bytes,
+from g4c.artifact import (HOST, WEIGHTS, Manifest, derived_shape, derived_weight, source_tensors, tensor_bytes,
                           write_safetensors)
 from g4c.artifact.libraries import find_runtime_library
 from g4c.atomic import atomic_directory, check_writable
@@ -75,7 +75,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     report = progress or (lambda stage, done, total: None)
     graphs = optimized_graphs(cfg, weights)
     lowered = lower(cfg, graphs, target.lowering, canonical_dtype(dtype), quant=quant_scheme(quant),
-                    host_quant=quant_scheme(quant_ple))
+                    host_quant=quant_scheme(quant_ple), stored_scheme=_stored_scheme(weights.source))
     entry = signature(lowered)
     specs = _weight_specs(lowered, entry.weights, weights)
     target.check_weights(lowered.weight_dtype, {n: tensor_bytes(*s) for n, s in specs.items()})
@@ -121,6 +121,16 @@ def _manifest(cfg: ModelConfig, target, lowered, entry, static_decode: bool, **f
                     **fields)
 
 
+def _stored_scheme(source) -> Callable[[str], str | None] | None:
+    """The scheme a weight source stores a tensor in (`quantized_scheme`, or the first element of
+    `quantized`), for sources with quantized tensors (GGUF files); None for float sources."""
+    if hasattr(source, "quantized_scheme"):
+        return source.quantized_scheme
+    if hasattr(source, "quantized"):
+        return lambda name: (source.quantized(name) or (None,))[0]
+    return None
+
+
 def _seed_of(weights: Weights) -> dict:
     from g4c.weights import RandomWeights
 
@@ -152,14 +162,30 @@ def _weight_specs(lowered, used: list[str], weights: Weights) -> Specs:
     return {name: (derived_shape(name, lowered.recipes, weights.source.shape), dtype(name)) for name in used}
 
 
-def _maker(recipes: dict, base: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
+def _maker(recipes: dict, base: Callable[[str], np.ndarray],
+           native: Callable[[str], tuple | None] = lambda name: None) -> Callable[[str], np.ndarray]:
     """`derived_weight` for the writer, with the quantization of a matrix done once for its data and
-    its scales (written one after the other)."""
+    its scales (written one after the other). Checkpoint tensors stored quantized in the same scheme
+    (`native(name)` → (scheme, data, scales), e.g. a GGUF file's Q4_0 blocks) are used as they are,
+    packed and sliced by rows, never requantized."""
     from g4c.quant import quantize
+
+    def blocks(name: str, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+        recipe = recipes.get(name)
+        if recipe is None and (stored := native(name)) is not None and stored[0] == scheme:
+            return stored[1], stored[2]
+        if recipe and "concat" in recipe and recipe["axis"] == 0:  # rows of parts: their blocks stacked
+            parts = [blocks(p, scheme) for p in recipe["concat"]]
+            return np.concatenate([d for d, _ in parts]), np.concatenate([s for _, s in parts])
+        if recipe and "rows" in recipe:
+            source, lo, hi = recipe["rows"]
+            data, scales = blocks(source, scheme)
+            return data[lo:hi], scales[lo:hi]
+        return quantize(derived_weight(name, recipes, base), scheme)
 
     @functools.lru_cache(maxsize=1)
     def quantized(source: str, scheme: str) -> tuple[np.ndarray, np.ndarray]:
-        return quantize(derived_weight(source, recipes, base), scheme)
+        return blocks(source, scheme)
 
     def make(name: str) -> np.ndarray:
         quant = recipes.get(name, {}).get("quant")
@@ -204,7 +230,7 @@ def _write_weights(directory: Path, lowered, specs: Specs, weights: Weights, rep
     each checked for NaN/Inf: checkpoint tensors as they are read (the message names the checkpoint's
     tensor), packed tensors after the conversion to their storage dtype (fp16 overflows)."""
     base = _source_f32(weights)
-    make = _maker(lowered.recipes, base)
+    make = _maker(lowered.recipes, base, getattr(weights.source, "quantized", lambda name: None))
 
     def produce(name: str) -> np.ndarray:
         packed = make(name)
@@ -216,26 +242,12 @@ def _write_weights(directory: Path, lowered, specs: Specs, weights: Weights, rep
             return check_finite(name, stored, converted_from=packed)
         except WeightError:
             del packed, stored
-            for part in _parts(name, lowered.recipes):  # name the checkpoint tensor, not the packed one
+            for part in source_tensors(name, lowered.recipes):  # name the checkpoint tensor, not the packed one
                 with np.errstate(over="ignore"):
                     check_finite(part, base(part).astype(specs[name][1]), converted_from=base(part))
             raise
 
     write_safetensors(directory / WEIGHTS, specs, produce, lambda done, total: report("writing weights", done, total))
-
-
-def _parts(name: str, recipes: dict) -> list[str]:
-    """The checkpoint tensors a packed weight is made of (itself when it has no recipe)."""
-    recipe = recipes.get(name)
-    if recipe is None:
-        return [name]
-    if "concat" in recipe:
-        return [leaf for part in recipe["concat"] for leaf in _parts(part, recipes)]
-    if "rows" in recipe:
-        return _parts(recipe["rows"][0], recipes)
-    if "quant" in recipe:
-        return _parts(recipe["quant"][0], recipes)
-    return []
 
 
 def _write_host_tables(directory: Path, lowered, weights: Weights) -> None:

@@ -150,3 +150,48 @@ def test_unknown_quantization_is_one_line_before_any_work(tmp_path):
                              "q3", "-o", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "unknown quantization 'q3'" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+class NativeBlocks:
+    """A checkpoint whose 2-D matrices are stored as q4 blocks that round-to-nearest would not produce
+    (no code is −8, so requantizing their values picks other scales): compiling must use them as they
+    are."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def quantized(self, name: str):
+        shape = self.source.shape(name)
+        if len(shape) != 2 or shape[-1] % 32:
+            return None
+        data, scales = quantize(self.source.get(name), "q4")
+        raw = data.view(np.uint8)
+        low, high = raw & 15, raw >> 4
+        low[low == 0], high[high == 0] = 1, 1  # code −8 → −7
+        return "q4", (low | (high << 4)).view(np.uint32), scales
+
+    def get(self, name: str):  # what a reader of such a file gets: the dequantized blocks
+        stored = self.quantized(name)
+        return self.source.get(name) if stored is None else dequantize(stored[1], stored[2], "q4")
+
+
+def test_stored_blocks_compile_as_they_are(quant_checkpoints, tmp_path):
+    """Tensors a checkpoint already stores quantized (a GGUF's Q4_0) are compiled without requantizing,
+    whatever --quant says: exact against transformers on the stored blocks' values."""
+    from g4c.weights import Weights
+
+    loaded = load_model(str(quant_checkpoints["dense"]))
+    source = NativeBlocks(loaded.weights.source)
+    art = compile_model(loaded.cfg, Weights(loaded.cfg, source), "llvm", tmp_path / "native")
+    assert json.loads((art / "manifest.json").read_text())["quant"] is None  # no --quant: only the stored blocks
+    model = load_reference(quant_checkpoints["dense"])
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            name = next((n for n in source.names() if key.endswith(n)), None)
+            if name is not None and source.quantized(name) is not None:
+                tensor.copy_(torch.from_numpy(source.get(name)))
+    logits = load(art, prefill_chunk=7).prefill(PROMPT, all_logits=True)
+    assert np.abs(logits - reference_logits(model, PROMPT)).max() <= 1e-4

@@ -44,6 +44,21 @@ def derived_weight(name: str, recipes: dict[str, dict], base: Callable[[str], np
     raise ArtifactError(f"unknown recipe for weight {name}: {recipe}")
 
 
+def source_tensors(name: str, recipes: dict[str, dict]) -> list[str]:
+    """The checkpoint tensors a derived weight is made of (itself when it has no recipe; none for
+    tables made from nothing, such as RoPE frequencies and constants)."""
+    recipe = recipes.get(name)
+    if recipe is None:
+        return [name]
+    if "concat" in recipe:
+        return [leaf for part in recipe["concat"] for leaf in source_tensors(part, recipes)]
+    if "rows" in recipe:
+        return source_tensors(recipe["rows"][0], recipes)
+    if "quant" in recipe:
+        return source_tensors(recipe["quant"][0], recipes)
+    return []
+
+
 def derived_shape(name: str, recipes: dict[str, dict], base: Callable[[str], tuple[int, ...]]) -> tuple[int, ...]:
     """The shape `derived_weight` would produce, without making the array."""
     recipe = recipes.get(name)
