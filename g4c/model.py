@@ -8,6 +8,7 @@ from pathlib import Path
 from g4c.artifact import MANIFEST
 from g4c.config import ModelConfig, load_config
 from g4c.errors import G4CError
+from g4c.gguf_model import is_gguf
 from g4c.presets import PRESETS, preset_config
 from g4c.weights import Checkpoint, RandomWeights, Weights
 
@@ -24,6 +25,11 @@ def model_config(model: str, num_layers: int | None = None) -> ModelConfig:
     """The config of MODEL (a checkpoint directory's config.json or a preset), cut to `num_layers`
     layers when given. Every command resolves MODEL here, so `--layers` is checked in one place:
     0 and negatives are refused like a count above the model's layers (`ModelConfig.with_layers`)."""
+    if is_gguf(model):  # a llama.cpp GGUF file (g4c/gguf_model.py)
+        from g4c.gguf_model import gguf_config
+
+        cfg = gguf_config(model)
+        return cfg if num_layers is None else cfg.with_layers(num_layers)
     path = Path(model)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -43,7 +49,9 @@ def model_config(model: str, num_layers: int | None = None) -> ModelConfig:
 
 def load_model(model: str, random_weights: bool = False, seed: int = 0, num_layers: int | None = None,
                dtype: str = "float32") -> LoadedModel:
-    """MODEL is a directory with config.json + *.safetensors, or a preset (needs `random_weights`)."""
+    """MODEL is a directory with config.json + *.safetensors, a GGUF file, or a preset (needs `random_weights`)."""
+    if is_gguf(model):
+        return _load_gguf(model, random_weights, seed, num_layers, dtype)
     cfg = model_config(model, num_layers)
     path = Path(model)
     if path.is_dir():
@@ -56,3 +64,17 @@ def load_model(model: str, random_weights: bool = False, seed: int = 0, num_laye
         raise G4CError(f"preset {model!r} has no weights here: add --random-weights (with --seed) or pass a "
                        "checkpoint directory")
     return LoadedModel(model.lower(), cfg, Weights(cfg, RandomWeights(cfg, seed, dtype)))
+
+
+def _load_gguf(model: str, random_weights: bool, seed: int, num_layers: int | None, dtype: str) -> LoadedModel:
+    """A GGUF file: its config and tensors (g4c/gguf_model.py), with the rules of a checkpoint directory."""
+    from g4c.gguf_model import load_gguf
+
+    cfg, source = load_gguf(model)
+    name = Path(model).name
+    if random_weights:
+        cfg = cfg if num_layers is None else cfg.with_layers(num_layers)
+        return LoadedModel(name, cfg, Weights(cfg, RandomWeights(cfg, seed, dtype)))
+    if num_layers is not None:
+        raise G4CError("--layers only applies to presets or with --random-weights")
+    return LoadedModel(name, cfg, Weights(cfg, source))  # directory None: a GGUF file carries no tokenizer.json
