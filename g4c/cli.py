@@ -367,9 +367,33 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
     print(",".join(map(str, new)))
 
 
+def _copy_tokenizer(model: str, directory: Optional[Path], artifact: Path) -> None:
+    """The checkpoint's tokenizer.json, or a GGUF file's vocabulary converted, goes into the artifact
+    (so `generate ART --prompt` works)."""
+    from g4c.gguf_model import is_gguf
+
+    if directory is not None and (directory / "tokenizer.json").is_file():
+        import shutil
+
+        shutil.copy(directory / "tokenizer.json", artifact / "tokenizer.json")
+    elif is_gguf(model):
+        from g4c.tokenizer import tokenizer_from_gguf
+
+        try:
+            tokenizer_from_gguf(Path(model)).save(str(artifact / "tokenizer.json"))
+        except G4CError as exc:  # a file without a usable vocabulary still compiles
+            err.print(f"no tokenizer.json in the artifact: {exc}", markup=False, highlight=False)
+
+
 def _tokenizer(directory: Optional[Path], model: str):
     from tokenizers import Tokenizer
 
+    from g4c.gguf_model import is_gguf
+
+    if is_gguf(model):  # the vocabulary travels in the file
+        from g4c.tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(Path(model))
     path = directory / "tokenizer.json" if directory else None
     if path is None or not path.is_file():
         raise G4CError(f"--prompt needs a tokenizer.json in the model directory; {model} has none (use --tokens)")
@@ -430,10 +454,7 @@ def compile_(model: str = typer.Argument(..., help="Checkpoint directory or pres
     path = _compile_with_progress(loaded.cfg, loaded.weights, target, output, overwrite, dtype,
                                   bundle_runtime=bundle_runtime, weights_from_seed=weights_from_seed, quant=quant,
                                   quant_ple=quant if quant_ple is None else quant_ple)
-    if loaded.directory is not None and (loaded.directory / "tokenizer.json").is_file():
-        import shutil
-
-        shutil.copy(loaded.directory / "tokenizer.json", path / "tokenizer.json")
+    _copy_tokenizer(model, loaded.directory, path)
     from g4c.summary import human_bytes
 
     out.print(f"wrote {path} (target {target}, {loaded.cfg.num_hidden_layers} layers): "
