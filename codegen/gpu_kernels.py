@@ -16,8 +16,8 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from g4c.codegen.kernel_math import (F32, MASKED_SCORE, STORAGE, causal_window_visible, dequant, gelu_tanh,
-                                     inv_rms, load_weight, online_softmax_update, ring_key_position, ring_slot,
-                                     rope_rotate, route_top_k, unmasked)
+                                     inv_rms, load_weight, online_softmax_update, param, ring_key_position,
+                                     ring_slot, rope_rotate, route_top_k, unmasked, weight_at, weight_param)
 
 I32 = "int32"
 THREADS = 64  # threads per workgroup for row-wise kernels
@@ -412,22 +412,24 @@ def router_topk(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
     return func
 
 
-def moe_gate_up(hidden: int, inter: int, experts: int, top_k: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
+def moe_gate_up(hidden: int, inter: int, experts: int, top_k: int, name: str,
+                storage: str = "float32") -> tirx.PrimFunc:
     """act[t, j, c] = gelu(gate_e[c]·x[t]) · (up_e[c]·x[t]) · w[t, j] for e = idx[t, j]: one workgroup
     per (token, slot, row); the threads split the dot product (coalesced weight reads) and reduce
-    through shared memory. With `moe_down`, the GPU form of `kernels.moe_experts`."""
-    storage, nt = STORAGE[dtype], THREADS
+    through shared memory. With `moe_down`, the GPU form of `kernels.moe_experts`. The bank gate_up
+    [E, 2I, H] is stored as `storage`: a float dtype, or q8/q4 (data and scales, dequantized as read:
+    `kernel_math.weight_at`)."""
+    nt, attrs = THREADS, _attrs(name)
 
-    attrs = _attrs(name)
     @T.prim_func
-    def func(x_h: T.handle, idx_h: T.handle, w_h: T.handle, gu_h: T.handle, act_h: T.handle):
+    def func():
         T.func_attr(attrs)
         t = T.int32()
-        x = T.match_buffer(x_h, (t, hidden), F32)
-        idx = T.match_buffer(idx_h, (t, top_k), I32)
-        w = T.match_buffer(w_h, (t, top_k), F32)
-        gate_up = T.match_buffer(gu_h, (experts, 2 * inter, hidden), storage)
-        act = T.match_buffer(act_h, (t, top_k, inter), F32)
+        x = param("x", (t, hidden), F32)
+        idx = param("idx", (t, top_k), I32)
+        w = param("w", (t, top_k), F32)
+        gate_up = weight_param("gate_up", (experts, 2 * inter, hidden), storage)
+        act = param("act", (t, top_k, inter), F32)
         for blk in T.thread_binding(t * top_k * inter, thread="blockIdx.x"):
             for tid in T.thread_binding(nt, thread="threadIdx.x"):
                 red = T.alloc_buffer((2, nt), F32, scope="shared")
@@ -439,10 +441,10 @@ def moe_gate_up(hidden: int, inter: int, experts: int, top_k: int, name: str, dt
                 sums[1] = T.float32(0)
                 for r in range(_ceil(hidden, nt)):
                     if r * nt + tid < hidden:
-                        sums[0] = sums[0] + x[i, r * nt + tid] * load_weight(
-                            gate_up[idx[i, j], c, r * nt + tid], dtype)
-                        sums[1] = sums[1] + x[i, r * nt + tid] * load_weight(
-                            gate_up[idx[i, j], inter + c, r * nt + tid], dtype)
+                        sums[0] = sums[0] + x[i, r * nt + tid] * weight_at(gate_up, (idx[i, j], c), r * nt + tid,
+                                                                           storage)
+                        sums[1] = sums[1] + x[i, r * nt + tid] * weight_at(gate_up, (idx[i, j], inter + c),
+                                                                           r * nt + tid, storage)
                 red[0, tid] = sums[0]
                 red[1, tid] = sums[1]
                 if tid == 0:
@@ -455,19 +457,19 @@ def moe_gate_up(hidden: int, inter: int, experts: int, top_k: int, name: str, dt
     return func
 
 
-def moe_down(hidden: int, inter: int, experts: int, top_k: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
-    """out[t, o] = Σ_j down_e[o]·act[t, j] for e = idx[t, j]: one workgroup per (token, output row)."""
-    storage, nt = STORAGE[dtype], THREADS
+def moe_down(hidden: int, inter: int, experts: int, top_k: int, name: str, storage: str = "float32") -> tirx.PrimFunc:
+    """out[t, o] = Σ_j down_e[o]·act[t, j] for e = idx[t, j]: one workgroup per (token, output row); the
+    bank down [E, H, I] is stored as `storage` (as in `moe_gate_up`)."""
+    nt, attrs = THREADS, _attrs(name)
 
-    attrs = _attrs(name)
     @T.prim_func
-    def func(act_h: T.handle, idx_h: T.handle, down_h: T.handle, out_h: T.handle):
+    def func():
         T.func_attr(attrs)
         t = T.int32()
-        act = T.match_buffer(act_h, (t, top_k, inter), F32)
-        idx = T.match_buffer(idx_h, (t, top_k), I32)
-        down = T.match_buffer(down_h, (experts, hidden, inter), storage)
-        out = T.match_buffer(out_h, (t, hidden), F32)
+        act = param("act", (t, top_k, inter), F32)
+        idx = param("idx", (t, top_k), I32)
+        down = weight_param("down", (experts, hidden, inter), storage)
+        out = param("out", (t, hidden), F32)
         for blk in T.thread_binding(t * hidden, thread="blockIdx.x"):
             for tid in T.thread_binding(nt, thread="threadIdx.x"):
                 red = T.alloc_buffer((nt,), F32, scope="shared")
@@ -478,8 +480,8 @@ def moe_down(hidden: int, inter: int, experts: int, top_k: int, name: str, dtype
                 for j in range(top_k):
                     for r in range(_ceil(inter, nt)):
                         if r * nt + tid < inter:
-                            total[0] = total[0] + act[i, j, r * nt + tid] * load_weight(
-                                down[idx[i, j], o, r * nt + tid], dtype)
+                            total[0] = total[0] + act[i, j, r * nt + tid] * weight_at(down, (idx[i, j], o),
+                                                                                      r * nt + tid, storage)
                 red[tid] = total[0]
                 if tid == 0:
                     total[0] = T.float32(0)
@@ -487,7 +489,6 @@ def moe_down(hidden: int, inter: int, experts: int, top_k: int, name: str, dtype
                         total[0] = total[0] + red[u]
                     out[i, o] = total[0]
     return func
-
 
 
 # The tiled GEMM (`_tiled_gemm`) of prefill linears (`linear_tiled`: tiles of consecutive tokens) and
@@ -560,14 +561,16 @@ def _grouped_tiles(t, top_k: int, experts: int):
     return T.min(t * top_k, T.ceildiv(t * top_k, GEMM_TILE) + experts)
 
 
-def _tiled_gemm(rows: int, depth: int, name: str, dtype: str, mode: str, experts: int = 1, top_k: int = 1):
+def _tiled_gemm(rows: int, depth: int, name: str, storage: str, mode: str, experts: int = 1, top_k: int = 1):
     """A GEMM over tiles of GEMM_TILE entries: workgroup (tile, row block) multiplies GEMM_ROWS weight
     rows with the tile's entries, both staged in shared memory GEMM_K columns at a time; thread
     (entry u, row group) accumulates GEMM_ROWS / 8 rows, so each weight element is read once per tile.
     mode "dense": y[t] = W·x[t] over tiles of consecutive tokens (a prefill linear);
     "gate_up"/"down": `moe_align`'s tiles of one expert's (token, slot) entries e: act[e] =
-    gelu(gate·x)·(up·x)·w[e] with x the token's row, or part[e] = down·act[e]."""
-    storage, nt, tile, rt, kc = STORAGE[dtype], GEMM_THREADS, GEMM_TILE, GEMM_ROWS, GEMM_K
+    gelu(gate·x)·(up·x)·w[e] with x the token's row, or part[e] = down·act[e]. The weight is stored
+    as `storage`: a float dtype, or q8/q4 (data and scales, dequantized as it is staged:
+    `kernel_math.weight_at`)."""
+    nt, tile, rt, kc = GEMM_THREADS, GEMM_TILE, GEMM_ROWS, GEMM_K
     mats, per = 2 if mode == "gate_up" else 1, rt // (nt // tile)
     row_tiles, chunks = _ceil(rows, rt), _ceil(depth, kc)
     assert tile * kc % nt == 0 and rt * kc % nt == 0
@@ -589,8 +592,9 @@ def _tiled_gemm(rows: int, depth: int, name: str, dtype: str, mode: str, experts
             return src[ent, col]
         return src[ent // top_k, col] if mode == "gate_up" else src[ent // top_k, ent % top_k, col]
 
-    def weight_at(weight, ex, m, row, col):
-        return weight[row, col] if mode == "dense" else weight[ex, m * rows + row, col]
+    def weight_of(weight, ex, m, row, col):  # element (row, col) of matrix m (gate, up) of expert ex, as fp32
+        index = (row,) if mode == "dense" else (ex, m * rows + row)
+        return weight_at(weight, index, col, storage)
 
     @T.macro
     def body(src, w, weight, tile_expert, tile_entries, out, t):
@@ -618,8 +622,7 @@ def _tiled_gemm(rows: int, depth: int, name: str, dtype: str, mode: str, experts
                         row = r0 + (i * nt + tid) // kc % rt
                         col = k * kc + (i * nt + tid) % kc
                         if row < rows and col < depth:
-                            ws[m, row - r0, (i * nt + tid) % kc] = load_weight(
-                                weight_at(weight, ex, m, row, col), dtype)
+                            ws[m, row - r0, (i * nt + tid) % kc] = weight_of(weight, ex, m, row, col)
                         else:
                             ws[m, row - r0, (i * nt + tid) % kc] = T.float32(0)
                     for d in range(kc):
@@ -639,38 +642,38 @@ def _tiled_gemm(rows: int, depth: int, name: str, dtype: str, mode: str, experts
 
     if mode == "dense":
         @T.prim_func
-        def dense(x_h: T.handle, w_h: T.handle, y_h: T.handle):
+        def dense():
             T.func_attr(attrs)
             t = T.int32()
-            x = T.match_buffer(x_h, (t, depth), F32)
-            weight = T.match_buffer(w_h, (rows, depth), storage)
-            y = T.match_buffer(y_h, (t, rows), F32)
+            x = param("x", (t, depth), F32)
+            weight = weight_param("w", (rows, depth), storage)
+            y = param("y", (t, rows), F32)
             body(x, x, weight, x, x, y, t)
         return dense
 
     if mode == "gate_up":
         @T.prim_func
-        def gate_up(x_h: T.handle, w_h: T.handle, gu_h: T.handle, te_h: T.handle, ent_h: T.handle, act_h: T.handle):
+        def gate_up():
             T.func_attr(attrs)
             t = T.int32()
-            x = T.match_buffer(x_h, (t, depth), F32)
-            w = T.match_buffer(w_h, (t, top_k), F32)
-            weight = T.match_buffer(gu_h, (experts, 2 * rows, depth), storage)
-            tile_expert = T.match_buffer(te_h, (t, top_k), I32)
-            tile_entries = T.match_buffer(ent_h, (t, top_k, tile), I32)
-            act = T.match_buffer(act_h, (t, top_k, rows), F32)
+            x = param("x", (t, depth), F32)
+            w = param("w", (t, top_k), F32)
+            weight = weight_param("gate_up", (experts, 2 * rows, depth), storage)
+            tile_expert = param("tile_expert", (t, top_k), I32)
+            tile_entries = param("tile_entries", (t, top_k, tile), I32)
+            act = param("act", (t, top_k, rows), F32)
             body(x, w, weight, tile_expert, tile_entries, act, t)
         return gate_up
 
     @T.prim_func
-    def down(act_h: T.handle, down_h: T.handle, te_h: T.handle, ent_h: T.handle, part_h: T.handle):
+    def down():
         T.func_attr(attrs)
         t = T.int32()
-        act = T.match_buffer(act_h, (t, top_k, depth), F32)
-        weight = T.match_buffer(down_h, (experts, rows, depth), storage)
-        tile_expert = T.match_buffer(te_h, (t, top_k), I32)
-        tile_entries = T.match_buffer(ent_h, (t, top_k, tile), I32)
-        part = T.match_buffer(part_h, (t, top_k, rows), F32)
+        act = param("act", (t, top_k, depth), F32)
+        weight = weight_param("down", (experts, rows, depth), storage)
+        tile_expert = param("tile_expert", (t, top_k), I32)
+        tile_entries = param("tile_entries", (t, top_k, tile), I32)
+        part = param("part", (t, top_k, rows), F32)
         body(act, act, weight, tile_expert, tile_entries, part, t)
     return down
 
@@ -682,16 +685,17 @@ def linear_tiled(k: int, n: int, name: str, dtype: str = "float32") -> tirx.Prim
 
 
 def moe_gate_up_grouped(hidden: int, inter: int, experts: int, top_k: int, name: str,
-                        dtype: str = "float32") -> tirx.PrimFunc:
-    """`moe_gate_up` over `moe_align`'s tiles: act[e] = gelu(gate·x)·(up·x)·w[e] (`_tiled_gemm`)."""
-    return _tiled_gemm(inter, hidden, name, dtype, "gate_up", experts, top_k)
+                        storage: str = "float32") -> tirx.PrimFunc:
+    """`moe_gate_up` over `moe_align`'s tiles: act[e] = gelu(gate·x)·(up·x)·w[e] (`_tiled_gemm`); the
+    bank stored as `storage` (a float dtype or q8/q4)."""
+    return _tiled_gemm(inter, hidden, name, storage, "gate_up", experts, top_k)
 
 
 def moe_down_grouped(hidden: int, inter: int, experts: int, top_k: int, name: str,
-                     dtype: str = "float32") -> tirx.PrimFunc:
+                     storage: str = "float32") -> tirx.PrimFunc:
     """Down-projection over `moe_align`'s tiles: part[e, o] = down_x[o]·act[e] (`_tiled_gemm`);
-    `moe_combine` sums a token's top_k parts."""
-    return _tiled_gemm(hidden, inter, name, dtype, "down", experts, top_k)
+    `moe_combine` sums a token's top_k parts. The bank stored as `storage` (a float dtype or q8/q4)."""
+    return _tiled_gemm(hidden, inter, name, storage, "down", experts, top_k)
 
 
 def moe_combine(hidden: int, top_k: int, name: str) -> tirx.PrimFunc:

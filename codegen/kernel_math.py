@@ -1,6 +1,7 @@
 """The math the CPU kernels (`g4c.codegen.kernels`) and the GPU kernels (`g4c.codegen.gpu_kernels`)
-share, written once: weight loads, GELU, the RMS scale, rotate_half RoPE, the KV-cache ring slots and
-attention mask, the online softmax update and the router's softmax top-k.
+share, written once: weight reads (float storage or group-quantized, `weight_at`), GELU, the RMS
+scale, rotate_half RoPE, the KV-cache ring slots and attention mask, the online softmax update and
+the router's softmax top-k.
 
 Expression builders take and return TIR expressions, so they serve TE `compute` lambdas and
 TVMScript bodies alike (a TVMScript kernel calls them like any Python function). The two multi-
@@ -15,6 +16,8 @@ import math
 
 from tvm import tirx
 from tvm.script import tirx as T
+
+from g4c.quant import SCHEMES, packed_shapes
 
 F32 = "float32"
 
@@ -134,17 +137,53 @@ def route_top_k(logits, pes, idx, w, i, probs, acc, best, experts, top_k):
 
 def dequant(data, scales, row, k, scheme: str):
     """Element (row, k) of a group-quantized weight as fp32 (`g4c.quant`'s layout: `data` uint32
-    words [rows, K·bits/32], `scales` float32 [rows, K/32]); works on TE tensors and TIR buffers, so
-    the dequantization is fused into whatever kernel reads the weight."""
+    words [..., rows, K·bits/32], `scales` float32 [..., rows, K/32]); `row` is one index or a tuple
+    of the leading indices (an expert bank [E, N, K]: (expert, n)). Works on TE tensors and TIR
+    buffers, so the dequantization is fused into whatever kernel reads the weight."""
     u32 = "uint32"
+    lead = tuple(row) if isinstance(row, (tuple, list)) else (row,)
     if scheme == "q8":  # byte k % 4 of word k // 4, sign-extended by an arithmetic shift
-        word = data[row, k // 4]
+        word = data[(*lead, k // 4)]
         value = tirx.reinterpret("int32", word << ((3 - k % 4) * 8).astype(u32)) >> 24
     elif scheme == "q4":  # group k // 32: byte b = e % 16 of its 16 holds e (low nibble) and e + 16 (high)
         e = k % 32
         b = e % 16
-        word = data[row, (k // 32) * 4 + b // 4]
+        word = data[(*lead, (k // 32) * 4 + b // 4)]
         value = ((word >> (8 * (b % 4) + 4 * (e // 16)).astype(u32)) & tirx.const(15, u32)).astype("int32") - 8
     else:
         raise ValueError(f"unknown quantization {scheme!r}")
-    return value.astype(F32) * scales[row, k // 32]
+    return value.astype(F32) * scales[(*lead, k // 32)]
+
+
+def quantized(storage: str) -> bool:
+    """Whether a weight storage is a group quantization (`g4c.quant.SCHEMES`: q8, q4), whose weight is
+    a (data, scales) pair, rather than a float dtype (`STORAGE`: float32, float16, bfloat16)."""
+    return storage in SCHEMES
+
+
+def param(name: str, shape, dtype: str):
+    """Declare the next parameter of the TVMScript kernel being parsed, as a buffer (called in the
+    kernel's body, so parameters can follow `weight_param`'s storage-dependent ones in order)."""
+    return T.match_buffer(T.arg(name, T.handle()), shape, dtype)
+
+
+def weight_param(name: str, shape: tuple[int, ...], storage: str):
+    """Declare the parameter(s) of a [..., K] weight stored as `storage` in the TVMScript kernel being
+    parsed: one buffer for a float dtype, or two for a quantization, its data (uint32 words) then its
+    scales (float32) in `g4c.quant`'s layout. Returns what `weight_at` reads (the buffer, or the
+    (data, scales) pair), so a kernel has one signature and one body whatever its weights' storage."""
+    if quantized(storage):
+        data, scales = packed_shapes(tuple(shape), storage)
+        return param(f"{name}_data", data, "uint32"), param(f"{name}_scales", scales, F32)
+    return param(name, tuple(shape), STORAGE[storage])
+
+
+def weight_at(weight, index, k, storage: str):
+    """Element (*index, k) of a weight as fp32, whatever its storage: `weight` is its buffer for a float
+    dtype (`load_weight`), its (data, scales) pair for a quantization (`dequant`, fused into the read:
+    no dequantized copy exists). `index`: the leading indices (one, or a tuple: (expert, row))."""
+    index = tuple(index) if isinstance(index, (tuple, list)) else (index,)
+    if quantized(storage):
+        data, scales = weight
+        return dequant(data, scales, index, k, storage)
+    return load_weight(weight[(*index, k)], storage)

@@ -18,7 +18,8 @@ from tvm import te, tirx
 from tvm.script import tirx as T_
 
 from g4c.codegen.kernel_math import (F32, MASKED_SCORE, STORAGE, causal_window_visible, dequant, gelu_tanh,
-                                     inv_rms, load_weight, ring_key_position, ring_slot, rope_rotate, route_top_k)
+                                     inv_rms, load_weight, param, ring_key_position, ring_slot, rope_rotate,
+                                     route_top_k, weight_at, weight_param)
 
 I64 = "int64"
 
@@ -319,7 +320,8 @@ def router_topk(experts: int, top_k: int, name: str) -> tirx.PrimFunc:
     return func
 
 
-def moe_experts(hidden: int, inter: int, experts: int, top_k: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
+def moe_experts(hidden: int, inter: int, experts: int, top_k: int, name: str, gate_up_storage: str = "float32",
+                down_storage: str = "float32") -> tirx.PrimFunc:
     """Σ_j w[t,j] · down[e](gelu(gate)·up)(x[t]) with e = idx[t, j], grouped by expert.
 
     Tasks are (block of expert rows, expert) pairs: a task loads its rows of one expert once and
@@ -327,22 +329,16 @@ def moe_experts(hidden: int, inter: int, experts: int, top_k: int, name: str, dt
     expert once instead of once per token, and decode touches only the top-k experts. Row blocks are the outer task index, so the
     threads split every expert's rows evenly whichever experts are selected. Dot products run as
     SIMD-width partial sums. Each (token, slot) has exactly one expert, so tasks never write the
-    same element."""
-    storage = STORAGE[dtype]
+    same element.
+
+    The expert banks gate_up [E, 2I, H] and down [E, H, I] are stored as `gate_up_storage` /
+    `down_storage`: a float dtype, or a quantization (q8/q4: each bank is its data and scales
+    parameters, dequantized where the dot products read it, `kernel_math.weight_at`)."""
     lanes_h, lanes_i = math.gcd(16, hidden), math.gcd(16, inter)  # SIMD partial sums over hidden / inter
     rows_i, rows_h = math.gcd(16, inter), math.gcd(16, hidden)  # expert rows per task
 
-    @T_.prim_func
-    def func(x_h: T_.handle, idx_h: T_.handle, w_h: T_.handle, gu_h: T_.handle, down_h: T_.handle,
-             out_h: T_.handle):
-        T_.func_attr({"global_symbol": name, "tirx.noalias": True})
-        t = T_.int64()
-        x = T_.match_buffer(x_h, (t, hidden), F32)
-        idx = T_.match_buffer(idx_h, (t, top_k), I64)
-        w = T_.match_buffer(w_h, (t, top_k), F32)
-        gate_up = T_.match_buffer(gu_h, (experts, 2 * inter, hidden), storage)
-        down = T_.match_buffer(down_h, (experts, hidden, inter), storage)
-        out = T_.match_buffer(out_h, (t, hidden), F32)
+    @T_.macro
+    def body(x, idx, w, gate_up, down, out, t):
         act = T_.alloc_buffer((t, top_k, inter), F32)
         part = T_.alloc_buffer((t, top_k, hidden), F32)
         for task in T_.parallel((inter // rows_i) * experts):
@@ -357,10 +353,10 @@ def moe_experts(hidden: int, inter: int, experts: int, top_k: int, name: str, dt
                                 acc[lane] = T_.float32(0)
                             for k in range(hidden // lanes_h):
                                 for lane in T_.vectorized(lanes_h):
-                                    acc[lane] = acc[lane] + x[i, k * lanes_h + lane] * load_weight(
-                                        gate_up[e, c, k * lanes_h + lane], dtype)
-                                    acc[lanes_h + lane] = acc[lanes_h + lane] + x[i, k * lanes_h + lane] * load_weight(
-                                        gate_up[e, inter + c, k * lanes_h + lane], dtype)
+                                    acc[lane] = acc[lane] + x[i, k * lanes_h + lane] * weight_at(
+                                        gate_up, (e, c), k * lanes_h + lane, gate_up_storage)
+                                    acc[lanes_h + lane] = acc[lanes_h + lane] + x[i, k * lanes_h + lane] * weight_at(
+                                        gate_up, (e, inter + c), k * lanes_h + lane, gate_up_storage)
                             for lane in range(1, lanes_h):
                                 acc[0] = acc[0] + acc[lane]
                                 acc[lanes_h] = acc[lanes_h] + acc[lanes_h + lane]
@@ -377,8 +373,8 @@ def moe_experts(hidden: int, inter: int, experts: int, top_k: int, name: str, dt
                                 acc2[lane] = T_.float32(0)
                             for k in range(inter // lanes_i):
                                 for lane in T_.vectorized(lanes_i):
-                                    acc2[lane] = acc2[lane] + act[i, j, k * lanes_i + lane] * load_weight(
-                                        down[e, o, k * lanes_i + lane], dtype)
+                                    acc2[lane] = acc2[lane] + act[i, j, k * lanes_i + lane] * weight_at(
+                                        down, (e, o), k * lanes_i + lane, down_storage)
                             for lane in range(1, lanes_i):
                                 acc2[0] = acc2[0] + acc2[lane]
                             part[i, j, o] = acc2[0]
@@ -387,4 +383,16 @@ def moe_experts(hidden: int, inter: int, experts: int, top_k: int, name: str, dt
                 out[i, o] = part[i, 0, o]
                 for j in range(1, top_k):
                     out[i, o] = out[i, o] + part[i, j, o]
+
+    @T_.prim_func
+    def func():
+        T_.func_attr({"global_symbol": name, "tirx.noalias": True})
+        t = T_.int64()
+        x = param("x", (t, hidden), F32)
+        idx = param("idx", (t, top_k), I64)
+        w = param("w", (t, top_k), F32)
+        gate_up = weight_param("gate_up", (experts, 2 * inter, hidden), gate_up_storage)
+        down = weight_param("down", (experts, hidden, inter), down_storage)
+        out = param("out", (t, hidden), F32)
+        body(x, idx, w, gate_up, down, out, t)
     return func

@@ -31,7 +31,7 @@ class Lowered:
     options: LoweringOptions
     weight_dtype: str = "float32"  # storage of GEMM/embedding/expert weights; the rest stays fp32
     weight_dtype_tensors: set[str] = field(default_factory=set)  # weights stored in weight_dtype
-    quant: str | None = None  # group quantization of linear and embedding matrices (g4c.quant)
+    quant: str | None = None  # group quantization of linear and embedding matrices, expert banks (g4c.quant)
     host_quant: str | None = None  # ... of the host tables (the PLE table)
     stored_scheme: Callable[[str], str | None] | None = field(default=None, repr=False)  # checkpoint's own blocks
 
@@ -86,9 +86,9 @@ class _Lowering:
         return self.out.weight_dtype
 
     def matrix(self, w: str, k: int) -> tuple[list[str], str | None]:
-        """The kernel arguments of a [*, k] matrix weight and its quantization: (data, scales) made at
-        compile time when --quant applies (k a multiple of the group), else the weight itself, stored
-        in the weight dtype."""
+        """The kernel arguments of a [..., k] matrix weight (a linear or embedding matrix, an expert bank
+        [E, N, k]) and its quantization: (data, scales) made at compile time when --quant applies (k a
+        multiple of the group), else the weight itself, stored in the weight dtype."""
         scheme = self.scheme_for(w[2:])
         if scheme is None or k % GROUP:
             self.stored(w)
@@ -373,35 +373,47 @@ class _Lowering:
         wts = self.buf(f"{n.name}_w", (rows, top_k))
         self.call(kern, logits, self.weight(pes), idx, wts)
         e_in = self.rms(self.ref(r), self.weight(pre_norm), hidden, eps, f"{n.name}_in", rows)
-        w_gate_up, w_down = self.weight(gate_up), self.weight(down)
-        dt = self.stored(w_gate_up)
-        self.stored(w_down)
+        # the expert banks, quantized along their reduction axis as the linear matrices are (K = hidden for
+        # gate_up, inter for down): their kernel arguments and storage (a float dtype or q8/q4)
+        gate_up_args, gate_up_storage = self.bank(self.weight(gate_up), hidden)
+        down_args, down_storage = self.bank(self.weight(down), inter)
         e_out = self.buf(f"{n.name}_experts", (rows, hidden))
-        shape = dict(hidden=hidden, inter=inter, experts=experts, top_k=top_k, dtype=dt)
+        shape = dict(hidden=hidden, inter=inter, experts=experts, top_k=top_k)
         if self.opt.split_moe and not self.decode:  # many tokens: grouped by expert
-            self.grouped_experts(n.name, e_in, idx, wts, (w_gate_up, w_down), e_out, rows, shape)
+            self.grouped_experts(n.name, e_in, idx, wts, (gate_up_args, down_args), (gate_up_storage, down_storage),
+                                 e_out, rows, shape)
         elif self.opt.split_moe:  # two kernels: the activations go through memory instead of float atomics
             act = self.buf(f"{n.name}_act", (rows, top_k, inter))
-            self.call(self.kernel("moe_gate_up", **shape), e_in, idx, wts, w_gate_up, act)
-            self.call(self.kernel("moe_down", **shape), act, idx, w_down, e_out)
+            self.call(self.kernel("moe_gate_up", **shape, storage=gate_up_storage), e_in, idx, wts, *gate_up_args, act)
+            self.call(self.kernel("moe_down", **shape, storage=down_storage), act, idx, *down_args, e_out)
         else:
-            self.call(self.kernel("moe_experts", **shape), e_in, idx, wts, w_gate_up, w_down, e_out)
+            kern = self.kernel("moe_experts", **shape, gate_up_storage=gate_up_storage, down_storage=down_storage)
+            self.call(kern, e_in, idx, wts, *gate_up_args, *down_args, e_out)
         return self.rms(e_out, self.weight(post_norm), hidden, eps, n.name, rows)
 
-    def grouped_experts(self, name: str, x: str, idx: str, wts: str, weights: tuple[str, str], out: str, rows,
-                        shape: dict) -> None:
+    def bank(self, w: str, k: int) -> tuple[list[str], str]:
+        """An expert bank [E, N, k] (`matrix`): its kernel arguments and storage, the quantization's
+        name when quantized (data and scales), else the weight dtype (the bank itself)."""
+        args, scheme = self.matrix(w, k)
+        return args, scheme or self.out.weight_dtype
+
+    def grouped_experts(self, name: str, x: str, idx: str, wts: str, weights: tuple[list[str], list[str]],
+                        storages: tuple[str, str], out: str, rows, shape: dict) -> None:
         """Prefill MoE: `moe_align` sorts the routed (token, slot) entries into per-expert tiles,
         two grouped GEMMs run over the tiles (each weight row read once per tile of entries), and
-        `moe_combine` sums each token's top-k outputs."""
+        `moe_combine` sums each token's top-k outputs. `weights`: the gate_up and down banks' kernel
+        arguments, `storages` their storage."""
         hidden, top_k = shape["hidden"], shape["top_k"]
-        w_gate_up, w_down = weights
+        (gate_up_args, down_args), (gate_up_storage, down_storage) = weights, storages
         tile_expert = self.buf(f"{name}_tile_expert", (rows, top_k), "int32")
         tile_entries = self.buf(f"{name}_tile_entries", (rows, top_k, GEMM_TILE), "int32")
         self.call(self.kernel("moe_align", experts=shape["experts"], top_k=top_k), idx, tile_expert, tile_entries)
         act = self.buf(f"{name}_act", (rows, top_k, shape["inter"]))
-        self.call(self.kernel("moe_gate_up_grouped", **shape), x, wts, w_gate_up, tile_expert, tile_entries, act)
+        self.call(self.kernel("moe_gate_up_grouped", **shape, storage=gate_up_storage), x, wts, *gate_up_args,
+                  tile_expert, tile_entries, act)
         parts = self.buf(f"{name}_parts", (rows, top_k, hidden))
-        self.call(self.kernel("moe_down_grouped", **shape), act, w_down, tile_expert, tile_entries, parts)
+        self.call(self.kernel("moe_down_grouped", **shape, storage=down_storage), act, *down_args, tile_expert,
+                  tile_entries, parts)
         self.call(self.kernel("moe_combine", hidden=hidden, top_k=top_k), parts, out)
 
 
@@ -410,8 +422,8 @@ def lower(cfg: ModelConfig, graphs: dict[str, Graph], options: LoweringOptions, 
           stored_scheme: Callable[[str], str | None] | None = None) -> Lowered:
     """Lower the optimized graphs (prefill, prefill_all, decode) into one set of kernel specs and their
     programs, structured as the target's `options` ask; `quant` group-quantizes the linear and
-    embedding matrices, `host_quant` the host tables (`g4c.quant`); `stored_scheme(tensor)` names the
-    scheme a checkpoint tensor is already stored in (kept as it is)."""
+    embedding matrices and the MoE expert banks, `host_quant` the host tables (`g4c.quant`);
+    `stored_scheme(tensor)` names the scheme a checkpoint tensor is already stored in (kept as it is)."""
     out = Lowered({}, {}, {}, {}, [], options, weight_dtype, quant=quant, host_quant=host_quant,
                   stored_scheme=stored_scheme)
     for mode, graph in graphs.items():

@@ -1,9 +1,10 @@
 """Kernel requests: what the lowering asks a target for, as typed values instead of name strings.
 
 A `KernelSpec` names an operation from the closed set `OPS` and its static parameters (sizes, eps,
-window, storage dtype, ...). The lowering emits specs; a target maps each spec to a TensorIR builder
-and a schedule (`g4c.targets.base.Target.kernel`); schedules, the Relax module builder, `bench` and
-the profiler dispatch on `spec.op` and read `spec.params`. `spec.name` is derived for display and as
+window, weight storage: a dtype, or a quantization scheme for the `_q` ops and the MoE expert banks,
+...). The lowering emits specs; a target maps each spec to a TensorIR builder and a schedule
+(`g4c.targets.base.Target.kernel`); schedules, the Relax module builder, `bench` and the profiler
+dispatch on `spec.op` and read `spec.params`. `spec.name` is derived for display and as
 the kernel's symbol, never parsed back.
 
 `LoweringOptions` are the choices a target makes about program structure (not about kernels): index
@@ -41,9 +42,9 @@ OPS = {
     "ple_gate": "per-layer-embedding gate of one layer",
     "router_input": "MoE router input: RMS norm and scale",
     "router_topk": "MoE top-k: softmax, top-k, renormalise, per-expert scale",
-    "moe_experts": "MoE experts of the top-k, summed (one kernel)",
-    "moe_gate_up": "MoE gate/up + gelu for each routed (token, slot)",
-    "moe_down": "MoE down-projection summed over the top-k",
+    "moe_experts": "MoE experts of the top-k, summed (one kernel; each bank's storage a float dtype or q8/q4)",
+    "moe_gate_up": "MoE gate/up + gelu for each routed (token, slot) (bank storage: a float dtype or q8/q4)",
+    "moe_down": "MoE down-projection summed over the top-k (bank storage: a float dtype or q8/q4)",
     "moe_align": "sort routed (token, slot) entries into per-expert tiles",
     "moe_gate_up_grouped": "moe_gate_up as a GEMM over per-expert tiles",
     "moe_down_grouped": "moe_down as a GEMM over per-expert tiles (per-slot outputs)",

@@ -1,5 +1,5 @@
-"""Group-quantized weights (`--quant q8|q4`): llama.cpp's Q8_0/Q4_0 blocks bit for bit, kernels that
-compute exactly on the dequantized weights (checked against transformers running those weights in
+"""Group-quantized weights (`--quant q8|q4`: linear and embedding matrices, MoE expert banks): llama.cpp's
+Q8_0/Q4_0 blocks bit for bit, kernels that compute exactly on the dequantized weights (checked against transformers running those weights in
 fp32), on the CPU and on Vulkan, and an error no larger than round-to-nearest quantization's."""
 
 from __future__ import annotations
@@ -41,20 +41,29 @@ def _leaves(name: str, recipes: dict) -> list[str]:
     return [name]
 
 
+def quantized_tensors(manifest: dict) -> dict[str, str]:
+    """checkpoint tensor (g4c name) → the scheme the artifact stores it in: the leaves of every
+    quantized weight (packed, sliced), the expert banks included, and the quantized host tables."""
+    recipes = manifest["weight_recipes"]
+    quantized = {leaf: r["quant"][1] for r in recipes.values() if "quant" in r
+                 for leaf in _leaves(r["quant"][0], recipes)}
+    quantized.update({t: manifest["host_quant"] for t in manifest["host_tables"] if manifest["host_quant"]})
+    return quantized
+
+
 def dequantized_reference(checkpoint, artifact, tmp_path):
     """transformers with the artifact's quantized tensors replaced by their dequantized values (the
-    exact weights the kernels compute with), in fp32."""
-    manifest = json.loads((artifact / "manifest.json").read_text())
-    recipes = manifest["weight_recipes"]
-    quantized = {leaf: r["quant"][1] for r in recipes.values() if "quant" in r for leaf in _leaves(r["quant"][0], recipes)}
-    quantized.update({t: manifest["host_quant"] for t in manifest["host_tables"] if manifest["host_quant"]})
+    exact weights the kernels compute with), in fp32: matrices [N, K] and expert banks [E, N, K]
+    (`model.layers.N.experts.gate_up_proj` / `down_proj` in transformers, `layers.N.experts.…` in g4c),
+    quantized along their last axis."""
+    quantized = quantized_tensors(json.loads((artifact / "manifest.json").read_text()))
     model = load_reference(checkpoint)
     state = model.state_dict()
     done = set()
     with torch.no_grad():
         for key, tensor in state.items():
-            name = next((n for n in quantized if key.endswith(n)), None)
-            if name is not None and tensor.ndim == 2:
+            name = next((n for n in quantized if key.endswith(n)), None)  # g4c names are HF keys' suffixes
+            if name is not None:
                 scheme = quantized[name]
                 tensor.copy_(torch.from_numpy(dequantize(*quantize(tensor.numpy(), scheme), scheme)))
                 done.add(name)
@@ -100,6 +109,8 @@ def test_quantized_artifact_is_exact_on_its_dequantized_weights(family, scheme, 
     ops = {spec["op"] for spec in manifest["kernels"].values()}
     assert {"linear_q", "embed_q"} <= ops and "linear" not in ops and manifest["quant"] == scheme
     assert manifest["host_quant"] == (scheme if family == "e" else None)  # the PLE table
+    if family == "moe":
+        _assert_expert_banks_quantized(manifest, scheme, ["moe_experts"])
     reference = dequantized_reference(quant_checkpoints[family], art, tmp_path)
     logits = load(art, prefill_chunk=7).prefill(PROMPT, all_logits=True)
     expected = reference_logits(reference, PROMPT)
@@ -110,6 +121,19 @@ def test_quantized_artifact_is_exact_on_its_dequantized_weights(family, scheme, 
     assert np.abs(logits - exact).max() <= np.abs(expected - exact).max() + 1e-4
 
 
+def _assert_expert_banks_quantized(manifest: dict, scheme: str, ops: list[str]) -> None:
+    """Every layer's expert banks are stored quantized (recipes with "quant", never the float bank) and
+    each expert kernel (`ops`) reads them in that scheme."""
+    layers = manifest["config"]["num_hidden_layers"]
+    banks = {f"layers.{i}.experts.{bank}" for i in range(layers) for bank in ("gate_up_proj", "down_proj")}
+    assert {n for n in quantized_tensors(manifest) if ".experts." in n} == banks
+    assert not banks & set(manifest["entry"]["weights"])
+    specs = [spec for spec in manifest["kernels"].values() if spec["op"] in ops]
+    assert {spec["op"] for spec in specs} == set(ops)
+    for spec in specs:
+        assert {v for k, v in spec.items() if k.endswith("storage")} == {scheme}, spec
+
+
 def test_quantized_weights_are_smaller(quant_artifacts, quant_checkpoints, tmp_path):
     loaded = load_model(str(quant_checkpoints["e"]))
     fp32 = compile_model(loaded.cfg, loaded.weights, "llvm", tmp_path / "fp32")
@@ -117,19 +141,32 @@ def test_quantized_weights_are_smaller(quant_artifacts, quant_checkpoints, tmp_p
     assert size["q4"] < size["q8"] < 0.6 * sum(f.stat().st_size for f in fp32.glob("*.safetensors"))
 
 
-def test_vulkan_quantized_kernels_are_exact(quant_checkpoints, tmp_path, monkeypatch):
-    """The same on Vulkan (lavapipe), with the embedding table split into quantized row slices."""
+@pytest.mark.parametrize("family", ["e", "moe"])
+def test_vulkan_quantized_kernels_are_exact(family, quant_checkpoints, tmp_path, monkeypatch):
+    """The same on Vulkan (lavapipe): e with the embedding table split into quantized row slices; moe
+    with q4 expert banks through the grouped GEMMs (a 20-token prefill) and the decode kernels."""
     from g4c.targets import vulkan
 
     monkeypatch.setitem(vulkan.PROFILES, "generic", vulkan.VulkanProfile(threads=256, fp16=False,
                                                                          max_binding=16 << 10))
-    loaded = load_model(str(quant_checkpoints["e"]))
+    loaded = load_model(str(quant_checkpoints[family]))
     art = compile_model(loaded.cfg, loaded.weights, "vulkan", tmp_path / "vk", quant="q4", quant_ple="q4")
-    ops = {spec["op"] for spec in json.loads((art / "manifest.json").read_text())["kernels"].values()}
-    assert {"linear_q", "embed_rows_q"} <= ops
-    reference = dequantized_reference(quant_checkpoints["e"], art, tmp_path)
-    session = load(art, prefill_chunk=7)
-    assert np.abs(session.prefill(PROMPT, all_logits=True) - reference_logits(reference, PROMPT)).max() <= 1e-4
+    manifest = json.loads((art / "manifest.json").read_text())
+    ops = {spec["op"] for spec in manifest["kernels"].values()}
+    assert "linear_q" in ops and "linear" not in ops
+    if family == "e":
+        assert "embed_rows_q" in ops
+    else:
+        _assert_expert_banks_quantized(manifest, "q4", ["moe_gate_up", "moe_down", "moe_gate_up_grouped",
+                                                         "moe_down_grouped"])
+    reference = dequantized_reference(quant_checkpoints[family], art, tmp_path)
+    session = load(art, prefill_chunk=7) if family == "e" else load(art)  # moe: the prompt in one chunk
+    expected = reference_logits(reference, PROMPT)
+    assert np.abs(session.prefill(PROMPT, all_logits=True) - expected).max() <= 1e-4
+    session.reset()
+    session.prefill(PROMPT[:10])
+    decoded = np.stack([session.decode(token) for token in PROMPT[10:16]])  # the decode kernels' logits
+    assert np.abs(decoded - expected[10:16]).max() <= 1e-4
     session.reset()
     assert session.generate(PROMPT[:6], 12) == reference_greedy(reference, PROMPT[:6], 12)
 

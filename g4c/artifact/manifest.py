@@ -108,7 +108,7 @@ class Manifest:
     weight_dtype_tensors: list[str] = field(default_factory=list)
     weight_recipes: dict[str, dict] = field(default_factory=dict)  # g4c.artifact.recipes
     host_tables: list[str] = field(default_factory=list)  # tables gathered row by row on the host (PLE)
-    quant: str | None = None  # group quantization of the linear/embedding matrices (g4c.quant), or none
+    quant: str | None = None  # group quantization of the linear/expert/embedding matrices (g4c.quant), or none
     host_quant: str | None = None  # ... of the host tables
     kv_plan: list = field(default_factory=list)  # plan_kv_cache's per-layer plan, for inspection
     launches: dict[str, list[dict]] | None = None  # wgpu: per kernel, its device launches (codegen.wgsl)
