@@ -720,49 +720,25 @@ def moe_combine(hidden: int, top_k: int, name: str) -> tirx.PrimFunc:
     return func
 
 
-def embed_rows(lo: int, rows: int, hidden: int, name: str, dtype: str = "float32") -> tirx.PrimFunc:
+def embed_rows(lo: int, rows: int, hidden: int, name: str, storage: str = "float32") -> tirx.PrimFunc:
     """out[i] = table[ids[i] - lo] for the tokens whose id falls in this slice [lo, lo + rows) of an
     embedding table split to fit a storage binding; other rows of `out` are left to the other slices
-    (every id lies in exactly one)."""
-    storage, nt = STORAGE[dtype], THREADS
-    attrs = _attrs(name)
-
-    @T.prim_func
-    def func(table_h: T.handle, ids_h: T.handle, out_h: T.handle):
-        T.func_attr(attrs)
-        t = T.int32()
-        table = T.match_buffer(table_h, (rows, hidden), storage)
-        ids = T.match_buffer(ids_h, (t,), I32)
-        out = T.match_buffer(out_h, (t, hidden), F32)
-        for blk in T.thread_binding(t, thread="blockIdx.x"):
-            for tid in T.thread_binding(nt, thread="threadIdx.x"):
-                for r in range(_ceil(hidden, nt)):
-                    if r * nt + tid < hidden and lo <= ids[blk] and ids[blk] < lo + rows:
-                        out[blk, r * nt + tid] = load_weight(table[ids[blk] - lo, r * nt + tid], dtype)
-    return func
-
-
-def embed_rows_q(lo: int, rows: int, hidden: int, scheme: str, name: str) -> tirx.PrimFunc:
-    """`embed_rows` of a group-quantized table slice (`g4c.quant` layout): rows are dequantized as
-    they are gathered."""
-    from g4c.quant import packed_shapes
-
-    data_shape, scales_shape = packed_shapes((rows, hidden), scheme)
+    (every id lies in exactly one). The slice is stored as `storage` (a float dtype, or q8/q4 blocks
+    dequantized as gathered)."""
     nt, attrs = THREADS, _attrs(name)
 
     @T.prim_func
-    def func(data_h: T.handle, scales_h: T.handle, ids_h: T.handle, out_h: T.handle):
+    def func():
         T.func_attr(attrs)
         t = T.int32()
-        data = T.match_buffer(data_h, data_shape, "uint32")
-        scales = T.match_buffer(scales_h, scales_shape, F32)
-        ids = T.match_buffer(ids_h, (t,), I32)
-        out = T.match_buffer(out_h, (t, hidden), F32)
+        table = weight_param("table", (rows, hidden), storage)
+        ids = param("ids", (t,), I32)
+        out = param("out", (t, hidden), F32)
         for blk in T.thread_binding(t, thread="blockIdx.x"):
             for tid in T.thread_binding(nt, thread="threadIdx.x"):
                 for r in range(_ceil(hidden, nt)):
                     if r * nt + tid < hidden and lo <= ids[blk] and ids[blk] < lo + rows:
-                        out[blk, r * nt + tid] = dequant(data, scales, ids[blk] - lo, r * nt + tid, scheme)
+                        out[blk, r * nt + tid] = weight_at(table, ids[blk] - lo, r * nt + tid, storage)
     return func
 
 

@@ -179,12 +179,13 @@ class _Lowering:
         slices = self.row_slices(w, vocab, hidden)
         for lo, hi, part in slices or [(0, vocab, w)]:
             args, scheme = self.matrix(part, hidden)
-            storage = {"scheme": scheme} if scheme else {"dtype": self.out.weight_dtype}
             if slices:
-                op = "embed_rows_q" if scheme else "embed_rows"
-                kern = self.kernel(op, lo=lo, rows=hi - lo, hidden=hidden, **storage)
+                kern = self.kernel("embed_rows", lo=lo, rows=hi - lo, hidden=hidden,
+                                   storage=scheme or self.out.weight_dtype)
+            elif scheme:
+                kern = self.kernel("embed_q", vocab=vocab, hidden=hidden, scheme=scheme)
             else:
-                kern = self.kernel("embed_q" if scheme else "embed", vocab=vocab, hidden=hidden, **storage)
+                kern = self.kernel("embed", vocab=vocab, hidden=hidden, dtype=self.out.weight_dtype)
             self.call(kern, *args, self.ref(ids), out)
         return out
 

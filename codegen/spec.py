@@ -19,12 +19,11 @@ from dataclasses import dataclass
 # op → what the kernel computes (the builders' docstrings in codegen/kernels.py and gpu_kernels.py say how)
 OPS = {
     "embed": "rows of an embedding table for the token ids",
-    "embed_rows": "rows of one slice [lo, lo + rows) of a table split for a storage binding",
+    "embed_rows": "rows of one slice [lo, lo + rows) of a table split for a storage binding (float or q8/q4)",
     "linear": "y = x · Wᵀ (rows = 1: a one-row decode GEMV; None: any number of rows)",
     "linear_tiled": "y = x · Wᵀ as a shared-memory tiled GEMM (GPU targets without a GEMM schedule rule)",
     "linear_q": "y = x · Wᵀ with W group-quantized (q8/q4), dequantized inside the reduction",
     "embed_q": "rows of a group-quantized embedding table, dequantized as gathered",
-    "embed_rows_q": "embed_rows of a group-quantized table slice",
     "place_columns": "copy a column slice of the logits into place (split LM head)",
     "rms_norm": "RMS norm, with or without a weight",
     "add_rms_norm": "residual add + RMS norm",

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-GATHER_OPS = ("embed", "embed_rows", "embed_q", "embed_rows_q")  # read one row per token of their tables
+GATHER_OPS = ("embed", "embed_rows", "embed_q")  # read one row per token of their tables
 MOE_OPS = ("moe_experts", "moe_gate_up", "moe_down")  # one token reads top_k of the experts' weights
 
 

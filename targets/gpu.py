@@ -29,7 +29,6 @@ def gpu_builders() -> dict:
             "router_topk": gpu.router_topk, "attention_split": gpu.attention,
             "prefill_attention_split": gpu.prefill_attention, "attention_merge": gpu.attention_merge,
             "linear_tiled": gpu.linear_tiled, "place_columns": gpu.place_columns, "embed_rows": gpu.embed_rows,
-            "embed_rows_q": gpu.embed_rows_q,
             "moe_gate_up": gpu.moe_gate_up, "moe_down": gpu.moe_down, "moe_align": gpu.moe_align,
             "moe_gate_up_grouped": gpu.moe_gate_up_grouped, "moe_down_grouped": gpu.moe_down_grouped,
             "moe_combine": gpu.moe_combine}

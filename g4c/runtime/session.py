@@ -146,7 +146,7 @@ class ArtifactSession(Session):
         covered = 0  # embedding rows 0 .. covered-1, from one table or its contiguous slices
         for step in self.manifest.programs["decode"].steps:
             spec = self.manifest.kernels.get(step.kernel, {})
-            if spec.get("op") in ("embed", "embed_rows", "embed_q", "embed_rows_q"):
+            if spec.get("op") in ("embed", "embed_rows", "embed_q"):
                 table = weights[step.args[0][2:]]
                 expected = spec.get("rows", spec.get("vocab"))
                 if table.ndim != 2 or table.shape[0] != expected:
