@@ -353,9 +353,19 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
     else:
         ids = parse_tokens(tokens)
     sampled: list[float] = []  # when each new token was sampled: the first after prefill, then one per decode
+    produced: list[int] = []
+
+    def on_token(token: int) -> None:
+        sampled.append(time.perf_counter())
+        produced.append(token)
+
     start = time.perf_counter()
-    new = session.generate(ids, max_new_tokens, sampler, stop_tokens=_stop_tokens(stop, eos),
-                           on_token=lambda _: sampled.append(time.perf_counter()))
+    try:
+        new = session.generate(ids, max_new_tokens, sampler, stop_tokens=_stop_tokens(stop, eos), on_token=on_token)
+    except G4CError:
+        if produced:  # a failure mid-generation (a dropped RPC session): what was generated is not lost
+            print(",".join(map(str, produced)), flush=True)
+        raise
     if sampled and isinstance(session, ArtifactSession):  # compiled: artifact, --rpc or --backend tvm
         print(_speed(len(ids), sampled[0] - start, len(sampled) - 1, sampled[-1] - sampled[0]), file=sys.stderr,
               flush=True)

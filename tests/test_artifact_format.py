@@ -152,3 +152,25 @@ def test_safetensors_header_fuzz_is_one_artifact_error(tmp_path_factory, header,
         read_aligned_safetensors(path)
     except ArtifactError as exc:
         assert "\n" not in str(exc)
+
+
+def test_tokens_generated_before_a_failure_are_printed(artifacts, monkeypatch, capsys):
+    """A failure mid-generation (a dropped RPC session, a device error) still prints the tokens made."""
+    from g4c.cli import main
+    from g4c.runtime.session import ArtifactSession
+
+    calls = {"n": 0}
+    real = ArtifactSession.decode
+
+    def flaky(self, token):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise ArtifactError("the server closed the session")
+        return real(self, token)
+
+    monkeypatch.setattr(ArtifactSession, "decode", flaky)
+    assert main(["generate", str(artifacts["e"]), "--tokens", "2,17,99", "--max-new-tokens", "10", "--stop",
+                 "none"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines()[-1] == ",".join(map(str, load(artifacts["e"]).generate([2, 17, 99], 4)))
+    assert "the server closed the session" in captured.err
