@@ -12,6 +12,8 @@ scope. All arithmetic is fp32.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 from tvm import tirx
@@ -22,7 +24,8 @@ from g4c.quant import SCHEMES, packed_shapes
 F32 = "float32"
 
 # Weight storage: fp32, fp16, or bf16 carried as its uint16 bit pattern (numpy/DLPack have no bf16).
-STORAGE = {"float32": F32, "float16": "float16", "bfloat16": "uint16", "uint32": "uint32"}  # uint32: quantized
+STORAGE = {"float32": F32, "float16": "float16", "bfloat16": "uint16", "uint32": "uint32",
+           "uint8": "uint8"}  # uint32/uint8: quantized data
 
 MASKED_SCORE = -3.0e38  # the score of a masked key; also the initial running max of a softmax
 
@@ -135,13 +138,38 @@ def route_top_k(logits, pes, idx, w, i, probs, acc, best, experts, top_k):
         w[i, j] = w[i, j] / acc[2] * pes[idx[i, j]]
 
 
+_QUANT_WORD = contextvars.ContextVar("g4c_quant_word", default="uint32")
+
+
+@contextlib.contextmanager
+def quant_word(word: str):
+    """Build kernels whose quantized data is declared in `word`s (`g4c.quant`: uint32 for GPUs, whose
+    shading languages load 32-bit words; uint8 for CPUs, which then load a group's bytes as vectors)."""
+    token = _QUANT_WORD.set(word)
+    try:
+        yield
+    finally:
+        _QUANT_WORD.reset(token)
+
+
+def quant_shapes(shape, scheme: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(data, scales) shapes of a quantized weight in the current word (`quant_word`)."""
+    return packed_shapes(tuple(shape), scheme, _QUANT_WORD.get())
+
+
+def quant_data_dtype() -> str:
+    return _QUANT_WORD.get()
+
+
 def dequant(data, scales, row, k, scheme: str):
-    """Element (row, k) of a group-quantized weight as fp32 (`g4c.quant`'s layout: `data` uint32
-    words [..., rows, K·bits/32], `scales` float32 [..., rows, K/32]); `row` is one index or a tuple
-    of the leading indices (an expert bank [E, N, K]: (expert, n)). Works on TE tensors and TIR
-    buffers, so the dequantization is fused into whatever kernel reads the weight."""
+    """Element (row, k) of a group-quantized weight as fp32 (`g4c.quant`'s layout: `data` [..., rows,
+    K·bits/8 bytes] as uint32 or uint8 words, `scales` float32 [..., rows, K/32]); `row` is one index
+    or a tuple of the leading indices (an expert bank [E, N, K]: (expert, n)). Works on TE tensors and
+    TIR buffers, so the dequantization is fused into whatever kernel reads the weight."""
     u32 = "uint32"
     lead = tuple(row) if isinstance(row, (tuple, list)) else (row,)
+    if data.dtype == "uint8":  # bytes: a group's values are consecutive loads
+        return _dequant_bytes(data, lead, k, scheme) * scales[(*lead, k // 32)]
     if scheme == "q8":  # byte k % 4 of word k // 4, sign-extended by an arithmetic shift
         word = data[(*lead, k // 4)]
         value = tirx.reinterpret("int32", word << ((3 - k % 4) * 8).astype(u32)) >> 24
@@ -153,6 +181,17 @@ def dequant(data, scales, row, k, scheme: str):
     else:
         raise ValueError(f"unknown quantization {scheme!r}")
     return value.astype(F32) * scales[(*lead, k // 32)]
+
+
+def _dequant_bytes(data, lead: tuple, k, scheme: str):
+    """The integer value of element k of a uint8-declared quantized row, as fp32 (before its scale)."""
+    if scheme == "q8":
+        return tirx.reinterpret("int8", data[(*lead, k)]).astype(F32)
+    if scheme == "q4":  # byte (k // 32)·16 + k % 16; the high nibble for the group's second half
+        e = k % 32
+        byte = data[(*lead, (k // 32) * 16 + e % 16)]
+        return ((byte >> (4 * (e // 16)).astype("uint8")) & tirx.const(15, "uint8")).astype(F32) - tirx.const(8.0, F32)
+    raise ValueError(f"unknown quantization {scheme!r}")
 
 
 def quantized(storage: str) -> bool:
@@ -173,8 +212,8 @@ def weight_param(name: str, shape: tuple[int, ...], storage: str):
     scales (float32) in `g4c.quant`'s layout. Returns what `weight_at` reads (the buffer, or the
     (data, scales) pair), so a kernel has one signature and one body whatever its weights' storage."""
     if quantized(storage):
-        data, scales = packed_shapes(tuple(shape), storage)
-        return param(f"{name}_data", data, "uint32"), param(f"{name}_scales", scales, F32)
+        data, scales = quant_shapes(shape, storage)
+        return param(f"{name}_data", data, quant_data_dtype()), param(f"{name}_scales", scales, F32)
     return param(name, tuple(shape), STORAGE[storage])
 
 

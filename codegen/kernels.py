@@ -18,8 +18,8 @@ from tvm import te, tirx
 from tvm.script import tirx as T_
 
 from g4c.codegen.kernel_math import (F32, MASKED_SCORE, STORAGE, causal_window_visible, dequant, gelu_tanh,
-                                     inv_rms, load_weight, param, ring_key_position, ring_slot, rope_rotate,
-                                     route_top_k, weight_at, weight_param)
+                                     inv_rms, load_weight, param, quant_data_dtype, quant_shapes, ring_key_position,
+                                     ring_slot, rope_rotate, route_top_k, weight_at, weight_param)
 
 I64 = "int64"
 
@@ -68,10 +68,9 @@ def linear(k: int, n: int, name: str, dtype: str = "float32", rows: int | None =
 
 def _quantized(rows: int, k: int, scheme: str) -> tuple:
     """Placeholders of a group-quantized [rows, k] weight (`g4c.quant` layout)."""
-    from g4c.quant import packed_shapes
-
-    data_shape, scales_shape = packed_shapes((rows, k), scheme)
-    return te.placeholder(data_shape, "uint32", name="w_data"), te.placeholder(scales_shape, F32, name="w_scales")
+    data_shape, scales_shape = quant_shapes((rows, k), scheme)
+    return (te.placeholder(data_shape, quant_data_dtype(), name="w_data"),
+            te.placeholder(scales_shape, F32, name="w_scales"))
 
 
 def linear_q(k: int, n: int, scheme: str, name: str, rows: int | None = None) -> tirx.PrimFunc:

@@ -96,7 +96,7 @@ class _Lowering:
         name = w[2:]
         parts = [f"{name}.{scheme}", f"{name}.{scheme}_scales"]
         for part, kind in zip(parts, ("data", "scales")):
-            self.out.recipes.setdefault(part, {"quant": [name, scheme, kind]})
+            self.out.recipes.setdefault(part, {"quant": [name, scheme, kind, self.opt.quant_word]})
         return [f"w:{p}" for p in parts], scheme
 
     def scheme_for(self, name: str) -> str | None:
@@ -157,7 +157,7 @@ class _Lowering:
         (None if it fits): the slices are weights of their own, cut at compile time."""
         limit = self.opt.max_binding
         if self.out.quant and width % GROUP == 0:
-            row_bytes = width * BITS[self.out.quant] // 8  # the data words; the scales are smaller
+            row_bytes = width * BITS[self.out.quant] // 8  # the data bytes; the scales are smaller
         else:
             row_bytes = width * (2 if self.out.weight_dtype != "float32" else 4)
         if not limit or rows * row_bytes <= limit:

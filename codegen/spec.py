@@ -107,3 +107,4 @@ class LoweringOptions:
     tiled_gemm: bool = False  # prefill linears as `linear_tiled` (no GEMM schedule rule on the target)
     shared_memory: int = 16384  # bytes of shared memory per workgroup the tiled kernels may use
     max_binding: int | None = None  # bytes one storage binding may hold: bigger tables are split
+    quant_word: str = "uint8"  # how quantized data is declared (g4c.quant): uint8 for CPUs, uint32 for GPUs

@@ -156,7 +156,7 @@ def _weight_specs(lowered, used: list[str], weights: Weights) -> Specs:
     def dtype(name: str) -> np.dtype:
         quant = lowered.recipes.get(name, {}).get("quant")
         if quant:
-            return np.dtype(np.uint32 if quant[2] == "data" else np.float32)
+            return np.dtype((quant[3:] or ["uint32"])[0] if quant[2] == "data" else np.float32)
         return numpy_dtype(lowered.weight_dtype if name in lowered.weight_dtype_tensors else "float32")
 
     return {name: (derived_shape(name, lowered.recipes, weights.source.shape), dtype(name)) for name in used}
@@ -168,30 +168,30 @@ def _maker(recipes: dict, base: Callable[[str], np.ndarray],
     its scales (written one after the other). Checkpoint tensors stored quantized in the same scheme
     (`native(name)` → (scheme, data, scales), e.g. a GGUF file's Q4_0 blocks) are used as they are,
     packed and sliced by rows, never requantized."""
-    from g4c.quant import quantize
+    from g4c.quant import as_words, quantize
 
-    def blocks(name: str, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    def blocks(name: str, scheme: str, word: str) -> tuple[np.ndarray, np.ndarray]:
         recipe = recipes.get(name)
         if recipe is None and (stored := native(name)) is not None and stored[0] == scheme:
-            return stored[1], stored[2]
+            return as_words(stored[1], word), stored[2]
         if recipe and "concat" in recipe and recipe["axis"] == 0:  # rows of parts: their blocks stacked
-            parts = [blocks(p, scheme) for p in recipe["concat"]]
+            parts = [blocks(p, scheme, word) for p in recipe["concat"]]
             return np.concatenate([d for d, _ in parts]), np.concatenate([s for _, s in parts])
         if recipe and "rows" in recipe:
             source, lo, hi = recipe["rows"]
-            data, scales = blocks(source, scheme)
+            data, scales = blocks(source, scheme, word)
             return data[lo:hi], scales[lo:hi]
-        return quantize(derived_weight(name, recipes, base), scheme)
+        return quantize(derived_weight(name, recipes, base), scheme, word)
 
     @functools.lru_cache(maxsize=1)
-    def quantized(source: str, scheme: str) -> tuple[np.ndarray, np.ndarray]:
-        return blocks(source, scheme)
+    def quantized(source: str, scheme: str, word: str) -> tuple[np.ndarray, np.ndarray]:
+        return blocks(source, scheme, word)
 
     def make(name: str) -> np.ndarray:
         quant = recipes.get(name, {}).get("quant")
         if quant:
-            source, scheme, part = quant
-            return quantized(source, scheme)[part == "scales"]
+            source, scheme, part, *word = quant
+            return quantized(source, scheme, *(word or ["uint32"]))[part == "scales"]
         return derived_weight(name, recipes, base)
     return make
 

@@ -5,11 +5,13 @@ Why group 32: it is what Q4_0/Q8_0/MLC q4f16_1 use (the error of every engine us
 measured at that granularity), it divides every Gemma 4 reduction width, and a group is a whole
 number of 32-bit words (8 int4 or 4 int8 values per word), which WGSL needs (it has no 8-bit loads).
 
-Layout of a [N, K] weight (K a multiple of 32):
-- `q8`: `data` uint32 [N, K/4]; value k of row n is byte k % 4 of word k // 4, two's complement;
-  w = q · scale.
-- `q4`: `data` uint32 [N, K/8]; per group g of 32 values, its 4 words hold Q4_0's 16 bytes: byte b
-  (0..15) has value b in its low nibble and value b + 16 in its high nibble; w = (q − 8) · scale.
+Layout of a [N, K] weight (K a multiple of 32), as bytes: per group of 32 values
+- `q8`: 32 bytes, value e in byte e, two's complement; w = q · scale;
+- `q4`: 16 bytes (Q4_0's): byte b (0..15) holds value b in its low nibble and value b + 16 in its high
+  nibble; w = (q − 8) · scale.
+The bytes are declared as `uint32` words ([N, K·bits/32]: WGSL has no 8-bit loads) or as `uint8`
+([N, K·bits/8]: a CPU then loads 16 or 32 consecutive values as one vector) — the same bytes; the
+target picks the word (`LoweringOptions.quant_word`).
 - `scales` float32 [N, K/32], fp16-representable (Q4_0/Q8_0 store fp16 scales; fp32 holds them exactly).
 
 numpy only: the compiler writes quantized weights with it, tests dequantize with it.
@@ -22,6 +24,7 @@ import numpy as np
 GROUP = 32
 SCHEMES = ("q8", "q4")
 BITS = {"q8": 8, "q4": 4}
+WORDS = ("uint32", "uint8")
 
 
 def quant_scheme(name: str | None) -> str | None:
@@ -40,14 +43,20 @@ def quantizable(shape: tuple[int, ...]) -> bool:
     return len(shape) >= 2 and shape[-1] % GROUP == 0
 
 
-def packed_shapes(shape: tuple[int, ...], scheme: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(data shape, scales shape) of a quantized [..., K] weight."""
+def packed_shapes(shape: tuple[int, ...], scheme: str, word: str = "uint32") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(data shape, scales shape) of a quantized [..., K] weight, its data in `word`s."""
     *lead, k = shape
-    return (*lead, k * BITS[scheme] // 32), (*lead, k // GROUP)
+    return (*lead, k * BITS[scheme] // (8 * np.dtype(word).itemsize)), (*lead, k // GROUP)
 
 
-def quantize(weight: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
-    """(data uint32, scales float32) of `weight` [..., K], round to nearest as llama.cpp does:
+def as_words(data: np.ndarray, word: str) -> np.ndarray:
+    """Quantized data (any word) declared as `word`s: the same bytes, another last axis."""
+    raw = np.ascontiguousarray(data).view(np.uint8)
+    return raw.view(np.dtype(word).newbyteorder("<")).astype(word, copy=False)
+
+
+def quantize(weight: np.ndarray, scheme: str, word: str = "uint32") -> tuple[np.ndarray, np.ndarray]:
+    """(data in `word`s, scales float32) of `weight` [..., K], round to nearest as llama.cpp does:
     q8: scale = max|w| / 127; q4: scale = m / −8 with m the value of largest magnitude (Q4_0)."""
     w = np.asarray(weight, dtype=np.float32)
     groups = w.reshape(*w.shape[:-1], w.shape[-1] // GROUP, GROUP)
@@ -64,14 +73,14 @@ def quantize(weight: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
         data = (q[..., :16] | (q[..., 16:] << 4)).reshape(*w.shape[:-1], -1, 4)  # 16 bytes per group
     else:
         raise ValueError(f"unknown quantization {scheme!r}")
-    words = np.ascontiguousarray(data).view("<u4")[..., 0]
-    # stored as Q4_0/Q8_0 store them: fp16 (the values are computed with the fp32 scale, as llama.cpp does)
-    return words.astype(np.uint32), scale.astype(np.float16).astype(np.float32)
+    data = np.ascontiguousarray(data).reshape(*w.shape[:-1], -1)  # the bytes of each row
+    # scales as Q4_0/Q8_0 store them: fp16 (the values are computed with the fp32 scale, as llama.cpp does)
+    return as_words(data, word), scale.astype(np.float16).astype(np.float32)
 
 
 def dequantize(data: np.ndarray, scales: np.ndarray, scheme: str) -> np.ndarray:
     """The float32 weight the kernels compute with."""
-    raw = np.ascontiguousarray(data.astype("<u4")).view(np.uint8)  # bytes in memory order
+    raw = np.ascontiguousarray(data).view(np.uint8)  # bytes in memory order, whatever the word
     lead = data.shape[:-1]
     if scheme == "q8":
         q = raw.view(np.int8).astype(np.float32).reshape(*lead, -1, GROUP)

@@ -63,12 +63,13 @@ class Target:
 
     def kernel(self, spec: KernelSpec):
         """The scheduled PrimFunc of `spec` (its symbol is `spec.name`)."""
+        from g4c.codegen.kernel_math import quant_word
         from g4c.codegen.kernels import index_dtype
 
         builder = self.builders().get(spec.op)
         if builder is None:
             raise G4CError(f"target {self.name} has no kernel for {spec.op}")
-        with index_dtype(self.lowering.index_dtype):
+        with index_dtype(self.lowering.index_dtype), quant_word(self.lowering.quant_word):
             func = builder(**spec.kwargs, name=spec.name).with_attr("global_symbol", spec.name)
         return self.schedule(spec, func)
 

@@ -19,8 +19,8 @@ def derived_weight(name: str, recipes: dict[str, dict], base: Callable[[str], np
     """A weight as the kernels take it: `base(name)` (a checkpoint tensor, fp32), or made by its recipe
     from the lowering — {"concat": parts, "axis": k} (packed q/k/v, gate/up), {"rope": [type, theta,
     partial, head_dim]} (inverse frequencies), {"rows": [source, lo, hi]} (a slice of a table split
-    for a GPU binding), {"const": value}, {"quant": [source, scheme, "data" | "scales"]} (a
-    group-quantized weight, `g4c.quant`). Compile time and seeded load time share it."""
+    for a GPU binding), {"const": value}, {"quant": [source, scheme, "data" | "scales", word]} (a
+    group-quantized weight, `g4c.quant`; data declared in `word`s, uint32 by default). Compile time and seeded load time share it."""
     from g4c.config import RopeSpec
 
     recipe = recipes.get(name)
@@ -36,11 +36,11 @@ def derived_weight(name: str, recipes: dict[str, dict], base: Callable[[str], np
         return derived_weight(source, recipes, base)[lo:hi]
     if "const" in recipe:
         return np.array([recipe["const"]], np.float32)
-    if "quant" in recipe:  # [source, scheme, "data" | "scales"]: g4c.quant's layout
+    if "quant" in recipe:  # [source, scheme, "data" | "scales"(, word)]: g4c.quant's layout
         from g4c.quant import quantize
 
-        source, scheme, part = recipe["quant"]
-        return quantize(derived_weight(source, recipes, base), scheme)[part == "scales"]
+        source, scheme, part, *word = recipe["quant"]
+        return quantize(derived_weight(source, recipes, base), scheme, *word)[part == "scales"]
     raise ArtifactError(f"unknown recipe for weight {name}: {recipe}")
 
 
@@ -76,6 +76,6 @@ def derived_shape(name: str, recipes: dict[str, dict], base: Callable[[str], tup
     if "quant" in recipe:
         from g4c.quant import packed_shapes
 
-        source, scheme, part = recipe["quant"]
-        return packed_shapes(derived_shape(source, recipes, base), scheme)[part == "scales"]
+        source, scheme, part, *word = recipe["quant"]
+        return packed_shapes(derived_shape(source, recipes, base), scheme, *word)[part == "scales"]
     return (1,)

@@ -46,9 +46,9 @@ def aligned(array: np.ndarray) -> np.ndarray:
 # safetensors dtype -> numpy storage; bf16 travels to the kernels as its uint16 bit pattern (DLPack from
 # numpy has no bf16), which is also how the kernels read it
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32,
-                       "U32": np.uint32}
+                       "U32": np.uint32, "U8": np.uint8}
 _SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
-                      "uint32": "U32"}
+                      "uint32": "U32", "uint8": "U8"}
 
 
 def read_aligned_safetensors(path: Path) -> dict[str, np.ndarray]:
