@@ -39,13 +39,15 @@ def host_tvm_target():
                               "num-cores": os.cpu_count() or 1})
 
 
-def _schedule_linear(func, reduction: int):
+def _schedule_linear(func, reduction: int, one_row: bool = False):
     import tvm
     from tvm import s_tir
 
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-    if _has_block(sch, "w_deq"):  # a quantized weight: dequantized inside the reduction, never stored
+    quantized = _has_block(sch, "w_deq")
+    if quantized and (one_row or reduction % VECTOR):  # decode: dequantized inside the reduction
         sch.compute_inline(sch.get_sblock("w_deq"))
+        quantized = False
     if reduction % VECTOR:
         return sch.mod["main"]
     block = sch.get_sblock("y")
@@ -59,6 +61,11 @@ def _schedule_linear(func, reduction: int):
     sch.vectorize(rki)
     sch.reverse_compute_at(block, ri)
     sch.decompose_reduction(rf, rko)
+    if quantized:  # prefill: each task dequantizes its COLUMNS_PER_TASK rows of weights once (a tile in
+        # cache, not a copy of the weight) and every token row reuses them
+        deq = sch.get_sblock("w_deq")
+        sch.compute_at(deq, rjo)
+        sch.vectorize(sch.get_loops(deq)[-1])
     return sch.mod["main"]
 
 
@@ -148,7 +155,7 @@ def cpu_builders() -> dict:
 def schedule_cpu(spec: KernelSpec, func):
     """The CPU schedule of a kernel spec (shared with the ARM targets)."""
     if spec.op in ("linear", "linear_q"):
-        return _schedule_linear(func, spec["k"])
+        return _schedule_linear(func, spec["k"], one_row=spec.kwargs.get("rows") == 1)
     if spec.op == "attention":
         return _schedule_attention(func)
     if spec.op in ("cache_write", "router_topk", "moe_experts"):  # TVMScript, scheduled as written
