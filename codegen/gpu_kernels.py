@@ -15,9 +15,9 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from g4c.codegen.kernel_math import (F32, MASKED_SCORE, STORAGE, causal_window_visible, dequant, gelu_tanh,
-                                     inv_rms, load_weight, online_softmax_update, param, ring_key_position,
-                                     ring_slot, rope_rotate, route_top_k, unmasked, weight_at, weight_param)
+from g4c.codegen.kernel_math import (F32, MASKED_SCORE, causal_window_visible, gelu_tanh, inv_rms,
+                                     online_softmax_update, param, ring_key_position, ring_slot, rope_rotate,
+                                     route_top_k, unmasked, weight_at, weight_param)
 
 I32 = "int32"
 THREADS = 64  # threads per workgroup for row-wise kernels
