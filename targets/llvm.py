@@ -65,7 +65,8 @@ def _schedule_linear(func, reduction: int, one_row: bool = False):
         # cache, not a copy of the weight) and every token row reuses them
         deq = sch.get_sblock("w_deq")
         sch.compute_at(deq, rjo)
-        sch.vectorize(sch.get_loops(deq)[-1])
+        _, lanes = sch.split(sch.get_loops(deq)[-1], [None, VECTOR])  # SIMD-width vectors, not K-wide ones
+        sch.vectorize(lanes)
     return sch.mod["main"]
 
 
