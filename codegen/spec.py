@@ -23,6 +23,7 @@ OPS = {
     "linear": "y = x · Wᵀ (rows = 1: a one-row decode GEMV; None: any number of rows)",
     "linear_tiled": "y = x · Wᵀ as a shared-memory tiled GEMM (GPU targets without a GEMM schedule rule)",
     "linear_q": "y = x · Wᵀ with W group-quantized (q8/q4), dequantized inside the reduction",
+    "linear_qdot": "y = x · Wᵀ with W group-quantized (q8/q4) and x quantized to int8 per group: integer dot products",
     "embed_q": "rows of a group-quantized embedding table, dequantized as gathered",
     "place_columns": "copy a column slice of the logits into place (split LM head)",
     "rms_norm": "RMS norm, with or without a weight",
@@ -108,3 +109,4 @@ class LoweringOptions:
     shared_memory: int = 16384  # bytes of shared memory per workgroup the tiled kernels may use
     max_binding: int | None = None  # bytes one storage binding may hold: bigger tables are split
     quant_word: str = "uint8"  # how quantized data is declared (g4c.quant): uint8 for CPUs, uint32 for GPUs
+    int8_dot: bool = False  # quantized linears as `linear_qdot` (int8 activations, integer dot products)

@@ -23,7 +23,7 @@ import functools
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +54,17 @@ def optimized_graphs(cfg: ModelConfig, weights: Weights) -> dict:
 def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir: str | Path,
                   overwrite: bool = False, progress: Progress | None = None, dtype: str = "float32",
                   bundle_runtime: bool = False, weights_from_seed: bool = False,
-                  static_decode: bool | None = None, quant: str | None = None, quant_ple: str | None = None) -> Path:
+                  static_decode: bool | None = None, quant: str | None = None, quant_ple: str | None = None,
+                  quant_dot: str = "float") -> Path:
     """Lower, schedule, build and write an artifact (see the module docstring). `bundle_runtime` copies
     the TVM runtime libraries the target needs into it; `weights_from_seed` (random weights only)
     writes no weight files: the runtime regenerates them from the seed, so a benchmark artifact of a
     full-size model stays a few MB. `static_decode` (default: the target's choice, on for CUDA and
     Metal) makes `decode` a fixed-shape function the runtime calls with the same tensors every step
-    (see `relax_module.build_module`), which CUDA replays as one graph."""
+    (see `relax_module.build_module`), which CUDA replays as one graph. `quant_dot` "int8" multiplies
+    quantized weights with int8-quantized activations by integer dot products (`codegen.int_dot`,
+    llama.cpp's arithmetic: faster, not exact on the dequantized weights); "float" (default) keeps fp32
+    activations."""
     from g4c.codegen.kernels import STORAGE
     from g4c.codegen.lower import lower
     from g4c.codegen.relax_module import signature
@@ -74,7 +78,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     check_writable(out, overwrite)  # before minutes of building
     report = progress or (lambda stage, done, total: None)
     graphs = optimized_graphs(cfg, weights)
-    lowered = lower(cfg, graphs, target.lowering, canonical_dtype(dtype), quant=quant_scheme(quant),
+    lowered = lower(cfg, graphs, lowering_options(target, quant_dot), canonical_dtype(dtype), quant=quant_scheme(quant),
                     host_quant=quant_scheme(quant_ple), stored_scheme=_stored_scheme(weights.source))
     entry = signature(lowered)
     specs = _weight_specs(lowered, entry.weights, weights)
@@ -102,6 +106,22 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
                              kv_plan=graphs["decode"].meta.get("kv_plan", []), build_seconds=round(build_seconds, 2))
         manifest.write(tmp)
     return out
+
+
+QUANT_DOTS = ("float", "int8")
+
+
+def lowering_options(target, quant_dot: str):
+    """The target's lowering options, with integer dot products for quantized linears when asked
+    (`--quant-dot int8`; a target without such instructions is refused)."""
+    if quant_dot not in QUANT_DOTS:
+        raise G4CError(f"unknown --quant-dot {quant_dot!r}: use {' or '.join(QUANT_DOTS)}")
+    if quant_dot == "float":
+        return target.lowering
+    if target.int8_dot is None:
+        raise G4CError(f"target {target.name} has no integer dot-product kernels (x86 with AVX-512 VNNI has): "
+                       "use --quant-dot float")
+    return replace(target.lowering, int8_dot=True)
 
 
 def _manifest(cfg: ModelConfig, target, lowered, entry, static_decode: bool, **fields) -> Manifest:

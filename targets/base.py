@@ -51,6 +51,7 @@ class Target:
     runtime: str = "relax-vm"  # the executor of its artifacts: "relax-vm" or "wgpu"
     lowering: LoweringOptions = LoweringOptions()
     static_decode: bool = False  # decode compiled for fixed tensors (CUDA graphs replay it)
+    int8_dot: str | None = None  # the integer dot-product instructions `linear_qdot` uses here, if any
 
     # -- kernels ---------------------------------------------------------------------------------------
     def builders(self) -> dict[str, Callable]:

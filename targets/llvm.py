@@ -159,7 +159,7 @@ def schedule_cpu(spec: KernelSpec, func):
         return _schedule_linear(func, spec["k"], one_row=spec.kwargs.get("rows") == 1)
     if spec.op == "attention":
         return _schedule_attention(func)
-    if spec.op in ("cache_write", "router_topk", "moe_experts"):  # TVMScript, scheduled as written
+    if spec.op in ("cache_write", "router_topk", "moe_experts", "linear_qdot"):  # TVMScript, scheduled as written
         return func
     return _schedule_generic(func)
 
@@ -170,13 +170,23 @@ class HostTarget(RelaxVMTarget):
     name = "llvm"
 
     def builders(self) -> dict:
-        return cpu_builders()
+        from g4c.codegen.int_dot import linear_qdot
+
+        return {**cpu_builders(), "linear_qdot": linear_qdot}
 
     def schedule(self, spec: KernelSpec, func):
         return schedule_cpu(spec, func)
 
     def tvm_target(self):
         return host_tvm_target()
+
+    @property
+    def int8_dot(self) -> str | None:
+        from tvm.target.codegen import target_has_features
+
+        from g4c.codegen.int_dot import REQUIRED_FEATURES
+
+        return "x86 AVX-512 VNNI" if target_has_features(list(REQUIRED_FEATURES), host_tvm_target()) else None
 
     def requirements(self) -> Requirements:
         return Requirements(machines=(platform.machine().lower(),))
