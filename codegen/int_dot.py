@@ -28,7 +28,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from g4c.codegen.kernel_math import F32
+from g4c.codegen.kernel_math import F32, quant_scale_dtype
 from g4c.quant import BITS, GROUP
 
 ROWS_PER_TASK = 8  # weight rows per parallel task (their bytes stay in L1 across token tiles)
@@ -53,7 +53,7 @@ def _dot(acc, unsigned, signed, width: int):
 
 
 def linear_qdot(k: int, n: int, scheme: str, name: str, rows: int | None = None) -> tirx.PrimFunc:
-    """y[t, n] = x[t, k] · Wᵀ with W (`data` uint8 [n, k·bits/8], `scales` f32 [n, k/32]) multiplied by
+    """y[t, n] = x[t, k] · Wᵀ with W (`data` uint8 [n, k·bits/8], `scales` fp16 or fp32 [n, k/32]) multiplied by
     integer dot products against x quantized to int8 per group (module docstring); `rows` = 1 for a
     decode step (one token, no token tiles)."""
     assert k % GROUP == 0, "group-quantized rows are whole groups"
@@ -66,6 +66,7 @@ def linear_qdot(k: int, n: int, scheme: str, name: str, rows: int | None = None)
     task_rows = next(r for r in (ROWS_PER_TASK, 4, 2, 1) if n % r == 0)
     spread = [lane // per_group for lane in range(lanes)]  # lane → its group within the chunk
     t = tirx.IntImm("int64", 1) if rows == 1 else tirx.Var("t", "int64")
+    scale_dtype = quant_scale_dtype()  # float16 on CPUs
 
     def act_index(g, e):
         """Where activation e (0..31) of group g sits in the per-chunk order of the weight bytes."""
@@ -75,7 +76,7 @@ def linear_qdot(k: int, n: int, scheme: str, name: str, rows: int | None = None)
 
     @T.prim_func
     def func(x_h: T.handle, data: T.Buffer((n, k * BITS[scheme] // 8), "uint8"),
-             scales: T.Buffer((n, groups), F32), y_h: T.handle):
+             scales: T.Buffer((n, groups), scale_dtype), y_h: T.handle):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         x = T.match_buffer(x_h, (t, k), F32)
         y = T.match_buffer(y_h, (t, n), F32)
@@ -110,9 +111,9 @@ def linear_qdot(k: int, n: int, scheme: str, name: str, rows: int | None = None)
                     for c in range(chunks):
                         raw = data[j, T.ramp(c * width, 1, width)]
                         if per_chunk == 1:
-                            w_scale = T.broadcast(scales[j, c], lanes)
+                            w_scale = T.broadcast(T.Cast(F32, scales[j, c]), lanes)
                         else:
-                            loaded = scales[j, T.ramp(c * per_chunk, 1, per_chunk)]
+                            loaded = T.Cast(f"float32x{per_chunk}", scales[j, T.ramp(c * per_chunk, 1, per_chunk)])
                             w_scale = T.Shuffle([loaded] * per_group, spread)
                         for u in T.unroll(tile):
                             i = T.Cast("int32", T.min(token_tile * tile + u, t - 1))  # a short last tile redoes row t-1

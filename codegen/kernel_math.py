@@ -138,14 +138,15 @@ def route_top_k(logits, pes, idx, w, i, probs, acc, best, experts, top_k):
         w[i, j] = w[i, j] / acc[2] * pes[idx[i, j]]
 
 
-_QUANT_WORD = contextvars.ContextVar("g4c_quant_word", default="uint32")
+_QUANT_WORD = contextvars.ContextVar("g4c_quant_word", default=("uint32", F32))
 
 
 @contextlib.contextmanager
-def quant_word(word: str):
+def quant_word(word: str, scale: str = F32):
     """Build kernels whose quantized data is declared in `word`s (`g4c.quant`: uint32 for GPUs, whose
-    shading languages load 32-bit words; uint8 for CPUs, which then load a group's bytes as vectors)."""
-    token = _QUANT_WORD.set(word)
+    shading languages load 32-bit words; uint8 for CPUs, which then load a group's bytes as vectors)
+    and whose scales are stored as `scale` (float16 on CPUs; computed with in fp32)."""
+    token = _QUANT_WORD.set((word, scale))
     try:
         yield
     finally:
@@ -154,22 +155,27 @@ def quant_word(word: str):
 
 def quant_shapes(shape, scheme: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(data, scales) shapes of a quantized weight in the current word (`quant_word`)."""
-    return packed_shapes(tuple(shape), scheme, _QUANT_WORD.get())
+    return packed_shapes(tuple(shape), scheme, _QUANT_WORD.get()[0])
 
 
 def quant_data_dtype() -> str:
-    return _QUANT_WORD.get()
+    return _QUANT_WORD.get()[0]
+
+
+def quant_scale_dtype() -> str:
+    return _QUANT_WORD.get()[1]
 
 
 def dequant(data, scales, row, k, scheme: str):
     """Element (row, k) of a group-quantized weight as fp32 (`g4c.quant`'s layout: `data` [..., rows,
-    K·bits/8 bytes] as uint32 or uint8 words, `scales` float32 [..., rows, K/32]); `row` is one index
+    K·bits/8 bytes] as uint32 or uint8 words, `scales` float16/32 [..., rows, K/32]); `row` is one index
     or a tuple of the leading indices (an expert bank [E, N, K]: (expert, n)). Works on TE tensors and
     TIR buffers, so the dequantization is fused into whatever kernel reads the weight."""
     u32 = "uint32"
     lead = tuple(row) if isinstance(row, (tuple, list)) else (row,)
+    scale = scales[(*lead, k // 32)].astype(F32)
     if data.dtype == "uint8":  # bytes: a group's values are consecutive loads
-        return _dequant_bytes(data, lead, k, scheme) * scales[(*lead, k // 32)]
+        return _dequant_bytes(data, lead, k, scheme) * scale
     if scheme == "q8":  # byte k % 4 of word k // 4, sign-extended by an arithmetic shift
         word = data[(*lead, k // 4)]
         value = tirx.reinterpret("int32", word << ((3 - k % 4) * 8).astype(u32)) >> 24
@@ -180,7 +186,7 @@ def dequant(data, scales, row, k, scheme: str):
         value = ((word >> (8 * (b % 4) + 4 * (e // 16)).astype(u32)) & tirx.const(15, u32)).astype("int32") - 8
     else:
         raise ValueError(f"unknown quantization {scheme!r}")
-    return value.astype(F32) * scales[(*lead, k // 32)]
+    return value.astype(F32) * scale
 
 
 def _dequant_bytes(data, lead: tuple, k, scheme: str):
@@ -213,7 +219,7 @@ def weight_param(name: str, shape: tuple[int, ...], storage: str):
     (data, scales) pair), so a kernel has one signature and one body whatever its weights' storage."""
     if quantized(storage):
         data, scales = quant_shapes(shape, storage)
-        return param(f"{name}_data", data, quant_data_dtype()), param(f"{name}_scales", scales, F32)
+        return param(f"{name}_data", data, quant_data_dtype()), param(f"{name}_scales", scales, quant_scale_dtype())
     return param(name, tuple(shape), STORAGE[storage])
 
 

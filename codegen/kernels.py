@@ -18,7 +18,7 @@ from tvm import te, tirx
 from tvm.script import tirx as T_
 
 from g4c.codegen.kernel_math import (F32, MASKED_SCORE, STORAGE, causal_window_visible, dequant, gelu_tanh,
-                                     inv_rms, load_weight, param, quant_data_dtype, quant_shapes, ring_key_position,
+                                     inv_rms, load_weight, param, quant_data_dtype, quant_scale_dtype, quant_shapes, ring_key_position,
                                      ring_slot, rope_rotate, route_top_k, weight_at, weight_param)
 
 I64 = "int64"
@@ -70,7 +70,7 @@ def _quantized(rows: int, k: int, scheme: str) -> tuple:
     """Placeholders of a group-quantized [rows, k] weight (`g4c.quant` layout)."""
     data_shape, scales_shape = quant_shapes((rows, k), scheme)
     return (te.placeholder(data_shape, quant_data_dtype(), name="w_data"),
-            te.placeholder(scales_shape, F32, name="w_scales"))
+            te.placeholder(scales_shape, quant_scale_dtype(), name="w_scales"))
 
 
 def linear_q(k: int, n: int, scheme: str, name: str, rows: int | None = None) -> tirx.PrimFunc:

@@ -96,7 +96,8 @@ class _Lowering:
         name = w[2:]
         parts = [f"{name}.{scheme}", f"{name}.{scheme}_scales"]
         for part, kind in zip(parts, ("data", "scales")):
-            self.out.recipes.setdefault(part, {"quant": [name, scheme, kind, self.opt.quant_word]})
+            stored = self.opt.quant_word if kind == "data" else self.opt.quant_scale
+            self.out.recipes.setdefault(part, {"quant": [name, scheme, kind, stored]})
         return [f"w:{p}" for p in parts], scheme
 
     def scheme_for(self, name: str) -> str | None:

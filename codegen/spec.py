@@ -109,4 +109,5 @@ class LoweringOptions:
     shared_memory: int = 16384  # bytes of shared memory per workgroup the tiled kernels may use
     max_binding: int | None = None  # bytes one storage binding may hold: bigger tables are split
     quant_word: str = "uint8"  # how quantized data is declared (g4c.quant): uint8 for CPUs, uint32 for GPUs
+    quant_scale: str = "float16"  # storage of the quantization scales: float16 for CPUs, float32 for GPUs
     int8_dot: bool = False  # quantized linears as `linear_qdot` (int8 activations, integer dot products)

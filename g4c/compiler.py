@@ -37,7 +37,7 @@ from g4c.dtypes import canonical_dtype, dtype_name, numpy_dtype
 from g4c.errors import G4CError, WeightError
 from g4c.frontend import build_graph
 from g4c.passes import DEFAULT_PIPELINE, PassContext, PassManager
-from g4c.quant import quant_scheme
+from g4c.quant import part_dtype, quant_scheme
 from g4c.weights import Weights
 
 PROGRAMS = {"prefill": ("prefill", 1), "prefill_all": ("prefill", None), "decode": ("decode", None)}
@@ -172,11 +172,11 @@ Specs = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 def _weight_specs(lowered, used: list[str], weights: Weights) -> Specs:
     """(shape, storage dtype) of every weight the entry functions take, packed as the kernels want it:
-    quantized data as uint32 words, their scales and the small weights fp32, matrices in the weight dtype."""
+    quantized data and scales as their recipes say, the small weights fp32, matrices in the weight dtype."""
     def dtype(name: str) -> np.dtype:
         quant = lowered.recipes.get(name, {}).get("quant")
         if quant:
-            return np.dtype((quant[3:] or ["uint32"])[0] if quant[2] == "data" else np.float32)
+            return np.dtype(part_dtype(*quant[2:]))
         return numpy_dtype(lowered.weight_dtype if name in lowered.weight_dtype_tensors else "float32")
 
     return {name: (derived_shape(name, lowered.recipes, weights.source.shape), dtype(name)) for name in used}
@@ -188,30 +188,31 @@ def _maker(recipes: dict, base: Callable[[str], np.ndarray],
     its scales (written one after the other). Checkpoint tensors stored quantized in the same scheme
     (`native(name)` → (scheme, data, scales), e.g. a GGUF file's Q4_0 blocks) are used as they are,
     packed and sliced by rows, never requantized."""
-    from g4c.quant import as_words, quantize
+    from g4c.quant import as_words, part_dtype, quantize
 
-    def blocks(name: str, scheme: str, word: str) -> tuple[np.ndarray, np.ndarray]:
+    def blocks(name: str, scheme: str) -> tuple[np.ndarray, np.ndarray]:  # (data bytes, fp32 scales)
         recipe = recipes.get(name)
         if recipe is None and (stored := native(name)) is not None and stored[0] == scheme:
-            return as_words(stored[1], word), stored[2]
+            return as_words(stored[1], "uint8"), stored[2]
         if recipe and "concat" in recipe and recipe["axis"] == 0:  # rows of parts: their blocks stacked
-            parts = [blocks(p, scheme, word) for p in recipe["concat"]]
+            parts = [blocks(p, scheme) for p in recipe["concat"]]
             return np.concatenate([d for d, _ in parts]), np.concatenate([s for _, s in parts])
         if recipe and "rows" in recipe:
             source, lo, hi = recipe["rows"]
-            data, scales = blocks(source, scheme, word)
+            data, scales = blocks(source, scheme)
             return data[lo:hi], scales[lo:hi]
-        return quantize(derived_weight(name, recipes, base), scheme, word)
+        return quantize(derived_weight(name, recipes, base), scheme, "uint8")
 
     @functools.lru_cache(maxsize=1)
-    def quantized(source: str, scheme: str, word: str) -> tuple[np.ndarray, np.ndarray]:
-        return blocks(source, scheme, word)
+    def quantized(source: str, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+        return blocks(source, scheme)
 
     def make(name: str) -> np.ndarray:
         quant = recipes.get(name, {}).get("quant")
-        if quant:
-            source, scheme, part, *word = quant
-            return quantized(source, scheme, *(word or ["uint32"]))[part == "scales"]
+        if quant:  # the data in its word; the scales in fp32 (the writer converts them to their dtype)
+            source, scheme, part, *stored = quant
+            data, scales = quantized(source, scheme)
+            return as_words(data, part_dtype(part, *stored)) if part == "data" else scales
         return derived_weight(name, recipes, base)
     return make
 
@@ -259,13 +260,17 @@ def _write_weights(directory: Path, lowered, specs: Specs, weights: Weights, rep
         if stored is packed:
             return stored
         try:
-            return check_finite(name, stored, converted_from=packed)
+            check_finite(name, stored, converted_from=packed)
         except WeightError:
             del packed, stored
             for part in source_tensors(name, lowered.recipes):  # name the checkpoint tensor, not the packed one
                 with np.errstate(over="ignore"):
                     check_finite(part, base(part).astype(specs[name][1]), converted_from=base(part))
             raise
+        if "quant" in lowered.recipes.get(name, {}) and not np.array_equal(stored, packed):
+            raise WeightError(f"tensor {name}: quantization scales not representable in {dtype_name(stored.dtype)} "
+                              "(a checkpoint's scales are kept exactly or not at all)")
+        return stored
 
     write_safetensors(directory / WEIGHTS, specs, produce, lambda done, total: report("writing weights", done, total))
 
@@ -280,10 +285,10 @@ def _write_host_tables(directory: Path, lowered, weights: Weights) -> None:
         recipes = {}
         for table in lowered.host_tables:
             for kind, suffix in (("data", ""), ("scales", "_scales")):
-                recipes[f"{table}.{lowered.host_quant}{suffix}"] = {"quant": [table, lowered.host_quant, kind]}
+                recipes[f"{table}.{lowered.host_quant}{suffix}"] = {
+                    "quant": [table, lowered.host_quant, kind, "uint32" if kind == "data" else "float16"]}
         make = _maker(recipes, lambda name: check_finite(name, np.asarray(weights.source.get(name), np.float32)))
-        specs = {name: (derived_shape(name, recipes, weights.source.shape),
-                        np.dtype(np.uint32 if recipe["quant"][2] == "data" else np.float32))
+        specs = {name: (derived_shape(name, recipes, weights.source.shape), np.dtype(part_dtype(*recipe["quant"][2:])))
                  for name, recipe in recipes.items()}
         write_safetensors(directory / HOST, specs, make)
         return

@@ -12,7 +12,8 @@ Layout of a [N, K] weight (K a multiple of 32), as bytes: per group of 32 values
 The bytes are declared as `uint32` words ([N, K·bits/32]: WGSL has no 8-bit loads) or as `uint8`
 ([N, K·bits/8]: a CPU then loads 16 or 32 consecutive values as one vector) — the same bytes; the
 target picks the word (`LoweringOptions.quant_word`).
-- `scales` float32 [N, K/32], fp16-representable (Q4_0/Q8_0 store fp16 scales; fp32 holds them exactly).
+- `scales` [N, K/32], fp16 values (Q4_0/Q8_0 store fp16 scales), stored as float16 (CPUs: 4.5 bits per q4
+  weight) or float32 (GPU targets, whose shading languages may lack 16-bit loads) — the same values.
 
 numpy only: the compiler writes quantized weights with it, tests dequantize with it.
 """
@@ -25,6 +26,16 @@ GROUP = 32
 SCHEMES = ("q8", "q4")
 BITS = {"q8": 8, "q4": 4}
 WORDS = ("uint32", "uint8")
+SCALE_DTYPES = ("float16", "float32")
+
+
+def part_dtype(part: str, stored: str | None = None) -> str:
+    """The storage dtype of one part of a quantized weight as its recipe names it (`[source, scheme,
+    part, dtype]`): the data's word (uint32 when unnamed), the scales' float dtype (float32 when
+    unnamed, or when a recipe of an older artifact named the data word there)."""
+    if part == "data":
+        return stored or "uint32"
+    return stored if stored in SCALE_DTYPES else "float32"
 
 
 def quant_scheme(name: str | None) -> str | None:

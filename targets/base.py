@@ -70,7 +70,7 @@ class Target:
         builder = self.builders().get(spec.op)
         if builder is None:
             raise G4CError(f"target {self.name} has no kernel for {spec.op}")
-        with index_dtype(self.lowering.index_dtype), quant_word(self.lowering.quant_word):
+        with index_dtype(self.lowering.index_dtype), quant_word(self.lowering.quant_word, self.lowering.quant_scale):
             func = builder(**spec.kwargs, name=spec.name).with_attr("global_symbol", spec.name)
         return self.schedule(spec, func)
 

@@ -20,7 +20,7 @@ WEBGPU_SHARED_MEMORY = 16384  # bytes per workgroup WebGPU guarantees
 def gpu_lowering(shared_memory: int, max_binding: int | None = None, tiled_gemm: bool = False) -> LoweringOptions:
     return LoweringOptions(index_dtype="int32", split_attention=True, split_moe=True, decode_gemv=True,
                            tiled_gemm=tiled_gemm, shared_memory=shared_memory, max_binding=max_binding,
-                           quant_word="uint32")
+                           quant_word="uint32", quant_scale="float32")
 
 
 def gpu_builders() -> dict:

@@ -53,14 +53,17 @@ SHAPES = [("q4", 128, 24), ("q4", 64, 6), ("q4", 32, 5), ("q4", 1536, 40), ("q8"
 @pytest.mark.parametrize("tokens", [1, 5, 8])
 def test_kernel_is_its_integer_arithmetic(scheme, k, n, tokens):
     from g4c.codegen.int_dot import linear_qdot
+    from g4c.codegen.kernel_math import quant_word
 
     rng = np.random.default_rng(k * n + tokens)
     data, scales = quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.1, scheme, "uint8")
+    scales = scales.astype(np.float16)  # as CPUs store them
     x = rng.standard_normal((tokens, k)).astype(np.float32)
     if x.size > 32:
         x[0, :32] = 0.0  # an all-zero activation group (scale 0)
     x[-1, -32] *= 1e3  # a group dominated by one large value
-    func = linear_qdot(k, n, scheme, "qdot", rows=1 if tokens == 1 else None)
+    with quant_word("uint8", "float16"):
+        func = linear_qdot(k, n, scheme, "qdot", rows=1 if tokens == 1 else None)
     got = _run(func, [x, data, scales, np.zeros((tokens, n), np.float32)])
     weights = dequantize(data, scales, scheme).astype(np.float64)
     expected = int8_activations(x).astype(np.float64) @ weights.T

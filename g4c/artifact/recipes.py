@@ -19,8 +19,9 @@ def derived_weight(name: str, recipes: dict[str, dict], base: Callable[[str], np
     """A weight as the kernels take it: `base(name)` (a checkpoint tensor, fp32), or made by its recipe
     from the lowering — {"concat": parts, "axis": k} (packed q/k/v, gate/up), {"rope": [type, theta,
     partial, head_dim]} (inverse frequencies), {"rows": [source, lo, hi]} (a slice of a table split
-    for a GPU binding), {"const": value}, {"quant": [source, scheme, "data" | "scales", word]} (a
-    group-quantized weight, `g4c.quant`; data declared in `word`s, uint32 by default). Compile time and seeded load time share it."""
+    for a GPU binding), {"const": value}, {"quant": [source, scheme, "data" | "scales", dtype]} (a
+    group-quantized weight, `g4c.quant`; dtype: the data's word, uint32 by default, or the scales' float
+    dtype, float32 by default). Compile time and seeded load time share it."""
     from g4c.config import RopeSpec
 
     recipe = recipes.get(name)
@@ -36,11 +37,13 @@ def derived_weight(name: str, recipes: dict[str, dict], base: Callable[[str], np
         return derived_weight(source, recipes, base)[lo:hi]
     if "const" in recipe:
         return np.array([recipe["const"]], np.float32)
-    if "quant" in recipe:  # [source, scheme, "data" | "scales"(, word)]: g4c.quant's layout
-        from g4c.quant import quantize
+    if "quant" in recipe:  # [source, scheme, "data" | "scales"(, storage dtype)]: g4c.quant's layout
+        from g4c.quant import as_words, part_dtype, quantize
 
-        source, scheme, part, *word = recipe["quant"]
-        return quantize(derived_weight(source, recipes, base), scheme, *word)[part == "scales"]
+        source, scheme, part, *stored = recipe["quant"]
+        data, scales = quantize(derived_weight(source, recipes, base), scheme, "uint8")
+        dtype = part_dtype(part, *stored)
+        return as_words(data, dtype) if part == "data" else scales.astype(dtype)
     raise ArtifactError(f"unknown recipe for weight {name}: {recipe}")
 
 
@@ -74,8 +77,9 @@ def derived_shape(name: str, recipes: dict[str, dict], base: Callable[[str], tup
         source, lo, hi = recipe["rows"]
         return (hi - lo, *derived_shape(source, recipes, base)[1:])
     if "quant" in recipe:
-        from g4c.quant import packed_shapes
+        from g4c.quant import packed_shapes, part_dtype
 
-        source, scheme, part, *word = recipe["quant"]
-        return packed_shapes(derived_shape(source, recipes, base), scheme, *word)[part == "scales"]
+        source, scheme, part, *stored = recipe["quant"]
+        word = part_dtype(part, *stored) if part == "data" else "uint32"  # the scales' shape has no word
+        return packed_shapes(derived_shape(source, recipes, base), scheme, word)[part == "scales"]
     return (1,)
