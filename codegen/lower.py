@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from g4c.artifact import KVSlot, Program, Step, source_tensors
-from g4c.quant import BITS, GROUP
+from g4c.quant import BITS, GROUP, SCHEMES
 from g4c.codegen.gpu_kernels import GEMM_TILE, attention_parts
 from g4c.codegen.spec import KernelSpec, LoweringOptions
 from g4c.config import ModelConfig, RopeSpec
@@ -391,7 +391,9 @@ class _Lowering:
             self.call(self.kernel("moe_gate_up", **shape, storage=gate_up_storage), e_in, idx, wts, *gate_up_args, act)
             self.call(self.kernel("moe_down", **shape, storage=down_storage), act, idx, *down_args, e_out)
         else:
-            kern = self.kernel("moe_experts", **shape, gate_up_storage=gate_up_storage, down_storage=down_storage)
+            integer = self.opt.int8_dot and gate_up_storage in SCHEMES and down_storage in SCHEMES
+            kern = self.kernel("moe_experts_qdot" if integer else "moe_experts", **shape,
+                               gate_up_storage=gate_up_storage, down_storage=down_storage)
             self.call(kern, e_in, idx, wts, *gate_up_args, *down_args, e_out)
         return self.rms(e_out, self.weight(post_norm), hidden, eps, n.name, rows)
 

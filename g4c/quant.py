@@ -66,10 +66,27 @@ def as_words(data: np.ndarray, word: str) -> np.ndarray:
     return raw.view(np.dtype(word).newbyteorder("<")).astype(word, copy=False)
 
 
+CHUNK = 1 << 24  # weights quantized at a time: numpy's temporaries stay small next to a 9 GB PLE table
+
+
 def quantize(weight: np.ndarray, scheme: str, word: str = "uint32") -> tuple[np.ndarray, np.ndarray]:
     """(data in `word`s, scales float32) of `weight` [..., K], round to nearest as llama.cpp does:
-    q8: scale = max|w| / 127; q4: scale = m / −8 with m the value of largest magnitude (Q4_0)."""
+    q8: scale = max|w| / 127; q4: scale = m / −8 with m the value of largest magnitude (Q4_0).
+    Rows are quantized CHUNK weights at a time, so the memory needed beyond the input is the output."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization {scheme!r}")
     w = np.asarray(weight, dtype=np.float32)
+    rows = w.reshape(-1, w.shape[-1])
+    data = np.empty((rows.shape[0], rows.shape[1] * BITS[scheme] // 8), np.uint8)
+    scales = np.empty((rows.shape[0], rows.shape[1] // GROUP), np.float32)
+    step = max(1, CHUNK // max(1, rows.shape[1]))
+    for lo in range(0, rows.shape[0], step):
+        data[lo:lo + step], scales[lo:lo + step] = _quantize_rows(rows[lo:lo + step], scheme)
+    return as_words(data.reshape(*w.shape[:-1], -1), word), scales.reshape(*w.shape[:-1], -1)
+
+
+def _quantize_rows(w: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """(data bytes, fp16-valued float32 scales) of rows w [R, K]."""
     groups = w.reshape(*w.shape[:-1], w.shape[-1] // GROUP, GROUP)
     if scheme == "q8":
         scale = np.abs(groups).max(axis=-1) / 127.0
@@ -82,11 +99,9 @@ def quantize(weight: np.ndarray, scheme: str, word: str = "uint32") -> tuple[np.
         inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
         q = np.clip(np.floor(groups * inv[..., None] + 8.5), 0, 15).astype(np.uint8)  # Q4_0's rounding
         data = (q[..., :16] | (q[..., 16:] << 4)).reshape(*w.shape[:-1], -1, 4)  # 16 bytes per group
-    else:
-        raise ValueError(f"unknown quantization {scheme!r}")
-    data = np.ascontiguousarray(data).reshape(*w.shape[:-1], -1)  # the bytes of each row
+    data = np.ascontiguousarray(data).reshape(*w.shape[:-1], -1).view(np.uint8)  # the bytes of each row
     # scales as Q4_0/Q8_0 store them: fp16 (the values are computed with the fp32 scale, as llama.cpp does)
-    return as_words(data, word), scale.astype(np.float16).astype(np.float32)
+    return data, scale.astype(np.float16).astype(np.float32)
 
 
 def dequantize(data: np.ndarray, scales: np.ndarray, scheme: str) -> np.ndarray:

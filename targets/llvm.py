@@ -159,7 +159,7 @@ def schedule_cpu(spec: KernelSpec, func):
         return _schedule_linear(func, spec["k"], one_row=spec.kwargs.get("rows") == 1)
     if spec.op == "attention":
         return _schedule_attention(func)
-    if spec.op in ("cache_write", "router_topk", "moe_experts", "linear_qdot"):  # TVMScript, scheduled as written
+    if spec.op in ("cache_write", "router_topk", "moe_experts", "linear_qdot", "moe_experts_qdot"):  # TVMScript, scheduled as written
         return func
     return _schedule_generic(func)
 
@@ -170,9 +170,9 @@ class HostTarget(RelaxVMTarget):
     name = "llvm"
 
     def builders(self) -> dict:
-        from g4c.codegen.int_dot import linear_qdot
+        from g4c.codegen.int_dot import linear_qdot, moe_experts_qdot
 
-        return {**cpu_builders(), "linear_qdot": linear_qdot}
+        return {**cpu_builders(), "linear_qdot": linear_qdot, "moe_experts_qdot": moe_experts_qdot}
 
     def schedule(self, spec: KernelSpec, func):
         return schedule_cpu(spec, func)

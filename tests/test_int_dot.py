@@ -77,20 +77,21 @@ def test_kernel_is_its_integer_arithmetic(scheme, k, n, tokens):
 def int8_artifacts(quant_checkpoints, tmp_path_factory):  # noqa: F811 - the imported fixture
     root = tmp_path_factory.mktemp("int8")
     out = {}
-    for family, scheme in (("e", "q4"), ("dense", "q8")):
+    for family, scheme in (("e", "q4"), ("dense", "q8"), ("moe", "q4")):
         loaded = load_model(str(quant_checkpoints[family]))
         out[family] = compile_model(loaded.cfg, loaded.weights, "llvm", root / family, quant=scheme,
                                     quant_ple=scheme, quant_dot="int8")
     return out
 
 
-@pytest.mark.parametrize("family", ["e", "dense"])
+@pytest.mark.parametrize("family", ["e", "dense", "moe"])
 def test_model_error_is_bounded_by_the_weight_rounding(family, int8_artifacts, quant_checkpoints, tmp_path):  # noqa: F811
     """Every quantized linear runs `linear_qdot`; the logits differ from the dequantized weights' (the
     activation rounding) by less than those differ from the unquantized model's (the weight rounding)."""
     art = int8_artifacts[family]
     ops = {spec["op"] for spec in json.loads((art / "manifest.json").read_text())["kernels"].values()}
-    assert "linear_qdot" in ops and not {"linear", "linear_q"} & ops
+    assert "linear_qdot" in ops and not {"linear", "linear_q", "moe_experts"} & ops
+    assert ("moe_experts_qdot" in ops) == (family == "moe")
     logits = load(art, prefill_chunk=7).prefill(PROMPT, all_logits=True)
     dequantized = reference_logits(dequantized_reference(quant_checkpoints[family], art, tmp_path), PROMPT)
     exact = reference_logits(load_reference(quant_checkpoints[family]), PROMPT)
@@ -108,3 +109,45 @@ def test_int8_dot_is_refused_where_the_target_has_none(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code != 0 and message in err and len(err.splitlines()) == 1, err
         assert not out.exists()
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize("scheme", ["q4", "q8"])
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_moe_kernel_is_its_integer_arithmetic(scheme, tokens):
+    """The expert kernel: x rounded to int8 for gate/up, the activated rows rounded again for down."""
+    from g4c.codegen.int_dot import moe_experts_qdot
+    from g4c.codegen.kernel_math import quant_word
+
+    hidden, inter, experts, top_k = 128, 96, 4, 2
+    rng = np.random.default_rng(7 + tokens)
+    banks = {}
+    for bank, shape in (("gate_up", (experts, 2 * inter, hidden)), ("down", (experts, hidden, inter))):
+        data, scales = quantize(rng.standard_normal(shape).astype(np.float32) * 0.1, scheme, "uint8")
+        banks[bank] = (data, scales.astype(np.float16), dequantize(data, scales, scheme).astype(np.float64))
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    idx = np.stack([rng.permutation(experts)[:top_k] for _ in range(tokens)]).astype(np.int64)
+    w = rng.random((tokens, top_k)).astype(np.float32)
+    with quant_word("uint8", "float16"):
+        func = moe_experts_qdot(hidden, inter, experts, top_k, "moe", scheme, scheme)
+    got = _run(func, [x, idx, w, *banks["gate_up"][:2], *banks["down"][:2], np.zeros((tokens, hidden), np.float32)])
+
+    def reference(round_activations):
+        out = np.zeros((tokens, hidden))
+        xs = int8_activations(x) if round_activations else x
+        for i in range(tokens):
+            for j in range(top_k):
+                e = idx[i, j]
+                h = banks["gate_up"][2][e] @ xs[i].astype(np.float64)
+                act = (_gelu(h[:inter]) * h[inter:] * w[i, j]).astype(np.float32)
+                act = int8_activations(act[None])[0] if round_activations else act
+                out[i] += banks["down"][2][e] @ act.astype(np.float64)
+        return out
+
+    expected, exact = reference(True), reference(False)
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= 1e-4 * scale
+    assert np.abs(got - exact).max() > 1e-4 * scale  # the activations really were rounded
