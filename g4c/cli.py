@@ -57,7 +57,8 @@ QuantOpt = typer.Option("none", "--quant", help="Group-quantize the linear and e
                         "q4 (int4), one scale per 32 weights (llama.cpp's Q8_0/Q4_0 blocks), dequantized inside "
                         "the kernels; none (default) keeps --dtype.")
 QuantPleOpt = typer.Option(None, "--quant-ple", help="Quantization of the PLE table (a host table read row by "
-                           "row): q8, q4 or none; default: as --quant.")
+                           "row and dequantized on the host): q8, q4, q3 (3 bits + a scale per 32: 3.5 bits per weight) or none; "
+                           "default: as --quant.")
 QuantDotOpt = typer.Option("float", "--quant-dot", help="How quantized linears multiply: float (default: fp32 "
                            "activations, exact on the dequantized weights) or int8 (activations quantized to "
                            "int8 per 32, integer dot products, as llama.cpp does: faster on CPUs with AVX-512 "
@@ -461,7 +462,7 @@ def compile_(model: str = typer.Argument(..., help="Checkpoint directory or pres
     target = with_profile_option(target, "arch", arch)
     lowering_options(get_target(target), quant_dot)  # unknown targets, dtypes and quantizations fail before any work
     dtype = canonical_dtype(dtype)
-    quant_scheme(quant), quant_scheme(quant_ple)
+    quant_scheme(quant), quant_scheme(quant_ple, host=True)
     check = None if no_check else parse_tokens(check_tokens, "--check-tokens")
     started = time.perf_counter()
     loaded = _model(model, random_weights, seed, layers)

@@ -79,7 +79,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     report = progress or (lambda stage, done, total: None)
     graphs = optimized_graphs(cfg, weights)
     lowered = lower(cfg, graphs, lowering_options(target, quant_dot), canonical_dtype(dtype), quant=quant_scheme(quant),
-                    host_quant=quant_scheme(quant_ple), stored_scheme=_stored_scheme(weights.source))
+                    host_quant=quant_scheme(quant_ple, host=True), stored_scheme=_stored_scheme(weights.source))
     entry = signature(lowered)
     specs = _weight_specs(lowered, entry.weights, weights)
     target.check_weights(lowered.weight_dtype, {n: tensor_bytes(*s) for n, s in specs.items()})

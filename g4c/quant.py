@@ -23,8 +23,9 @@ from __future__ import annotations
 import numpy as np
 
 GROUP = 32
-SCHEMES = ("q8", "q4")
-BITS = {"q8": 8, "q4": 4}
+SCHEMES = ("q8", "q4")  # kernels compute on these
+HOST_SCHEMES = (*SCHEMES, "q3")  # host tables (the PLE table, dequantized by the runtime row by row) also q3
+BITS = {"q8": 8, "q4": 4, "q3": 3}
 WORDS = ("uint32", "uint8")
 SCALE_DTYPES = ("float16", "float32")
 
@@ -38,14 +39,17 @@ def part_dtype(part: str, stored: str | None = None) -> str:
     return stored if stored in SCALE_DTYPES else "float32"
 
 
-def quant_scheme(name: str | None) -> str | None:
-    """A --quant value: q8, q4, or none/None (no quantization)."""
+def quant_scheme(name: str | None, host: bool = False) -> str | None:
+    """A --quant value (q8, q4, or none/None: no quantization); `host`: a --quant-ple value, which may
+    also be q3."""
     from g4c.errors import G4CError
 
+    allowed = HOST_SCHEMES if host else SCHEMES
     if name in (None, "none"):
         return None
-    if name not in SCHEMES:
-        raise G4CError(f"unknown quantization {name!r}: use {', '.join(SCHEMES)} or none")
+    if name not in allowed:
+        only = " (q3 is for the PLE table only: --quant-ple q3)" if name in HOST_SCHEMES else ""
+        raise G4CError(f"unknown quantization {name!r}: use {', '.join(allowed)} or none{only}")
     return name
 
 
@@ -73,7 +77,7 @@ def quantize(weight: np.ndarray, scheme: str, word: str = "uint32") -> tuple[np.
     """(data in `word`s, scales float32) of `weight` [..., K], round to nearest as llama.cpp does:
     q8: scale = max|w| / 127; q4: scale = m / −8 with m the value of largest magnitude (Q4_0).
     Rows are quantized CHUNK weights at a time, so the memory needed beyond the input is the output."""
-    if scheme not in SCHEMES:
+    if scheme not in HOST_SCHEMES:
         raise ValueError(f"unknown quantization {scheme!r}")
     w = np.asarray(weight, dtype=np.float32)
     rows = w.reshape(-1, w.shape[-1])
@@ -99,6 +103,13 @@ def _quantize_rows(w: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
         inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
         q = np.clip(np.floor(groups * inv[..., None] + 8.5), 0, 15).astype(np.uint8)  # Q4_0's rounding
         data = (q[..., :16] | (q[..., 16:] << 4)).reshape(*w.shape[:-1], -1, 4)  # 16 bytes per group
+    else:  # q3: Q4_0's rule with 8 levels, scale = m / −4; value e in bits 3e..3e+2 of its group's 12 bytes
+        index = np.abs(groups).argmax(axis=-1)[..., None]
+        scale = np.take_along_axis(groups, index, axis=-1)[..., 0] / -4.0
+        inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
+        q = np.clip(np.floor(groups * inv[..., None] + 4.5), 0, 7).astype(np.uint8)
+        bits = (q[..., None] >> np.arange(3, dtype=np.uint8)) & 1  # [..., 32, 3], least significant first
+        data = np.packbits(bits.reshape(*q.shape[:-1], 96), axis=-1, bitorder="little")
     data = np.ascontiguousarray(data).reshape(*w.shape[:-1], -1).view(np.uint8)  # the bytes of each row
     # scales as Q4_0/Q8_0 store them: fp16 (the values are computed with the fp32 scale, as llama.cpp does)
     return data, scale.astype(np.float16).astype(np.float32)
@@ -113,6 +124,9 @@ def dequantize(data: np.ndarray, scales: np.ndarray, scheme: str) -> np.ndarray:
     elif scheme == "q4":
         b = raw.reshape(*lead, -1, 16)
         q = np.concatenate([b & 15, b >> 4], axis=-1).astype(np.float32) - 8.0
+    elif scheme == "q3":
+        bits = np.unpackbits(raw.reshape(*lead, -1, 12), axis=-1, bitorder="little").reshape(*lead, -1, GROUP, 3)
+        q = (bits @ np.array([1, 2, 4], np.uint8)).astype(np.float32) - 4.0
     else:
         raise ValueError(f"unknown quantization {scheme!r}")
     return (q * scales[..., None]).reshape(*lead, -1).astype(np.float32)

@@ -232,3 +232,34 @@ def test_stored_blocks_compile_as_they_are(quant_checkpoints, tmp_path):
                 tensor.copy_(torch.from_numpy(source.get(name)))
     logits = load(art, prefill_chunk=7).prefill(PROMPT, all_logits=True)
     assert np.abs(logits - reference_logits(model, PROMPT)).max() <= 1e-4
+
+
+def test_q3_blocks_hold_eight_levels_per_group():
+    """q3 (host tables only): 12 bytes of 3-bit values + one fp16-valued scale per 32 weights; value e in
+    bits 3e..3e+2 of its group (little-endian), w = (q − 4)·scale with scale = m / −4 (Q4_0's rule)."""
+    from g4c.quant import packed_shapes
+
+    w = np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)
+    data, scales = quantize(w, "q3", "uint8")
+    assert data.shape == packed_shapes(w.shape, "q3", "uint8")[0] == (5, 24)
+    bits = int.from_bytes(data[2, 12:24].tobytes(), "little")  # row 2, group 1, decoded independently
+    q = np.array([(bits >> (3 * e)) & 7 for e in range(32)], np.float32)
+    assert np.array_equal(dequantize(data, scales, "q3")[2, 32:], (q - 4) * scales[2, 1])
+    err = np.abs(dequantize(data, scales, "q3") - w).reshape(5, 2, 32).max(axis=-1)
+    # round to nearest of 8 levels; a value opposite in sign to m beyond the top level (+3) is clipped: ≤ one step
+    assert np.all(err <= np.abs(scales) + 1e-6)
+
+
+def test_q3_ple_table_is_exact_and_refused_for_kernels(quant_checkpoints, tmp_path, capsys):
+    from g4c.cli import main
+
+    loaded = load_model(str(quant_checkpoints["e"]))
+    art = compile_model(loaded.cfg, loaded.weights, "llvm", tmp_path / "q3", quant="q4", quant_ple="q3")
+    assert json.loads((art / "manifest.json").read_text())["host_quant"] == "q3"
+    reference = dequantized_reference(quant_checkpoints["e"], art, tmp_path)
+    assert np.abs(load(art).prefill(PROMPT, all_logits=True) - reference_logits(reference, PROMPT)).max() <= 1e-4
+    capsys.readouterr()  # transformers' loading bars
+    code = main(["compile", str(quant_checkpoints["e"]), "--quant", "q3", "-o", str(tmp_path / "no")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "q3 is for the PLE table only" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "no").exists()

@@ -180,8 +180,8 @@ class Manifest:
                "files must map names to SHA-256 digests")
         _check(all(isinstance(k, dict) and isinstance(k.get("op"), str) for k in self.kernels.values()),
                "kernels must map names to specs with an op")
-        _check(self.quant in (None, *QUANT_SCHEMES) and self.host_quant in (None, *QUANT_SCHEMES),
-               f"quant and host_quant must be one of {QUANT_SCHEMES} or null")
+        _check(self.quant in (None, *QUANT_SCHEMES) and self.host_quant in (None, *HOST_QUANT_SCHEMES),
+               f"quant must be one of {QUANT_SCHEMES} or null, host_quant one of {HOST_QUANT_SCHEMES} or null")
         self._validate_seed()
         self._validate_required_files()
         self._validate_slots()
@@ -245,7 +245,8 @@ class Manifest:
 
 
 PROGRAMS = ("prefill", "prefill_all", "decode")
-QUANT_SCHEMES = ("q8", "q4")
+QUANT_SCHEMES = ("q8", "q4")  # g4c.quant.SCHEMES (the artifact format does not import the compiler's modules)
+HOST_QUANT_SCHEMES = ("q8", "q4", "q3")  # g4c.quant.HOST_SCHEMES
 RUNTIME_STEPS = ("rows", "last", "reshape")
 INDEX_DTYPES = ("int32", "int64")
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
