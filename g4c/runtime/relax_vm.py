@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,22 @@ def load_runtime_libraries(directory: Path, names: list[str]) -> None:
             raise ArtifactError(f"cannot load {found}: {exc}") from None
 
 
+def import_tvm_ffi():
+    """`tvm_ffi`, imported without torch unless this process already uses torch: tvm_ffi imports torch
+    whenever it is installed (for torch tensor interop, which the runtime never uses), and that costs
+    ~140 MiB of resident memory on a runtime whose memory budget is its weights."""
+    if "tvm_ffi" in sys.modules or "torch" in sys.modules:
+        import tvm_ffi
+
+        return tvm_ffi
+    sys.modules["torch"] = None  # `import torch` raises ImportError while tvm_ffi initialises
+    try:
+        import tvm_ffi
+    finally:
+        del sys.modules["torch"]
+    return tvm_ffi
+
+
 def check_machine(manifest: Manifest) -> None:
     """An artifact's kernels are machine code for its target: say so instead of failing in dlopen."""
     here_system, here = platform.system(), platform.machine().lower()
@@ -64,8 +81,7 @@ def check_machine(manifest: Manifest) -> None:
 
 class RelaxVMExecutor:
     def __init__(self, session, runtime_memory: bool = False):
-        import tvm_ffi
-
+        tvm_ffi = import_tvm_ffi()
         directory, manifest = session.directory, session.manifest
         check_machine(manifest)
         load_runtime_libraries(directory, manifest.runtime_libraries)

@@ -241,10 +241,9 @@ class Server:
     # --- the listening process ---
 
     def serve(self) -> None:
-        import tvm_ffi
+        from g4c.runtime.relax_vm import import_tvm_ffi, load_runtime_libraries
 
-        from g4c.runtime.relax_vm import load_runtime_libraries
-
+        tvm_ffi = import_tvm_ffi()
         load_runtime_libraries(Path(__file__).parent, ["libtvm_runtime.so"])
         self._register_callbacks(tvm_ffi)
         server_loop = tvm_ffi.get_global_func("rpc.ServerLoop")
