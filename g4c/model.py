@@ -49,7 +49,8 @@ def model_config(model: str, num_layers: int | None = None) -> ModelConfig:
 
 def load_model(model: str, random_weights: bool = False, seed: int = 0, num_layers: int | None = None,
                dtype: str = "float32") -> LoadedModel:
-    """MODEL is a directory with config.json + *.safetensors, a GGUF file, or a preset (needs `random_weights`)."""
+    """MODEL is a directory with config.json + *.safetensors (float or compressed-tensors int4/int8), a GGUF
+    file, or a preset (needs `random_weights`)."""
     if is_gguf(model):
         return _load_gguf(model, random_weights, seed, num_layers, dtype)
     cfg = model_config(model, num_layers)
@@ -59,11 +60,27 @@ def load_model(model: str, random_weights: bool = False, seed: int = 0, num_laye
             return LoadedModel(path.name, cfg, Weights(cfg, RandomWeights(cfg, seed, dtype)), path)
         if num_layers is not None:
             raise G4CError("--layers only applies to presets or with --random-weights")
-        return LoadedModel(path.name, cfg, Weights(cfg, Checkpoint(path)), path)
+        return LoadedModel(path.name, cfg, Weights(cfg, checkpoint_source(path)), path)
     if not random_weights:
         raise G4CError(f"preset {model!r} has no weights here: add --random-weights (with --seed) or pass a "
                        "checkpoint directory")
     return LoadedModel(model.lower(), cfg, Weights(cfg, RandomWeights(cfg, seed, dtype)))
+
+
+def checkpoint_source(path: Path):
+    """The weight source of a checkpoint directory: plain safetensors (`Checkpoint`), or, when its
+    config.json has a compressed-tensors `quantization_config`, a source whose int4/int8 tensors the
+    compiler takes as stored (g4c/compressed_tensors.py). Other quantization methods are refused."""
+    from g4c.compressed_tensors import QUANT_METHOD, CompressedTensorsCheckpoint, quantization_config
+
+    qconfig = quantization_config(path)
+    if qconfig is None:
+        return Checkpoint(path)
+    method = qconfig.get("quant_method")
+    if method == QUANT_METHOD:
+        return CompressedTensorsCheckpoint(path, qconfig)
+    raise G4CError(f"{path / 'config.json'}: quantization_config.quant_method {method!r} is not supported (g4c "
+                   f"reads float checkpoints, {QUANT_METHOD!r} int4/int8 checkpoints and GGUF files)")
 
 
 def _load_gguf(model: str, random_weights: bool, seed: int, num_layers: int | None, dtype: str) -> LoadedModel:
