@@ -37,6 +37,7 @@ from g4c.quant import BITS, GROUP
 
 ROWS_PER_TASK = 8  # weight rows per parallel task (their bytes stay in L1 across token tiles)
 TOKEN_TILE = 4  # token rows that share one unpacking of a weight chunk (prefill)
+ROW_BLOCK = 4  # weight rows that share the token rows' loads (prefill; ROW_BLOCK x TOKEN_TILE accumulators)
 BIAS = {"q4": 8, "q8": 128}
 INTRINSIC = {64: "llvm.x86.avx512.vpdpbusd.512", 32: "llvm.x86.avx512.vpdpbusd.256",
              16: "llvm.x86.avx512.vpdpbusd.128"}
@@ -162,6 +163,7 @@ def linear_qdot(k: int, n: int, scheme: str, name: str, rows: int | None = None)
     lay = Layout(k, scheme)
     tile = 1 if rows == 1 else TOKEN_TILE
     task_rows = next(r for r in (ROWS_PER_TASK, 4, 2, 1) if n % r == 0)
+    block = 1 if rows == 1 else math.gcd(ROW_BLOCK, task_rows)  # weight rows whose dot products share token loads
     t = tirx.IntImm("int64", 1) if rows == 1 else tirx.Var("t", "int64")
     quantize = quantize_activations(lay)
 
@@ -177,23 +179,25 @@ def linear_qdot(k: int, n: int, scheme: str, name: str, rows: int | None = None)
         quantize(x, t, qx, dx, offset)
         for task in T.parallel(n // task_rows):
             for token_tile in range((t + tile - 1) // tile):
-                for r in range(task_rows):
-                    j = task * task_rows + r
-                    acc = T.alloc_buffer((tile, lay.lanes), F32, scope="local")
-                    for u in range(tile):
-                        acc[u, T.ramp(0, 1, lay.lanes)] = T.broadcast(T.float32(0), lay.lanes)
+                for rb in range(task_rows // block):
+                    acc = T.alloc_buffer((block, tile, lay.lanes), F32, scope="local")
+                    for r, u in T.grid(block, tile):
+                        acc[r, u, T.ramp(0, 1, lay.lanes)] = T.broadcast(T.float32(0), lay.lanes)
                     for c in range(lay.chunks):
-                        operands = unpack(lay, data[j, T.ramp(c * lay.width, 1, lay.width)])
-                        w_scale = weight_scales(lay, scales, (j,), c)
-                        for u in T.unroll(tile):
-                            i = T.Cast("int32", T.min(token_tile * tile + u, t - 1))  # a short last tile redoes row t-1
-                            acc[u, T.ramp(0, 1, lay.lanes)] = acc[u, T.ramp(0, 1, lay.lanes)] + chunk_sum(
-                                lay, operands, w_scale, qx, dx, offset, i, c)
-                    for u in range(tile):
+                        for r in T.unroll(block):
+                            j = task * task_rows + rb * block + r
+                            operands = unpack(lay, data[j, T.ramp(c * lay.width, 1, lay.width)])
+                            w_scale = weight_scales(lay, scales, (j,), c)
+                            for u in T.unroll(tile):
+                                i = T.Cast("int32", T.min(token_tile * tile + u, t - 1))  # a short last tile redoes row t-1
+                                acc[r, u, T.ramp(0, 1, lay.lanes)] = acc[r, u, T.ramp(0, 1, lay.lanes)] + chunk_sum(
+                                    lay, operands, w_scale, qx, dx, offset, i, c)
+                    for r, u in T.grid(block, tile):
+                        j = task * task_rows + rb * block + r
                         i = T.Cast("int32", T.min(token_tile * tile + u, t - 1))
                         y[i, j] = T.float32(0)
                         for lane in range(lay.lanes):
-                            y[i, j] = y[i, j] + acc[u, lane]
+                            y[i, j] = y[i, j] + acc[r, u, lane]
     return func
 
 
