@@ -177,8 +177,12 @@ def dequant(data, scales, row, k, scheme: str):
     if data.dtype == "uint8":  # bytes: a group's values are consecutive loads
         return _dequant_bytes(data, lead, k, scheme) * scale
     if scheme == "q8":  # byte k % 4 of word k // 4, sign-extended by an arithmetic shift
+        # (shifted down to the low byte first: its shift (k % 4)·8 grows with k, so a vectorized read of a
+        # word's 4 bytes shifts by a ramp of stride +8; `(3 - k % 4)·8` is a ramp of stride −8, which TVM's
+        # simplifier cannot cast to uint32: CUDA's GEMV failed "cannot make uint from negative value -8")
         word = data[(*lead, k // 4)]
-        value = tirx.reinterpret("int32", word << ((3 - k % 4) * 8).astype(u32)) >> 24
+        byte = word >> ((k % 4) * 8).astype(u32)
+        value = tirx.reinterpret("int32", byte << tirx.const(24, u32)) >> 24
     elif scheme == "q4":  # group k // 32: byte b = e % 16 of its 16 holds e (low nibble) and e + 16 (high)
         e = k % 32
         b = e % 16
