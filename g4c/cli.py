@@ -477,9 +477,26 @@ def compile_(model: str = typer.Argument(..., help="Checkpoint directory or pres
     out.print(f"wrote {path} (target {target}, {loaded.cfg.num_hidden_layers} layers): "
               f"{human_bytes(_disk_bytes(path))} on disk, compiled in {_duration(time.perf_counter() - started)}",
               markup=False, highlight=False)
+    _say_converted(path)
     if check is not None:
         stored = dtype if quant == "none" else f"{quant} blocks"
         _self_check(path, target, loaded, check, stored + (" with int8 activations" if quant_dot == "int8" else ""))
+
+
+def _say_converted(artifact: Path) -> None:
+    """One line on the checkpoint tensors stored in types without g4c kernels (a GGUF's K-quants)."""
+    from g4c.artifact import read_manifest
+
+    converted = read_manifest(artifact, check_files=False).converted_tensors
+    if not converted:
+        return
+    stored = sorted({c["stored"] for c in converted.values()})
+    held = sorted({c["as"] for c in converted.values()})
+    worst = max(converted, key=lambda name: converted[name]["max_abs_error"])
+    added = converted[worst]["max_abs_error"]
+    out.print(f"converted {len(converted)} tensors stored as {', '.join(stored)} (no g4c kernels) to {', '.join(held)}: "
+              + (f"largest added error |Δw| = {added:.3g} ({worst}; per tensor in manifest.json converted_tensors)"
+                 if added else "their exact values"), markup=False, highlight=False)
 
 
 CHECK_DECODE_STEPS = 4  # decode steps the compile self-check times

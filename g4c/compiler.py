@@ -103,6 +103,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         for library in libraries:
             shutil.copy(library, tmp / library.name)
         manifest = _manifest(cfg, target, lowered, entry, static_decode, **built.manifest, weights_from_seed=seed,
+                             converted_tensors=_converted_tensors(lowered, weights.source) if seed is None else {},
                              kv_plan=graphs["decode"].meta.get("kv_plan", []), build_seconds=round(build_seconds, 2))
         manifest.write(tmp)
     return out
@@ -139,6 +140,36 @@ def _manifest(cfg: ModelConfig, target, lowered, entry, static_decode: bool, **f
                     weight_recipes=lowered.recipes, host_tables=lowered.host_tables, quant=lowered.quant,
                     host_quant=lowered.host_quant, tvm_version=tvm.__version__,
                     **fields)
+
+
+def _converted_tensors(lowered, source) -> dict[str, dict]:
+    """The checkpoint tensors stored in a type g4c has no kernels for (`source.ggml_type`: a GGUF file's
+    K-quants, Q5_0, ...), what the artifact holds instead and the error that added (the largest |Δw|):
+    compiled as float32 they keep their exact values (0); in fp16/bf16 (--dtype) or quantized (--quant,
+    --quant-ple) they are rounded again. A stored Q4_0/Q8_0 tensor compiled in its own scheme is not converted."""
+    from g4c.quant import dequantize, quantize
+
+    kind = getattr(source, "ggml_type", None)
+    if kind is None:
+        return {}
+    native = getattr(source, "quantized_scheme", lambda name: None)
+    schemes = {leaf: recipe["quant"][1] for recipe in lowered.recipes.values()
+               if "quant" in recipe and recipe["quant"][2] == "data"
+               for leaf in source_tensors(recipe["quant"][0], lowered.recipes)}
+    schemes.update({table: lowered.host_quant for table in lowered.host_tables if lowered.host_quant})
+    out = {}
+    for name in sorted(source.names()):
+        stored, scheme = kind(name), schemes.get(name)
+        if stored in ("F32", "F16", "BF16") or (native(name) is not None and native(name) == scheme):
+            continue
+        held, error = scheme or lowered.weight_dtype, 0.0
+        if held != "float32":
+            w = np.asarray(source.get(name), dtype=np.float32)
+            rounded = dequantize(*quantize(w, scheme, "uint8"), scheme) if scheme else \
+                w.astype(numpy_dtype(held)).astype(np.float32)
+            error = float(np.abs(rounded - w).max())
+        out[name] = {"stored": stored, "as": held, "max_abs_error": error}
+    return out
 
 
 def _stored_scheme(source) -> Callable[[str], str | None] | None:

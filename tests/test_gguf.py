@@ -5,6 +5,7 @@ on the same (dequantized) weights."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -237,3 +238,29 @@ def test_compile_a_quantized_gguf(models, written, tmp_path):
     assert main(["logits", str(out), "--tokens", ",".join(map(str, tokens)), "-o", str(tmp_path / "l.npy")]) == 0
     expected = _transformers_logits(models["dense"], record, tokens)
     assert np.max(np.abs(np.load(tmp_path / "l.npy") - expected)) <= 1e-4
+
+
+def test_k_quants_are_converted_with_the_added_error_stated(written, tmp_path, capsys):
+    """K-quant (and Q4_1/Q5_0) tensors have no g4c kernels: compiled as float32 they keep their exact
+    values; with --quant q4 they are rounded again, and the manifest and the compile summary state the
+    largest added |Δw|, per tensor, measured against the file's values."""
+    from g4c.gguf_model import GGUFWeights
+    from g4c.quant import dequantize, quantize
+
+    path, _ = written("k256", "F32", overrides=K_QUANTS)
+    source = GGUFWeights(path)
+    converted_names = {n for n in source.names() if source.ggml_type(n) not in ("F32", "F16", "BF16")}
+    assert len(converted_names) == 6
+    for quant, held in (("none", "float32"), ("q4", "q4")):
+        out = tmp_path / quant
+        assert main(["compile", str(path), "--quant", quant, "-o", str(out), "--no-check"]) == 0
+        converted = json.loads((out / "manifest.json").read_text())["converted_tensors"]
+        assert set(converted) == converted_names
+        for name, record in converted.items():
+            assert record["stored"] == source.ggml_type(name) and record["as"] == held
+            w = source.get(name)
+            expected = 0.0 if held == "float32" else float(np.abs(dequantize(*quantize(w, "q4"), "q4") - w).max())
+            assert record["max_abs_error"] == pytest.approx(expected, rel=1e-6) and (held == "float32") == (expected == 0)
+        said = capsys.readouterr().out
+        assert "converted 6 tensors stored as Q4_1, Q4_K, Q5_0, Q6_K" in said
+        assert ("largest added error" in said) == (quant == "q4")

@@ -110,6 +110,9 @@ class Manifest:
     host_tables: list[str] = field(default_factory=list)  # tables gathered row by row on the host (PLE)
     quant: str | None = None  # group quantization of the linear/expert/embedding matrices (g4c.quant), or none
     host_quant: str | None = None  # ... of the host tables
+    # checkpoint tensors stored in a type g4c has no kernels for (a GGUF file's K-quants): name → {"stored":
+    # its type, "as": what the artifact holds (float32 or a scheme), "max_abs_error": what that added}
+    converted_tensors: dict[str, dict] = field(default_factory=dict)
     kv_plan: list = field(default_factory=list)  # plan_kv_cache's per-layer plan, for inspection
     launches: dict[str, list[dict]] | None = None  # wgpu: per kernel, its device launches (codegen.wgsl)
     decode_graph: dict[str, int] | None = None  # CUDA graphs: kernels captured / launched outside
@@ -172,7 +175,7 @@ class Manifest:
             _check(getattr(self, name) is None or isinstance(getattr(self, name), str), f"{name} must be a string")
         for name in ("runtime_libraries", "machines", "weight_dtype_tensors", "host_tables"):
             _check(_strings(getattr(self, name)), f"{name} must be a list of strings")
-        for name in ("config", "weight_recipes", "kernels", "files"):
+        for name in ("config", "weight_recipes", "kernels", "files", "converted_tensors"):
             _check(isinstance(getattr(self, name), dict), f"{name} must be an object")
         for name in [self.library, *self.files, *self.runtime_libraries]:
             _check(_plain_file_name(name), f"{name!r} is not a file name inside the artifact")
