@@ -58,7 +58,7 @@ QuantOpt = typer.Option("none", "--quant", help="Group-quantize the linear and e
                         "the kernels; none (default) keeps --dtype.")
 QuantPleOpt = typer.Option(None, "--quant-ple", help="Quantization of the PLE table (a host table read row by "
                            "row and dequantized on the host): q8, q4, q3 (3 bits + a scale per 32: 3.5 bits per weight) or none; "
-                           "default: as --quant.")
+                           "default: the table's own Q4_0/Q8_0 blocks in a GGUF file, else as --quant.")
 QuantDotOpt = typer.Option("float", "--quant-dot", help="How quantized linears multiply: float (default: fp32 "
                            "activations, exact on the dequantized weights) or int8 (activations quantized to "
                            "int8 per 32, integer dot products, as llama.cpp does: faster on CPUs with AVX-512 "
@@ -470,7 +470,7 @@ def compile_(model: str = typer.Argument(..., help="Checkpoint directory or pres
         _check_vocabulary(check, loaded.cfg.input_vocab_size, "--check-tokens")
     path = _compile_with_progress(loaded.cfg, loaded.weights, target, output, overwrite, dtype,
                                   bundle_runtime=bundle_runtime, weights_from_seed=weights_from_seed, quant=quant,
-                                  quant_ple=quant if quant_ple is None else quant_ple, quant_dot=quant_dot)
+                                  quant_ple=quant_ple, quant_dot=quant_dot)
     _copy_tokenizer(model, loaded.directory, path)
     from g4c.summary import human_bytes
 

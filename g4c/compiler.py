@@ -64,7 +64,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     (see `relax_module.build_module`), which CUDA replays as one graph. `quant_dot` "int8" multiplies
     quantized weights with int8-quantized activations by integer dot products (`codegen.int_dot`,
     llama.cpp's arithmetic: faster, not exact on the dequantized weights); "float" (default) keeps fp32
-    activations."""
+    activations. `quant_ple` None: a GGUF file's Q4_0/Q8_0 PLE table as stored, else as `quant`."""
     from g4c.codegen.kernels import STORAGE
     from g4c.codegen.lower import lower
     from g4c.codegen.relax_module import signature
@@ -79,7 +79,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     report = progress or (lambda stage, done, total: None)
     graphs = optimized_graphs(cfg, weights)
     lowered = lower(cfg, graphs, lowering_options(target, quant_dot), canonical_dtype(dtype), quant=quant_scheme(quant),
-                    host_quant=quant_scheme(quant_ple, host=True), stored_scheme=_stored_scheme(weights.source))
+                    host_quant=_host_quant(quant_ple, quant, weights.source), stored_scheme=_stored_scheme(weights.source))
     entry = signature(lowered)
     specs = _weight_specs(lowered, entry.weights, weights)
     target.check_weights(lowered.weight_dtype, {n: tensor_bytes(*s) for n, s in specs.items()})
@@ -140,6 +140,20 @@ def _manifest(cfg: ModelConfig, target, lowered, entry, static_decode: bool, **f
                     weight_recipes=lowered.recipes, host_tables=lowered.host_tables, quant=lowered.quant,
                     host_quant=lowered.host_quant, tvm_version=tvm.__version__,
                     **fields)
+
+
+PLE_TABLE = "embed_tokens_per_layer.weight"
+
+
+def _host_quant(quant_ple: str | None, quant: str | None, source) -> str | None:
+    """The host tables' quantization: --quant-ple when given; else the PLE table's own blocks when the
+    checkpoint stores it as Q4_0/Q8_0 (kept as stored, like the matrices), else as --quant."""
+    if quant_ple is not None:
+        return quant_scheme(quant_ple, host=True)
+    stored = _stored_scheme(source)
+    if stored is not None and PLE_TABLE in source.names() and (scheme := stored(PLE_TABLE)) is not None:
+        return scheme
+    return quant_scheme(quant)
 
 
 def _converted_tensors(lowered, source) -> dict[str, dict]:
@@ -318,7 +332,8 @@ def _write_host_tables(directory: Path, lowered, weights: Weights) -> None:
             for kind, suffix in (("data", ""), ("scales", "_scales")):
                 recipes[f"{table}.{lowered.host_quant}{suffix}"] = {
                     "quant": [table, lowered.host_quant, kind, "uint32" if kind == "data" else "float16"]}
-        make = _maker(recipes, lambda name: check_finite(name, np.asarray(weights.source.get(name), np.float32)))
+        make = _maker(recipes, lambda name: check_finite(name, np.asarray(weights.source.get(name), np.float32)),
+                      getattr(weights.source, "quantized", lambda name: None))  # a GGUF's Q4_0 table as stored
         specs = {name: (derived_shape(name, recipes, weights.source.shape), np.dtype(part_dtype(*recipe["quant"][2:])))
                  for name, recipe in recipes.items()}
         write_safetensors(directory / HOST, specs, make)

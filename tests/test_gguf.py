@@ -264,3 +264,23 @@ def test_k_quants_are_converted_with_the_added_error_stated(written, tmp_path, c
         said = capsys.readouterr().out
         assert "converted 6 tensors stored as Q4_1, Q4_K, Q5_0, Q6_K" in said
         assert ("largest added error" in said) == (quant == "q4")
+
+
+def test_a_quantized_ple_table_stays_as_stored(written, tmp_path):
+    """A GGUF whose PLE table is Q8_0: compiled without --quant-ple, the host table holds the file's
+    blocks (no fp32 copy, no requantization); --quant-ple none asks for fp32."""
+    from g4c.artifact.tensors import read_aligned_safetensors
+    from g4c.gguf_model import GGUFWeights
+
+    path, record = written("e32", "Q8_0")
+    source = GGUFWeights(path)
+    assert source.ggml_type("embed_tokens_per_layer.weight") == "Q8_0"
+    _, data, scales = source.quantized("embed_tokens_per_layer.weight")
+    out = tmp_path / "stored"
+    assert main(["compile", str(path), "-o", str(out), "--no-check"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["host_quant"] == "q8"
+    host = read_aligned_safetensors(out / "host.safetensors")
+    assert np.array_equal(host["embed_tokens_per_layer.weight.q8"].view(np.uint8), data.view(np.uint8))
+    assert np.array_equal(host["embed_tokens_per_layer.weight.q8_scales"], scales)
+    assert main(["compile", str(path), "--quant-ple", "none", "-o", str(tmp_path / "f32"), "--no-check"]) == 0
+    assert json.loads((tmp_path / "f32" / "manifest.json").read_text())["host_quant"] is None
