@@ -36,8 +36,8 @@ from g4c.codegen.kernels import I64
 from g4c.quant import BITS, GROUP
 
 ROWS_PER_TASK = 8  # weight rows per parallel task (their bytes stay in L1 across token tiles)
-TOKEN_TILE = 4  # token rows that share one unpacking of a weight chunk (prefill)
-ROW_BLOCK = 4  # weight rows that share the token rows' loads (prefill; ROW_BLOCK x TOKEN_TILE accumulators)
+TOKEN_TILE = 2  # token rows that share one unpacking of a weight chunk (prefill)
+ROW_BLOCK = 8  # weight rows that share the token rows' loads (prefill; ROW_BLOCK x TOKEN_TILE accumulators)
 BIAS = {"q4": 8, "q8": 128}
 INTRINSIC = {64: "llvm.x86.avx512.vpdpbusd.512", 32: "llvm.x86.avx512.vpdpbusd.256",
              16: "llvm.x86.avx512.vpdpbusd.128"}

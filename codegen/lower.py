@@ -112,10 +112,9 @@ class _Lowering:
     def linear(self, x: str, w: str, k: int, n: int, out_name: str, rows) -> str:
         args, scheme = self.matrix(w, k)
         gemv = self.opt.decode_gemv and self.decode  # one token: a GEMV schedule, not a GEMM tile
-        if scheme and self.opt.int8_dot:
-            kern = self.kernel("linear_qdot", k=k, n=n, scheme=scheme, rows=1 if self.decode else None)
-        elif scheme:
-            kern = self.kernel("linear_q", k=k, n=n, scheme=scheme, rows=1 if gemv else None)
+        if scheme:  # one decode row: a GEMV that dequantizes inside the reduction, not a prefill tile
+            op = "linear_qdot" if self.opt.int8_dot else "linear_q"
+            kern = self.kernel(op, k=k, n=n, scheme=scheme, rows=1 if self.decode else None)
         elif self.opt.tiled_gemm and not gemv:
             kern = self.kernel("linear_tiled", k=k, n=n, dtype=self.out.weight_dtype)
         else:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 GATHER_OPS = ("embed", "embed_rows", "embed_q")  # read one row per token of their tables
-MOE_OPS = ("moe_experts", "moe_gate_up", "moe_down")  # one token reads top_k of the experts' weights
+MOE_OPS = ("moe_experts", "moe_experts_qdot", "moe_gate_up", "moe_down")  # one token reads top_k of the experts' weights
 
 
 @dataclass
