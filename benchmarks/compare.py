@@ -4,11 +4,15 @@
     python benchmarks/compare.py            # E2B-shaped x10 layers + 26B-A4B MoE slice, all engines
 
 Steps: `g4c init-random` writes an HF checkpoint (fp32) plus a real Gemma 4 tokenizer.json made from
-llama.cpp's vocabulary; g4c compiles it for the host (fp32 and fp16 weights); llama.cpp's
-convert_hf_to_gguf.py converts the same checkpoint to GGUF f32/f16; then each engine runs in its own
-process (benchmarks/engines.py) with the same thread count and prompt. The memory bandwidth is measured
-at the start of every round (g4c.bench.measured_bandwidth; the best is kept, like each engine's best
-round) and every decode speed is compared with the roofline bandwidth / bytes read per step.
+llama.cpp's vocabulary; g4c compiles it for the host (fp32 and fp16 weights; q8/q4: its own Q8_0/Q4_0
+blocks, with fp32 or int8 (VNNI) dot products); llama.cpp's convert_hf_to_gguf.py converts the same
+checkpoint to GGUF f32/f16, and llama.cpp's quantizer (llama_model_quantize, default parameters) turns
+the f32 GGUF into Q8_0/Q4_0, which g4c also compiles as stored ("g4c q4 (GGUF)": llama.cpp's weights);
+then each engine runs in its own process (benchmarks/engines.py) with the same thread count and prompt.
+The memory bandwidth is measured at the start of every round (g4c.bench.measured_bandwidth; the best is
+kept, like each engine's best round) and every decode speed is compared with the roofline bandwidth /
+bytes read per step; each row also reports its size on disk (artifact directory, GGUF or checkpoint)
+and its peak RSS.
 Writes benchmarks/results/<host>.json, benchmarks/results/<host>.png and benchmarks/RESULTS.md
 (never edit RESULTS.md by hand: rerun this script).
 """
@@ -47,11 +51,21 @@ def log(msg: str) -> None:
 
 
 def run(cmd: list[str], **kw) -> str:
-    log(" ".join(map(str, cmd)))
+    log(" ".join(str(c).strip().splitlines()[0] for c in cmd))  # a `-c` script: its first line
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} {cmd[1]} failed:\n{proc.stderr[-3000:]}")
+    if proc.returncode != 0:  # the last line says why: a table row shows it
+        raise RuntimeError(f"{cmd[0]} {cmd[1]} failed:\n{proc.stderr[-3000:]}\n{_reason(proc.stderr)}")
     return proc.stdout
+
+
+def _reason(stderr: str) -> str:
+    """The line of a failed command's stderr that says why: a Python exception, a ggml assertion
+    (ggml then prints a gdb backtrace after it), else the last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for marker in ("GGML_ASSERT", "Error", "error:", "failed"):
+        if found := [line for line in lines if marker in line]:
+            return found[-1]
+    return lines[-1] if lines else "no output"
 
 
 def g4c(*args) -> str:
@@ -69,26 +83,101 @@ def checkpoint(work: Path, preset: str, layers: int) -> Path:
     return path
 
 
-def g4c_artifact(ckpt: Path, precision: str) -> Path:
-    """Always recompiled: the kernels are what is being measured (checkpoints and GGUFs are cached)."""
-    path = ckpt.with_name(f"{ckpt.name}.{precision}.g4c")
-    need_disk(ckpt.parent, _size(ckpt) * (1.0 if precision == "f32" else 0.6) / 1e9)
-    g4c("compile", ckpt, "--dtype", {"f32": "fp32", "f16": "fp16"}[precision], "-o", path, "--overwrite")
+PRECISIONS = ("f32", "f16", "q8", "q4")
+LLAMA_FTYPES = {"q8": "Q8_0", "q4": "Q4_0"}  # llama_model_quantize's LLAMA_FTYPE_MOSTLY_<name>
+# Artifact (and GGUF) size / fp32 checkpoint size, for the disk check before writing one: f16 half,
+# q8 8.5 bits and q4 4.5 bits per weight (+ small fp32 tensors; llama.cpp's Q4_0 keeps the tied
+# embedding / per-layer table at Q6_K, 6.6 bits).
+SIZE_FACTOR = {"f32": 1.0, "f16": 0.55, "q8": 0.3, "q4": 0.16}
+GGUF_SIZE_FACTOR = {"f32": 1.0, "f16": 0.5, "q8": 0.3, "q4": 0.22}
+
+
+def g4c_artifact(ckpt: Path, precision: str, quant_dot: str = "float") -> Path:
+    """Always recompiled: the kernels are what is being measured (checkpoints and GGUFs are cached).
+    q8/q4: `--quant` (g4c's own Q8_0/Q4_0 blocks made from the fp32 checkpoint), `quant_dot` "int8"
+    for integer dot products on int8-rounded activations (llama.cpp's arithmetic)."""
+    suffix = precision + ("-int8" if quant_dot == "int8" else "")
+    path = ckpt.with_name(f"{ckpt.name}.{suffix}.g4c")
+    need_disk(ckpt.parent, _size(ckpt) * SIZE_FACTOR[precision] / 1e9)
+    if precision in LLAMA_FTYPES:
+        flags = ["--quant", precision, "--quant-dot", quant_dot]
+    else:
+        flags = ["--dtype", {"f32": "fp32", "f16": "fp16"}[precision]]
+    g4c("compile", ckpt, *flags, "-o", path, "--overwrite", "--no-check")
+    return path
+
+
+def g4c_from_gguf(model: Path) -> Path:
+    """A llama.cpp GGUF compiled by g4c as stored: its Q4_0/Q8_0 blocks byte for byte (int8 dot
+    products, llama.cpp's arithmetic), its other tensors (F32, and K-quants such as the Q6_K tables
+    llama.cpp's Q4_0 keeps) as exact fp32 values: the very weights llama.cpp runs."""
+    path = model.with_suffix(".g4c")
+    stored = sum(t.n_bytes if t.tensor_type.name in ("Q4_0", "Q8_0") else 4 * t.n_elements
+                 for t in _gguf_reader(model).tensors)
+    need_disk(model.parent, stored / 1e9)
+    g4c("compile", model, "--quant-dot", "int8", "-o", path, "--overwrite", "--no-check")
     return path
 
 
 def gguf(ckpt: Path, precision: str) -> Path:
-    path = ckpt.with_name(f"{ckpt.name}.{precision}.gguf")
-    if not path.is_file():
-        tmp = path.with_suffix(".partial")
-        need_disk(ckpt.parent, _size(ckpt) * (1.0 if precision == "f32" else 0.5) / 1e9)
-        try:
+    """llama.cpp's files: convert_hf_to_gguf.py for f32/f16; Q8_0/Q4_0 by llama.cpp's own quantizer
+    (`llama_model_quantize`, default parameters, as `llama-quantize` does) from the f32 GGUF, so its
+    blocks are rounded once from the exact fp32 weights."""
+    path = ckpt.with_name(f"{ckpt.name}.{LLAMA_FTYPES.get(precision, precision)}.gguf")
+    if path.is_file():
+        return path
+    source = gguf(ckpt, "f32") if precision in LLAMA_FTYPES else None
+    tmp = path.with_suffix(".partial")
+    need_disk(ckpt.parent, _size(ckpt) * GGUF_SIZE_FACTOR[precision] / 1e9)
+    try:
+        if source is None:
             run([sys.executable, LLAMA_SRC / "convert_hf_to_gguf.py", ckpt, "--outtype", precision, "--outfile", tmp])
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # no half-written GGUF left behind
-            raise
-        tmp.rename(path)
+        else:
+            run([sys.executable, "-c", QUANTIZE, source, tmp, LLAMA_FTYPES[precision]])
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written GGUF left behind
+        raise
+    tmp.rename(path)
     return path
+
+
+QUANTIZE = """# llama_model_quantize(SOURCE, OUT, default params with ftype LLAMA_FTYPE_MOSTLY_<FTYPE>)
+import sys, llama_cpp
+source, out, ftype = sys.argv[1:]
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + ftype)
+sys.exit(llama_cpp.llama_model_quantize(source.encode(), out.encode(), params))
+"""
+
+
+def _gguf_reader(path: Path):
+    from gguf import GGUFReader
+
+    return GGUFReader(str(path))
+
+
+def gguf_summary(path: Path) -> dict:
+    """What a GGUF stores: its matrices' types ({type: [tensor names, blk.N → blk.*]}) and the
+    bytes llama.cpp reads per decode step for its weights (the rules of g4c.bench.decode_weight_bytes:
+    an embedding gather one row, a tied LM head the whole table, an expert bank its top_k/experts)."""
+    reader = _gguf_reader(path)
+    experts, top_k = (int(f.contents()) if (f := reader.fields.get(f"gemma4.{key}")) else 0
+                      for key in ("expert_count", "expert_used_count"))
+    names = {t.name for t in reader.tensors}
+    types: dict[str, set] = {}
+    read = 0
+    for t in reader.tensors:
+        rows = int(t.shape[-1]) if len(t.shape) > 1 else 1
+        if t.name == "per_layer_token_embd.weight" or (t.name == "token_embd.weight" and "output.weight" in names):
+            read += t.n_bytes // rows
+        elif "_exps." in t.name and experts:
+            read += int(t.n_bytes * top_k / experts)
+        else:
+            read += t.n_bytes
+        if len(t.shape) > 1:
+            name = ".".join("*" if part.isdigit() else part for part in t.name.split("."))
+            types.setdefault(t.tensor_type.name, set()).add(name)
+    return {"types": {k: sorted(v) for k, v in types.items()}, "decode_weight_bytes": read}
 
 
 def _size(path: Path) -> int:
@@ -127,24 +216,53 @@ def engine(name: str, model: Path, args, work: Path, extra: list[str] = (), cont
     return result
 
 
-def engines_for(model_name: str, ckpt: Path, args, work: Path) -> dict[str, dict]:
+def engines_for(model_name: str, ckpt: Path, args, work: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     """Every engine on this checkpoint, `args.rounds` times in turn; each number is its best round.
+    Returns (rows, {GGUF precision: gguf_summary}).
 
     Shared machines drift by 10-20% within minutes, so one engine measured late would be judged on a
     different machine; interleaving the rounds and keeping each engine's best evens that out."""
     have_llama = (LLAMA_SRC / "convert_hf_to_gguf.py").is_file() and _importable("llama_cpp")
     contexts = args.contexts if model_name == "e2b" else ""
     precisions = (args.precisions if model_name == "e2b" else args.moe_precisions).split(",")
-    jobs = {f"g4c {p}": ("g4c", g4c_artifact(ckpt, p), [], contexts if p == "f32" else "") for p in precisions}
-    jobs["transformers eager f32"] = ("transformers", ckpt, ["--attn", "eager"], contexts)
-    jobs["transformers sdpa f32"] = ("transformers", ckpt, ["--attn", "sdpa"], "")
+    # name -> (engine, how to make its model file, engine flags, contexts, precision)
+    plan: dict[str, tuple] = {}
+    for p in precisions:
+        if p in LLAMA_FTYPES:
+            plan[f"g4c {p}"] = ("g4c", lambda p=p: g4c_artifact(ckpt, p), [], "", p)
+            plan[f"g4c {p} int8"] = ("g4c", lambda p=p: g4c_artifact(ckpt, p, "int8"), [], "", p)
+            if p == "q4" and have_llama:  # llama.cpp's Q4_0 file itself: the same weights as its row
+                plan[f"g4c {p} (GGUF)"] = ("g4c", lambda p=p: g4c_from_gguf(gguf(ckpt, p)), [], "", p)
+        else:
+            plan[f"g4c {p}"] = ("g4c", lambda p=p: g4c_artifact(ckpt, p), [], contexts if p == "f32" else "", p)
+    plan["transformers eager f32"] = ("transformers", lambda: ckpt, ["--attn", "eager"], contexts, "f32")
+    plan["transformers sdpa f32"] = ("transformers", lambda: ckpt, ["--attn", "sdpa"], "", "f32")
     if have_llama:
         for p in precisions:
-            jobs[f"llama.cpp {p}"] = ("llama.cpp", gguf(ckpt, p), [], "")
-            jobs[f"llama.cpp {p} flash-attn"] = ("llama.cpp", gguf(ckpt, p), ["--flash-attn"], "")
+            label = LLAMA_FTYPES.get(p, p)
+            plan[f"llama.cpp {label}"] = ("llama.cpp", lambda p=p: gguf(ckpt, p), [], "", p)
+            plan[f"llama.cpp {label} flash-attn"] = ("llama.cpp", lambda p=p: gguf(ckpt, p), ["--flash-attn"], "", p)
     else:
         log("llama.cpp not set up (bash benchmarks/setup_llama_cpp.sh): skipping it")
     rows: dict[str, dict] = {}
+    jobs: dict[str, tuple] = {}
+    about: dict[str, dict] = {}  # per row: precision, size on disk, llama.cpp's weight bytes per step
+    ggufs: dict[str, dict] = {}
+    for name, (kind, make, extra, ctx, precision) in plan.items():
+        try:  # a conversion or compile failing (e.g. int8 dot products on a CPU without VNNI) is one row
+            model = make()
+        except RuntimeError as exc:
+            message = str(exc).strip().splitlines()[-1][:200]
+            log(f"{name} failed: {message}")
+            rows[name] = {"error": message}
+            continue
+        jobs[name] = (kind, model, extra, ctx)
+        about[name] = {"precision": precision,
+                       "artifact_gb": (_size(model) if model.is_dir() else model.stat().st_size) / 1e9}
+        if kind == "llama.cpp":
+            if precision not in ggufs:
+                ggufs[precision] = gguf_summary(model)
+            about[name]["decode_weight_bytes"] = ggufs[precision]["decode_weight_bytes"]
     from g4c.bench import measured_bandwidth
 
     for round_ in range(args.rounds):
@@ -154,11 +272,15 @@ def engines_for(model_name: str, ckpt: Path, args, work: Path) -> dict[str, dict
             log(f"round {round_ + 1}/{args.rounds}: {name}")
             result = engine(kind, model, args, work, extra, ctx)
             rows[name] = best_of(rows[name], result) if name in rows else result
-    reference = np.load(rows["transformers eager f32"]["logits_file"])
+    for name, extra in about.items():
+        if "error" not in rows[name]:
+            rows[name].update(extra)
+    reference = rows["transformers eager f32"].get("logits_file")
     for row in rows.values():
-        if "logits_file" in row:
-            row["max_abs_logit_diff_vs_transformers"] = float(np.abs(np.load(row.pop("logits_file")) - reference).max())
-    return rows
+        if "logits_file" in row and reference:
+            diff = np.abs(np.load(row.pop("logits_file")) - np.load(reference))
+            row["max_abs_logit_diff_vs_transformers"] = float(diff.max())
+    return rows, ggufs
 
 
 def best_of(a: dict, b: dict) -> dict:
@@ -194,15 +316,48 @@ def machine() -> dict:
 
 
 def roofline(results: dict, bandwidth: float) -> None:
-    """Attach decode roofline ratios: tok/s / (bandwidth / bytes read per step at that context)."""
+    """Attach decode roofline ratios: tok/s / (bandwidth / bytes read per step at that context).
+
+    A g4c row counts its own artifact's bytes (`decode_bytes`: the weights as stored, quantized blocks
+    and scales included, plus fp32 KV rows). A llama.cpp row counts its GGUF's weights as stored
+    (`decode_weight_bytes`, from the file's tensor types: a Q4_0 file keeps Q6_K tables) plus the
+    same KV rows in its f16 cache; without that, the g4c row of the same precision. transformers rows
+    (fp32 weights and cache) use the g4c f32 row's."""
     for model in results["models"].values():
-        for name, row in model["engines"].items():
+        engines = model["engines"]
+        f32 = engines.get("g4c f32", {})
+        for name, row in engines.items():
             if "error" in row:
                 continue
-            precision = "f16" if "f16" in name else "f32"
-            g4c_row = model["engines"].get(f"g4c {precision}") or model["engines"]["g4c f32"]
-            row["roofline"] = {n: tok_s * int(g4c_row["decode_bytes"][n]) / (bandwidth * 1e9)
-                               for n, tok_s in row["decode"].items() if n in g4c_row["decode_bytes"]}
+            precision = row.get("precision") or ("f16" if "f16" in name else "f32")
+            same = engines.get(f"g4c {precision}", {})
+            g4c_row = row if "decode_bytes" in row else same if "decode_bytes" in same else f32
+            if "decode_bytes" not in g4c_row:
+                row["roofline"] = {}
+                continue
+            step_bytes = {n: int(b) for n, b in g4c_row["decode_bytes"].items()}
+            if name.startswith("llama.cpp") and "decode_weight_bytes" in row and "decode_weight_bytes" in g4c_row:
+                kv = {n: b - int(g4c_row["decode_weight_bytes"]) for n, b in step_bytes.items()}
+                step_bytes = {n: int(row["decode_weight_bytes"]) + kv[n] // 2 for n in kv}
+            row["step_bytes"] = step_bytes
+            row["roofline"] = {n: tok_s * step_bytes[n] / (bandwidth * 1e9)
+                               for n, tok_s in row["decode"].items() if n in step_bytes}
+
+
+def _types_line(label: str, summary: dict) -> str:
+    """llama.cpp's file of one precision: its matrices' types, the file's own type first."""
+    types = sorted(summary["types"].items(), key=lambda kv: -len(kv[1]))
+    main, *others = types
+    text = f"llama.cpp {label} file: matrices {main[0]}"
+    if others:
+        text += ", except " + "; ".join(f"{', '.join(f'`{n}`' for n in names)} {kind}" for kind, names in others)
+    return text + " (1-D tensors F32)."
+
+
+def _fmt(value, spec: str) -> str:
+    """A table cell: `value` formatted, or – where a row has none (e.g. no g4c f32 row to take the
+    transformers rows' bytes from, or results saved before the column existed)."""
+    return "–" if value is None else format(value, spec)
 
 
 def markdown(results: dict) -> str:
@@ -217,23 +372,27 @@ def markdown(results: dict) -> str:
            f"`g4c.bench.measured_bandwidth`, measured before every round: "
            f"{', '.join(map(str, results['bandwidth_rounds_gb_s']))} GB/s)", ""]
     for key, model in results["models"].items():
+        first = lens[0]
         out += [f"## {model['title']}", "",
                 "| engine | " + " | ".join(f"prefill {n} tok/s" for n in lens)
-                + f" | decode tok/s (ctx {lens[0]}) | roofline | TTFT {lens[0]} (ms) | peak RSS (GB) "
-                  "| max abs Δlogits vs transformers |",
-                "|---|" + "---|" * (len(lens) + 5)]
+                + f" | decode tok/s (ctx {first}) | roofline | GB read / step | TTFT {first} (ms) | peak RSS (GB) "
+                  "| size on disk (GB) | max abs Δlogits vs transformers |",
+                "|---|" + "---|" * (len(lens) + 7)]
         for name, row in model["engines"].items():
-            first = lens[0]
             if "error" in row:
-                out.append(f"| {name} | failed: {row['error']} |" + " |" * (len(lens) + 4))
+                out.append(f"| {name} | failed: {row['error']} |" + " |" * (len(lens) + 6))
                 continue
+            ratio, step = row.get("roofline", {}).get(first), row.get("step_bytes", {}).get(first)
+            diff = row.get("max_abs_logit_diff_vs_transformers")
             out.append(f"| {name} | " + " | ".join(f"{row['prefill'][n]:.1f}" for n in lens)
-                       + f" | {row['decode'][first]:.2f} | {row['roofline'].get(first, float('nan')):.0%}"
+                       + f" | {row['decode'][first]:.2f} | {_fmt(ratio, '.0%')} | {_fmt(step and step / 1e9, '.2f')}"
                        + f" | {1e3 * row['ttft_s'][first]:.0f} | {row['peak_rss_mb'] / 1024:.1f}"
-                       + f" | {row['max_abs_logit_diff_vs_transformers']:.2e} |")
-        g4c_bytes = model["engines"].get("g4c f32", {}).get("decode_bytes", {}).get(lens[0])
-        if g4c_bytes:
-            out += ["", f"Bytes read per fp32 decode step at context {lens[0]}: {int(g4c_bytes) / 1e9:.2f} GB.", ""]
+                       + f" | {_fmt(row.get('artifact_gb'), '.2f')} | {_fmt(diff, '.2e')} |")
+        out.append("")
+        for precision, summary in model.get("gguf_types", {}).items():
+            out.append("- " + _types_line(LLAMA_FTYPES.get(precision, precision), summary))
+        if model.get("gguf_types"):
+            out.append("")
         ctx = [c for c in results["args"]["contexts"].split(",") if c]
         if key == "e2b" and ctx:
             out += ["### Decode tok/s vs context (random KV contents; sliding layers read ≤ window rows)", "",
@@ -253,7 +412,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(results["models"].items())
-    fig, axes = plt.subplots(1, len(models) + 1, figsize=(6 * (len(models) + 1), 5))
+    rows = max(len(model["engines"]) for _, model in models)  # quantized rows: up to 17 bars
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(6 * (len(models) + 1), max(5, 0.32 * rows)))
     first = results["args"]["prompt_lens"].split(",")[0]
     for ax, (key, model) in zip(axes, models):
         names = [n for n, row in model["engines"].items() if "error" not in row]
@@ -283,8 +443,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=10, help="E2B-shaped depth (keeps pattern + KV-shared tail)")
     parser.add_argument("--moe-layers", type=int, default=2, help="26B-A4B-shaped MoE slice depth")
     parser.add_argument("--models", default="e2b,moe", help="which of e2b, moe to run")
-    parser.add_argument("--moe-precisions", default="f32",
-                        help="MoE slice precisions (f32 alone needs ~30 GB of disk for checkpoint, artifact, GGUF)")
+    parser.add_argument("--moe-precisions", default="f32,q4",
+                        help="MoE slice precisions (f32,q4 needs ~37 GB of disk for checkpoint, artifacts, GGUFs)")
     parser.add_argument("--keep", action="store_true", help="keep checkpoints, artifacts and GGUFs in --work")
     parser.add_argument("--render", type=Path, metavar="RESULTS_JSON",
                         help="only re-render RESULTS.md and the plot from a saved results JSON (e.g. after editing NOTES.md)")
@@ -293,7 +453,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per engine (best is kept)")
     parser.add_argument("--prompt-lens", default="64,512")
     parser.add_argument("--contexts", default="512,2048,8192,32768")
-    parser.add_argument("--precisions", default="f32,f16")
+    parser.add_argument("--precisions", default="f32,f16,q8,q4",
+                        help="E2B precisions: f32, f16 (weights), q8, q4 (g4c --quant, float and int8 dot "
+                             "products; llama.cpp Q8_0/Q4_0 from its own quantizer)")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("G4C_CACHE", Path.home() / ".cache" / "g4c")) / "bench")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--notes", type=Path, default=HERE / "NOTES.md",
@@ -312,11 +474,18 @@ def main() -> None:
     if unknown := set(chosen) - set(models):
         parser.error(f"unknown --models {', '.join(sorted(unknown))}: choose from e2b, moe")
     models = {k: v for k, v in models.items() if k in chosen}
+    for key, flag, depth in (("e2b", "--layers", args.layers), ("moe", "--moe-layers", args.moe_layers)):
+        if key in models and depth < 2:  # llama.cpp asserts is_swa_any(): a 1-layer cut keeps only the global layer
+            parser.error(f"{flag} {depth}: llama.cpp's gemma4 needs a sliding-window layer, use 2 or more")
+    for flag, value in (("--precisions", args.precisions), ("--moe-precisions", args.moe_precisions)):
+        if bad := [p for p in value.split(",") if p not in PRECISIONS]:
+            parser.error(f"unknown {flag} {', '.join(bad)}: choose from {', '.join(PRECISIONS)}")
     results = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items() if k != "bandwidths"},
                "models": {}}
     for key, (preset, layers, title) in models.items():
         ckpt = checkpoint(args.work, preset, layers)
-        results["models"][key] = {"title": title, "engines": engines_for(key, ckpt, args, args.work)}
+        rows, ggufs = engines_for(key, ckpt, args, args.work)
+        results["models"][key] = {"title": title, "engines": rows, "gguf_types": ggufs}
         if not args.keep:
             remove_outputs(ckpt)
     results["bandwidth_gb_s"] = max(args.bandwidths)

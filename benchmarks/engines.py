@@ -70,9 +70,11 @@ def run_g4c(args) -> dict:
     for n in contexts:
         decode_at_context(session, n)
         result["decode"][n] = 1 / median_step(step, 5, args.gen)
-    result["decode_bytes"] = {n: decode_weight_bytes(session) + kv_read_bytes(session, n)
+    result["decode_weight_bytes"] = decode_weight_bytes(session)  # as stored: quantized blocks + scales
+    result["decode_bytes"] = {n: result["decode_weight_bytes"] + kv_read_bytes(session, n)
                               for n in sorted(set(lens + contexts))}
     result["weight_dtype"] = session.manifest.weight_dtype
+    result["quant"] = session.manifest.quant
     return result
 
 
