@@ -60,7 +60,7 @@ import numpy as np
 
 from g4c.errors import G4CError, WeightError
 from g4c.quant import GROUP, as_words
-from g4c.weights import TEXT_PREFIXES, Checkpoint, _st_dtype
+from g4c.weights import Checkpoint, _st_dtype
 
 QUANT_METHOD = "compressed-tensors"
 FORMATS = ("pack-quantized", "naive-quantized")
@@ -206,13 +206,7 @@ class CompressedTensorsCheckpoint(Checkpoint):
 
     # -- tensors ------------------------------------------------------------------------------------
     def _scan(self) -> str:
-        stored: dict[str, tuple[Path, tuple[int, ...], str]] = {}
-        for path in self._files:
-            handle = self._open(path)
-            for key in handle.keys():
-                view = handle.get_slice(key)
-                stored[key] = (path, tuple(view.get_shape()), view.get_dtype())
-        prefix = next((p for p in TEXT_PREFIXES if any(k.startswith(p) for k in stored)), "")
+        stored, prefix = self._stored_tensors()
         text: dict[str, tuple[Path, str, tuple[int, ...], str]] = {}  # name below the prefix → stored tensor
         for key, (path, shape, code) in stored.items():
             name = key if key.startswith("lm_head.") else key[len(prefix):] if key.startswith(prefix) else None

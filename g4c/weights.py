@@ -137,20 +137,24 @@ class Checkpoint:
                 raise WeightError(f"{path}: unreadable safetensors file ({exc})") from None
         return self._handles[path]
 
-    def _scan(self) -> str:
+    def _stored_tensors(self) -> tuple[dict[str, tuple[Path, tuple[int, ...], str]], str]:
+        """Every stored key → (file, shape, safetensors dtype code), and the text model's key prefix."""
         stored: dict[str, tuple[Path, tuple[int, ...], str]] = {}
         for path in self._files:
             handle = self._open(path)
             for key in handle.keys():
                 view = handle.get_slice(key)
-                stored[key] = (path, tuple(view.get_shape()), _st_dtype(view.get_dtype(), key))
-        prefix = next((p for p in TEXT_PREFIXES if any(k.startswith(p) for k in stored)), "")
-        for key, (path, shape, dtype) in stored.items():
+                stored[key] = (path, tuple(view.get_shape()), view.get_dtype())
+        return stored, next((p for p in TEXT_PREFIXES if any(k.startswith(p) for k in stored)), "")
+
+    def _scan(self) -> str:
+        stored, prefix = self._stored_tensors()
+        for key, (path, shape, code) in stored.items():
             name = key if key == "lm_head.weight" else key[len(prefix):] if key.startswith(prefix) else None
             if name is None:
                 continue  # vision/audio towers and other non-text tensors of a multimodal checkpoint
             self._location[name] = (path, key)
-            self._info[name] = (shape, dtype)
+            self._info[name] = (shape, _st_dtype(code, key))
         return prefix
 
     def names(self) -> list[str]:

@@ -10,6 +10,7 @@ import shutil
 import struct
 
 import pytest
+from cuda_library import FATBIN_MAGIC, cuda_module
 from conftest import compile_families
 
 from g4c.cli import main
@@ -19,21 +20,6 @@ if shutil.which("nvcc") is None:
     if os.environ.get("CI"):
         raise RuntimeError("CI must provide nvcc (.ci/run installs the nvidia-cuda-nvcc wheel)")
     pytest.skip("needs nvcc (the CUDA toolkit, or pip install nvidia-cuda-nvcc)", allow_module_level=True)
-
-FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # fatbin header 0xBA55ED50, little-endian
-
-
-def _cuda_module(library: bytes) -> tuple[bytes, bytes]:
-    """(format, data) of the serialised CUDA module inside an exported library."""
-    at = library.find(struct.pack("<Q", 4) + b"cuda")
-    while at >= 0:
-        size = struct.unpack_from("<Q", library, at + 12)[0]
-        fmt_len = struct.unpack_from("<Q", library, at + 20)[0]
-        if fmt_len < 16:
-            fmt = library[at + 28: at + 28 + fmt_len]
-            return fmt, library[at + 20: at + 20 + size]
-        at = library.find(struct.pack("<Q", 4) + b"cuda", at + 1)
-    raise AssertionError("no CUDA module in the library")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +31,7 @@ def cuda_artifacts(checkpoints, tmp_path_factory):
 @pytest.mark.parametrize("family", ["e", "moe"])
 def test_cuda_library_holds_a_fatbin_and_no_source(family, cuda_artifacts):
     library = (cuda_artifacts[family] / "kernels.so").read_bytes()
-    fmt, block = _cuda_module(library)
+    fmt, block = cuda_module(library)
     assert fmt == b"fatbin" and FATBIN_MAGIC in block
     assert b"__global__" not in library and b"extern \"C\"" not in block  # nothing left for NVRTC
     manifest = json.loads((cuda_artifacts[family] / "manifest.json").read_text())

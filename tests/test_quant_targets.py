@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cuda_library import FATBIN_MAGIC, cuda_module
 from conftest import PROMPT
 from hf_reference import hf_config, load_reference, make_checkpoint, reference_greedy, reference_logits
 from test_quant import QUANT_FAMILIES, _assert_expert_banks_quantized, dequantized_reference, quantized_tensors
@@ -232,26 +232,11 @@ def test_q4_0_gguf_compiles_for_arm_and_is_exact_under_qemu(gguf_file, checkpoin
 
 
 # ---- CUDA and Metal, compiled without a GPU ------------------------------------------------------
-FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # fatbin header 0xBA55ED50, little-endian
-
-
-def _cuda_module(library: bytes) -> tuple[bytes, bytes]:
-    """(format, data) of the serialised CUDA module in an exported library (as tests/test_cuda.py)."""
-    at = library.find(struct.pack("<Q", 4) + b"cuda")
-    while at >= 0:
-        size = struct.unpack_from("<Q", library, at + 12)[0]
-        fmt_len = struct.unpack_from("<Q", library, at + 20)[0]
-        if fmt_len < 16:
-            return library[at + 28: at + 28 + fmt_len], library[at + 20: at + 20 + size]
-        at = library.find(struct.pack("<Q", 4) + b"cuda", at + 1)
-    raise AssertionError("no CUDA module in the library")
-
-
 def _assert_cuda_artifact(artifact: Path) -> dict:
     """A fatbin holding every kernel (no CUDA source left to compile at load) and a decode step that is
     one CUDA graph replay plus the launch writing the logits."""
     library = (artifact / "kernels.so").read_bytes()
-    fmt, block = _cuda_module(library)
+    fmt, block = cuda_module(library)
     assert fmt == b"fatbin" and FATBIN_MAGIC in block
     assert b"__global__" not in library and b'extern "C"' not in block
     manifest = _manifest(artifact)
