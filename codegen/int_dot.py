@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from tvm import tirx
 from tvm.script import tirx as T
 
-from g4c.codegen.kernel_math import F32, gelu_tanh, param, quant_scale_dtype, quant_shapes
+from g4c.codegen.kernel_math import F32, gelu_tanh, param, quant_data_dtype, quant_scale_dtype, weight_param
 from g4c.codegen.kernels import I64
 from g4c.quant import BITS, GROUP
 
@@ -206,6 +206,7 @@ def moe_experts_qdot(hidden: int, inter: int, experts: int, top_k: int, name: st
     """`kernels.moe_experts` (same signature, tasks and grouping by expert) for group-quantized expert
     banks, with integer dot products: the token rows x are rounded to int8 once for the gate/up banks,
     and the activated rows gelu(gate)·up·w once for the down bank."""
+    assert quant_data_dtype() == "uint8", "integer dot products read the blocks as bytes (a CPU's quant_word)"
     up, down_lay = Layout(hidden, gate_up_storage), Layout(inter, down_storage)
     rows_i, rows_h = math.gcd(16, inter), math.gcd(16, hidden)  # expert rows per task
     quantize_x, quantize_act = quantize_activations(up), quantize_activations(down_lay)
@@ -217,10 +218,8 @@ def moe_experts_qdot(hidden: int, inter: int, experts: int, top_k: int, name: st
         x = param("x", (t, hidden), F32)
         idx = param("idx", (t, top_k), I64)
         w = param("w", (t, top_k), F32)
-        gate_up = param("gate_up_data", quant_shapes((experts, 2 * inter, hidden), gate_up_storage)[0], "uint8")
-        gate_up_scales = param("gate_up_scales", (experts, 2 * inter, hidden // GROUP), quant_scale_dtype())
-        down = param("down_data", quant_shapes((experts, hidden, inter), down_storage)[0], "uint8")
-        down_scales = param("down_scales", (experts, hidden, inter // GROUP), quant_scale_dtype())
+        gate_up, gate_up_scales = weight_param("gate_up", (experts, 2 * inter, hidden), gate_up_storage)
+        down, down_scales = weight_param("down", (experts, hidden, inter), down_storage)
         out = param("out", (t, hidden), F32)
         qx = T.alloc_buffer((t, up.activation_bytes), "int8")
         dx = T.alloc_buffer((t, up.chunks * up.lanes), F32)
