@@ -441,6 +441,9 @@ def compile_(model: str = typer.Argument(..., help="Checkpoint directory or pres
              weights_from_seed: bool = typer.Option(False, "--weights-from-seed", help="With --random-weights: "
                                                     "write no weight files; the runtime regenerates them from "
                                                     "the seed (small benchmark artifacts)."),
+             no_embed: bool = typer.Option(False, "--no-embed", help="Skip the C runtime (include/g4c.h, "
+                                           "lib/libg4c.so, lib/pkgconfig/g4c.pc) that llvm, arm, cuda and vulkan "
+                                           "artifacts get for apps to link."),
              check_tokens: str = typer.Option("2,17,99", "--check-tokens", help="Prompt of the self-check: when "
                                               "the artifact runs on this machine, its logits for these ids are "
                                               "compared with the reference interpreter's, and its prefill and "
@@ -470,7 +473,7 @@ def compile_(model: str = typer.Argument(..., help="Checkpoint directory or pres
         _check_vocabulary(check, loaded.cfg.input_vocab_size, "--check-tokens")
     path = _compile_with_progress(loaded.cfg, loaded.weights, target, output, overwrite, dtype,
                                   bundle_runtime=bundle_runtime, weights_from_seed=weights_from_seed, quant=quant,
-                                  quant_ple=quant_ple, quant_dot=quant_dot)
+                                  quant_ple=quant_ple, quant_dot=quant_dot, embed=not no_embed)
     _copy_tokenizer(model, loaded.directory, path)
     from g4c.summary import human_bytes
 

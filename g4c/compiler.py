@@ -11,6 +11,7 @@
     DIR/host.safetensors        tables kept in host memory and gathered row by row (the PLE table)
     DIR/manifest.json           `g4c.artifact.Manifest` (docs/artifact-format.md)
     DIR/lib*.so*                with --bundle-runtime: the TVM runtime libraries the target needs
+    DIR/include, DIR/lib, DIR/src   the C runtime (`g4c.embed`): g4c.h, g4c_model.h, libg4c.so + what it links, g4c.pc
     (--weights-from-seed: no weights/host files; the runtime regenerates them from the seed)
 
 The directory is written under a temporary name and renamed when complete: a failed compile leaves
@@ -55,7 +56,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
                   overwrite: bool = False, progress: Progress | None = None, dtype: str = "float32",
                   bundle_runtime: bool = False, weights_from_seed: bool = False,
                   static_decode: bool | None = None, quant: str | None = None, quant_ple: str | None = None,
-                  quant_dot: str = "float") -> Path:
+                  quant_dot: str = "float", embed: bool = False) -> Path:
     """Lower, schedule, build and write an artifact (see the module docstring). `bundle_runtime` copies
     the TVM runtime libraries the target needs into it; `weights_from_seed` (random weights only)
     writes no weight files: the runtime regenerates them from the seed, so a benchmark artifact of a
@@ -64,7 +65,9 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     (see `relax_module.build_module`), which CUDA replays as one graph. `quant_dot` "int8" multiplies
     quantized weights with int8-quantized activations by integer dot products (`codegen.int_dot`,
     llama.cpp's arithmetic: faster, not exact on the dequantized weights); "float" (default) keeps fp32
-    activations. `quant_ple` None: a GGUF file's Q4_0/Q8_0 PLE table as stored, else as `quant`."""
+    activations. `quant_ple` None: a GGUF file's Q4_0/Q8_0 PLE table as stored, else as `quant`. `embed`
+    adds the C runtime (`g4c.embed`: include/, lib/libg4c.so, lib/pkgconfig/g4c.pc) on targets that have
+    one (`Target.embed_toolchain()`), except to --weights-from-seed artifacts, which have no weight file."""
     from g4c.codegen.kernels import STORAGE
     from g4c.codegen.lower import lower
     from g4c.codegen.relax_module import signature
@@ -74,6 +77,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     static_decode = target.static_decode if static_decode is None else static_decode
     seed = _seed_of(weights) if weights_from_seed else None
     libraries = _runtime_libraries(target) if bundle_runtime else []
+    toolchain = target.embed_toolchain() if embed and seed is None else None  # fails before minutes of building
     out = Path(out_dir)
     check_writable(out, overwrite)  # before minutes of building
     report = progress or (lambda stage, done, total: None)
@@ -106,6 +110,10 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
                              converted_tensors=_converted_tensors(lowered, weights.source) if seed is None else {},
                              kv_plan=graphs["decode"].meta.get("kv_plan", []), build_seconds=round(build_seconds, 2))
         manifest.write(tmp)
+        if toolchain is not None:
+            from g4c.embed import write_embed
+
+            write_embed(tmp, manifest, toolchain, max_binding=target.lowering.max_binding or 0, progress=report)
     return out
 
 

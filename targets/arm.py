@@ -9,16 +9,22 @@ qemu-aarch64 faults on instructions the core lacks, as the board would.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 from g4c.codegen.spec import KernelSpec
 from g4c.errors import G4CError
-from g4c.targets.base import RelaxVMTarget, Requirements
+from g4c.targets.base import RelaxVMTarget, Requirements, Toolchain, vm_toolchain
 from g4c.targets.llvm import cpu_builders, schedule_cpu
 from g4c.targets.registry import TargetKind
 
 CROSS_COMPILER = "aarch64-linux-gnu-gcc"
+CROSS_CXX = "aarch64-linux-gnu-g++"
+WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
 TRIPLE = "aarch64-linux-gnu"
 
 # mcpu, mattr, cores of a typical device
@@ -64,6 +70,48 @@ class ArmTarget(RelaxVMTarget):
 
     def requirements(self) -> Requirements:
         return Requirements(machines=("aarch64", "arm64"))
+
+    def embed_toolchain(self) -> Toolchain:
+        if shutil.which(CROSS_CXX) is None:
+            raise G4CError(f"the C runtime of --target arm is built with {CROSS_CXX}: install it (Debian: apt-get "
+                           "install g++-aarch64-linux-gnu), or compile with --no-embed")
+        ffi, runtime = aarch64_runtime_libraries()
+        return vm_toolchain(CROSS_CXX, [runtime], ffi_library=ffi)
+
+
+def aarch64_runtime_libraries() -> tuple[Path, Path]:
+    """(libtvm_ffi.so, libtvm_runtime.so) built for aarch64 Linux, which the C runtime links and ships: from
+    the emulated environment of scripts/arm-emu.sh when it exists, else taken out of the aarch64 wheels of
+    the installed apache-tvm-ffi / apache-tvm versions (downloaded once under $G4C_CACHE/arm/runtime)."""
+    cache = Path(os.environ.get("G4C_CACHE", Path.home() / ".cache" / "g4c")) / "arm"
+    site = cache / "site"
+    if (site / ".complete").is_file():
+        return site / "tvm_ffi" / "lib" / "libtvm_ffi.so", site / ".lib" / "libtvm_runtime.so"
+    out = cache / "runtime"
+    ffi, runtime = out / "libtvm_ffi.so", out / "libtvm_runtime.so"
+    if ffi.is_file() and runtime.is_file():
+        return ffi, runtime
+    from importlib.metadata import version
+
+    wheels = out / "wheels"
+    platforms = [arg for p in WHEEL_PLATFORMS for arg in ("--platform", p)]
+    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", *platforms,
+               "--python-version", "3.11", "-d", str(wheels), f"apache-tvm-ffi=={version('apache-tvm-ffi')}",
+               f"apache-tvm=={version('apache-tvm')}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise G4CError("cannot download the aarch64 TVM runtime wheels for the C runtime: "
+                       f"{(done.stderr.strip().splitlines() or ['pip failed'])[-1]} (or compile with --no-embed)")
+    for wheel in wheels.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as archive:
+            for member in archive.namelist():
+                if member.endswith(("lib/libtvm_ffi.so", "lib/libtvm_runtime.so")):
+                    target = out / Path(member).name
+                    target.write_bytes(archive.read(member))
+    shutil.rmtree(wheels, ignore_errors=True)
+    if not (ffi.is_file() and runtime.is_file()):
+        raise G4CError("the aarch64 TVM wheels lack libtvm_ffi.so or libtvm_runtime.so")
+    return ffi, runtime
 
 
 KIND = TargetKind("arm", ArmTarget, "AArch64 cores, cross-compiled", tuple(PROFILES), DEFAULT_PROFILE, order=1,

@@ -33,6 +33,19 @@ class Built:
 
 
 @dataclass(frozen=True)
+class Toolchain:
+    """How the embeddable C runtime (`g4c.embed`: lib/libg4c.so) is built for a target's artifacts: the
+    C++ compiler of the machine that runs them, the executor source it uses, the directories of the
+    headers it includes, and the shared libraries it links and ships in lib/ (a device lacks them)."""
+
+    cxx: str  # e.g. "g++", "aarch64-linux-gnu-g++"
+    executor: str  # "vm" (TVM's Relax VM through tvm-ffi) or "wgpu" (WGSL through wgpu-native)
+    include_dirs: tuple[Path, ...]
+    libraries: tuple[Path, ...]  # copied into lib/ and linked, found through the library's $ORIGIN rpath
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Requirements:
     """What the machine that loads an artifact needs (manifest fields of the same names)."""
 
@@ -93,9 +106,37 @@ class Target:
         """Whether artifacts for this target execute on this machine."""
         return False
 
+    def embed_toolchain(self) -> Toolchain | None:
+        """How lib/libg4c.so is built for this target's artifacts; None: this target has no C runtime yet."""
+        return None
+
     def bundled_libraries(self) -> list[str]:
         """Runtime libraries `--bundle-runtime` copies into the artifact."""
         raise G4CError(f"--bundle-runtime copies this machine's TVM runtime: it does not apply to {self.name}")
+
+
+def vm_toolchain(cxx: str, runtime_libraries: list[Path], include_dir: Path | None = None,
+                 ffi_library: Path | None = None) -> Toolchain:
+    """The C runtime of a Relax VM artifact: built on the tvm-ffi C++ API (headers of the installed
+    apache-tvm-ffi wheel, the same on every machine) and linked with `ffi_library` (libtvm_ffi.so of the
+    device's machine; default: this one's) and the TVM runtime libraries it needs."""
+    from tvm_ffi import libinfo
+
+    include = include_dir or Path(libinfo.find_include_path())
+    ffi = ffi_library or Path(libinfo.find_libtvm_ffi())
+    return Toolchain(cxx, "vm", (include,), (ffi, *runtime_libraries))
+
+
+def host_runtime_libraries(names) -> list[Path]:
+    """This machine's TVM runtime libraries of these names (an installed apache-tvm wheel, CUDA's)."""
+    from g4c.artifact.libraries import find_runtime_library
+
+    found = {name: find_runtime_library(name) for name in names}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        raise G4CError(f"the C runtime links {', '.join(missing)}: not found (install apache-tvm; CUDA: the "
+                       "nvidia-cuda-runtime wheel), or compile with --no-embed")
+    return list(found.values())
 
 
 class RelaxVMTarget(Target):

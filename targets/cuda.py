@@ -123,6 +123,9 @@ class CudaTarget(GpuTarget):
     def bundled_libraries(self) -> list[str]:
         return list(RUNTIME_LIBRARIES)
 
+    def embed_toolchain(self) -> Toolchain:
+        return vm_toolchain("g++", host_runtime_libraries(RUNTIME_LIBRARIES))  # the GPU driver provides libcuda
+
 
 KIND = TargetKind("cuda", CudaTarget, "NVIDIA GPUs; fatbin built with nvcc", ARCHS, DEFAULT_ARCH,
                   profile_option="arch", order=3, title="CUDA")

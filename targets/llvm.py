@@ -14,7 +14,7 @@ import os
 import platform
 
 from g4c.codegen.spec import KernelSpec
-from g4c.targets.base import RelaxVMTarget, Requirements
+from g4c.targets.base import RelaxVMTarget, Requirements, Toolchain, host_runtime_libraries, vm_toolchain
 from g4c.targets.registry import TargetKind
 
 VECTOR = 16
@@ -197,6 +197,9 @@ class HostTarget(RelaxVMTarget):
 
     def bundled_libraries(self) -> list[str]:
         return list(self.requirements().runtime_libraries)
+
+    def embed_toolchain(self) -> Toolchain:
+        return vm_toolchain("g++", host_runtime_libraries(self.requirements().runtime_libraries))
 
 
 KIND = TargetKind("llvm", lambda profile: HostTarget(), "this CPU", order=0, host=True)

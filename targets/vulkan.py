@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from g4c.artifact import SHADERS
 from g4c.errors import G4CError
-from g4c.targets.base import Built, Requirements
+from g4c.targets.base import Built, Requirements, Toolchain
 from g4c.targets.gpu import WEBGPU_SHARED_MEMORY, GpuTarget, gpu_lowering
 from g4c.targets.llvm import host_tvm_target
 from g4c.targets.registry import TargetKind
@@ -83,6 +83,22 @@ class VulkanTarget(GpuTarget):
     @property
     def runs_here(self) -> bool:
         return True  # wgpu finds a Vulkan device or says why not
+
+    def embed_toolchain(self) -> Toolchain:
+        """The C runtime drives wgpu-native's C API (webgpu.h, wgpu.h); the wgpu wheel ships the headers
+        and libwgpu_native for this machine (Android/iOS builds of wgpu-native take the same sources)."""
+        from pathlib import Path
+
+        try:
+            import wgpu
+        except ImportError:
+            raise G4CError("the C runtime of Vulkan artifacts links wgpu-native: pip install 'g4c[vulkan]', or "
+                           "compile with --no-embed") from None
+        resources = Path(wgpu.__file__).parent / "resources"
+        native = next(iter(sorted(resources.glob("libwgpu_native*.so"))), None)
+        if native is None:
+            raise G4CError(f"no libwgpu_native*.so in {resources}: reinstall wgpu, or compile with --no-embed")
+        return Toolchain("g++", "wgpu", (resources,), (native,))
 
 
 KIND = TargetKind("vulkan", VulkanTarget, "WGSL run through wgpu", tuple(PROFILES), DEFAULT_PROFILE, order=2,

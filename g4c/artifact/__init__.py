@@ -10,9 +10,9 @@ from g4c.artifact.manifest import (FORMAT, FORMAT_VERSION, HOST, MANIFEST, WEIGH
 from g4c.artifact.shaders import SHADERS, split_source
 from g4c.artifact.recipes import derived_shape, derived_weight, source_tensors
 from g4c.artifact.tensors import (ALIGNMENT, ArtifactError, aligned, aligned_empty, read_aligned_safetensors,
-                                  sha256_file, tensor_bytes, write_safetensors)
+                                  safetensors_layout, sha256_file, tensor_bytes, write_safetensors)
 
 __all__ = ["ALIGNMENT", "FORMAT", "FORMAT_VERSION", "HOST", "MANIFEST", "SHADERS", "WEIGHTS", "ArtifactError", "EntrySignature",
            "KVSlot", "Manifest", "Program", "Step", "aligned", "aligned_empty", "derived_shape", "derived_weight",
-           "is_artifact", "read_aligned_safetensors", "read_manifest", "sha256_file", "source_tensors", "split_source", "tensor_bytes",
+           "is_artifact", "read_aligned_safetensors", "read_manifest", "safetensors_layout", "sha256_file", "source_tensors", "split_source", "tensor_bytes",
            "write_safetensors"]

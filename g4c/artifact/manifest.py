@@ -237,8 +237,9 @@ class Manifest:
             _check(program.outputs.get("logits", "")[2:] in program.buffers, f"programs.{name}: no logits output")
 
     def write(self, directory: Path) -> None:
-        """Hash every file of `directory` into `files`, then write manifest.json beside them."""
-        self.files = {f.name: sha256_file(f) for f in sorted(directory.iterdir()) if f.name != MANIFEST}
+        """Hash every file of `directory` into `files`, then write manifest.json beside them (folders, such as
+        the C runtime's include/ and lib/, which embed the manifest's own hash, are not listed)."""
+        self.files = {f.name: sha256_file(f) for f in sorted(directory.iterdir()) if f.name != MANIFEST and f.is_file()}
         (directory / MANIFEST).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
     # -- derived ---------------------------------------------------------------------------------------

@@ -81,6 +81,14 @@ def read_aligned_safetensors(path: Path) -> dict[str, np.ndarray]:
 MAX_HEADER = 100 << 20  # bytes; safetensors' own limit
 
 
+def safetensors_layout(path: Path) -> tuple[dict[str, tuple[np.dtype, tuple, tuple[int, int]]], int]:
+    """({name: (numpy dtype, shape, (begin, end))}, data start) of a safetensors file: where each tensor's
+    bytes are (offsets relative to the data start), for readers that map the file (the C runtime)."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        return _read_header(f, path, size)
+
+
 def _read_header(f, path: Path, size: int) -> tuple[dict, int]:
     """{name: (numpy dtype, shape, (begin, end))} of a safetensors file and where its data starts;
     every value checked before anything is allocated."""
@@ -121,7 +129,10 @@ def write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], np.dty
     full-size fp32 model does not fit in). Same documented layout `read_aligned_safetensors` reads."""
     from g4c.dtypes import dtype_name
 
-    names, header, offset = sorted(specs), {}, 0
+    # tensors whose size is a multiple of ALIGNMENT first: from a data section that starts ALIGNMENT-aligned
+    # in the file, each of them is aligned where the file is mapped, so runtimes use it in place
+    names = sorted(specs, key=lambda n: (tensor_bytes(*specs[n]) % ALIGNMENT != 0, n))
+    header, offset = {}, 0
     for name in names:
         shape, dtype = specs[name]
         size = tensor_bytes(shape, dtype)
@@ -129,7 +140,7 @@ def write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], np.dty
                         "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    blob += b" " * (-(8 + len(blob)) % ALIGNMENT)  # the data starts ALIGNMENT-aligned (safetensors asks for 8)
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
         for i, name in enumerate(names):
