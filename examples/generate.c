@@ -3,6 +3,7 @@
  *   cc generate.c -o generate $(PKG_CONFIG_PATH=ART/lib/pkgconfig pkg-config --cflags --libs g4c)
  *   ./generate ART 2,17,99 16                 # 16 new tokens after the prompt 2,17,99 (greedy)
  *   ./generate ART 2,17,99 16 --temperature 0.8 --top-k 40 --top-p 0.95 --seed 1 --threads 2
+ *   ./generate ART 2,17,99 16 --chunk 8 --max-context 1024 --ignore-eos
  *
  * Prints the new ids comma-separated on stdout (a line per token as they come with --stream) and the
  * load time and speed on stderr; --logits FILE writes the prompt's last-token logits (float32, raw).
@@ -50,21 +51,23 @@ static int print_token(int32_t token, void *user_data) {
 int main(int argc, char **argv) {
   if (argc < 3) {
     fprintf(stderr, "usage: %s ARTIFACT_DIR IDS [MAX_NEW] [--threads N] [--max-context N] [--temperature T] "
-                    "[--top-k K] [--top-p P] [--seed S] [--logits FILE] [--stream]\n", argv[0]);
+                    "[--top-k K] [--top-p P] [--seed S] [--chunk N] [--logits FILE] [--stream] [--ignore-eos]\n", argv[0]);
     return 2;
   }
   g4c_options options = g4c_default_options();
   g4c_sampler sampler = g4c_default_sampler();
   const char *logits_path = NULL;
-  int max_new = 16, stream = 0;
+  int max_new = 16, stream = 0, ignore_eos = 0;
   for (int i = 3; i < argc; ++i) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
     if (!strcmp(a, "--stream")) { stream = 1; continue; }
+    if (!strcmp(a, "--ignore-eos")) { ignore_eos = 1; continue; }
     if (a[0] != '-') { max_new = atoi(a); continue; }
     if (!v) { fprintf(stderr, "generate: %s needs a value\n", a); return 2; }
     ++i;
     if (!strcmp(a, "--threads")) options.n_threads = atoi(v);
     else if (!strcmp(a, "--max-context")) options.max_context = atoi(v);
+    else if (!strcmp(a, "--chunk")) options.prefill_chunk = atoi(v);
     else if (!strcmp(a, "--temperature")) sampler.temperature = (float)atof(v);
     else if (!strcmp(a, "--top-k")) sampler.top_k = atoi(v);
     else if (!strcmp(a, "--top-p")) sampler.top_p = (float)atof(v);
@@ -102,7 +105,7 @@ int main(int argc, char **argv) {
     if ((status = g4c_sample(&sampler, logits, vocab, &rng, &token)) != G4C_OK) break;
     out[n_out++] = token;
     if (stream) print_token(token, NULL);
-    if (g4c_is_eos(session, token) || n_out == max_new) break;
+    if ((!ignore_eos && g4c_is_eos(session, token)) || n_out == max_new) break;
     if (g4c_position(session) >= g4c_max_context(session)) { fprintf(stderr, "generate: context full\n"); break; }
     double t = now();
     if ((status = g4c_decode(session, token, logits)) != G4C_OK) break;

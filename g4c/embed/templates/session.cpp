@@ -174,9 +174,9 @@ static void check_artifact(const std::string &dir, bool verify) {
   uint64_t size = 0;
   if (sha256_file(manifest, &size) != kModel.manifest_sha256) {
     std::string target = manifest_target(manifest);
-    throw Error(G4C_ERR_ARTIFACT, dir + " is not the artifact this library was generated for (" +
-                                      (target.empty() ? std::string("an unreadable manifest") : "a " + target + " artifact") +
-                                      "; this libg4c is for its " + kModel.target +
+    throw Error(G4C_ERR_ARTIFACT, dir + " is not the artifact this library was generated for (its manifest " +
+                                      (target.empty() ? std::string("is unreadable") : "is for target " + target) +
+                                      ", this libg4c.so for a " + kModel.target +
                                       " artifact): link the lib/libg4c.so inside the artifact you open");
   }
   for (int i = 0; i < kModel.n_files; ++i) {
