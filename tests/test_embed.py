@@ -200,3 +200,35 @@ def test_no_embed_and_seeded_artifacts_have_no_c_runtime(tmp_path):
     assert main(["compile", "tiny-dense", "--random-weights", "--weights-from-seed", "-o", str(tmp_path / "c"),
                  "--no-check"]) == 0
     assert not (tmp_path / "c" / "lib").exists()  # no weight file to map: the Python runtime regenerates them
+
+
+ARM_TOOLS = ("qemu-aarch64", "aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++")
+needs_arm = pytest.mark.skipif(not all(shutil.which(t) for t in ARM_TOOLS) and not os.environ.get("CI"),
+                               reason="needs qemu-user and the aarch64 cross gcc/g++")
+
+
+@needs_arm
+def test_aarch64_app_under_qemu_matches_the_python_runtime(checkpoints, references, embedded, tmp_path):
+    """The example cross-built for aarch64 against an `arm` artifact, run under qemu-aarch64 (Raspberry
+    Pi 5 core), equals the Python runtime run in the emulated aarch64 Python (scripts/arm-emu.sh)."""
+    art = compile_families(checkpoints, ["e"], "arm", tmp_path / "arm", embed=True)["e"]
+    for name in ("libg4c.so", "libtvm_ffi.so", "libtvm_runtime.so"):
+        assert int.from_bytes((art / "lib" / name).read_bytes()[18:20], "little") == 183  # ELF e_machine: AArch64
+    app = build_app(art, EXAMPLE, tmp_path / "generate-aarch64", cc="aarch64-linux-gnu-gcc")
+    out = tmp_path / "logits.bin"
+    qemu = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", str(app)]
+    new = generate(qemu, art, PROMPT, 32, out, QEMU_CPU="cortex-a76")
+    script = ("import sys, numpy as np, g4c; s = g4c.load(sys.argv[1], prefill_chunk=int(sys.argv[2])); "
+              "ids = [int(t) for t in sys.argv[3].split(',')]; np.save(sys.argv[4], s.prefill(ids)); s.reset(); "
+              "print(','.join(map(str, s.generate(ids, 32))))")
+    done = run([str(ROOT / "scripts" / "arm-emu.sh"), "python", "-c", script, str(art), str(CHUNK),
+                ",".join(map(str, PROMPT)), str(tmp_path / "python.npy")], timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    c_logits = np.fromfile(out, dtype=np.float32)
+    assert np.abs(c_logits - np.load(tmp_path / "python.npy")).max() <= 1e-6
+    assert np.abs(c_logits - reference_logits(references["e"], PROMPT)[-1]).max() <= 1e-4
+    assert new == tokens(done.stdout) == reference_greedy(references["e"], PROMPT, 32)
+    # this machine's library refuses the aarch64 artifact in one line naming it
+    host_app = build_app(embedded["e"], EXAMPLE, tmp_path / "generate")
+    refused = run([str(host_app), str(art), "2,17", "4"])
+    assert refused.returncode == 1 and "its manifest is for target arm:cortex-a76" in refused.stderr
