@@ -42,6 +42,8 @@ class Toolchain:
     executor: str  # "vm" (TVM's Relax VM through tvm-ffi) or "wgpu" (WGSL through wgpu-native)
     include_dirs: tuple[Path, ...]
     libraries: tuple[Path, ...]  # copied into lib/ and linked, found through the library's $ORIGIN rpath
+    loaded: tuple[Path, ...] = ()  # copied into lib/ and loaded when a session opens (a device's runtime:
+    # linking it would make every app's link need what it links, e.g. the GPU driver's libcuda)
     flags: tuple[str, ...] = ()
 
 
@@ -118,13 +120,16 @@ class Target:
 def vm_toolchain(cxx: str, runtime_libraries: list[Path], include_dir: Path | None = None,
                  ffi_library: Path | None = None) -> Toolchain:
     """The C runtime of a Relax VM artifact: built on the tvm-ffi C++ API (headers of the installed
-    apache-tvm-ffi wheel, the same on every machine) and linked with `ffi_library` (libtvm_ffi.so of the
-    device's machine; default: this one's) and the TVM runtime libraries it needs."""
+    apache-tvm-ffi wheel, the same on every machine), linked with `ffi_library` (libtvm_ffi.so of the
+    device's machine; default: this one's) and libtvm_runtime.so; the other runtime libraries (a GPU's
+    module loader and its CUDA runtime) are loaded when a session opens, in the manifest's order."""
     from tvm_ffi import libinfo
 
     include = include_dir or Path(libinfo.find_include_path())
     ffi = ffi_library or Path(libinfo.find_libtvm_ffi())
-    return Toolchain(cxx, "vm", (include,), (ffi, *runtime_libraries))
+    linked = [p for p in runtime_libraries if p.name == "libtvm_runtime.so"]
+    loaded = [p for p in runtime_libraries if p.name != "libtvm_runtime.so"]
+    return Toolchain(cxx, "vm", (include,), (ffi, *linked), tuple(loaded))
 
 
 def host_runtime_libraries(names) -> list[Path]:

@@ -17,7 +17,7 @@ import struct
 from pathlib import Path
 
 from g4c.errors import G4CError
-from g4c.targets.base import Requirements, module_tree
+from g4c.targets.base import Requirements, Toolchain, host_runtime_libraries, module_tree, vm_toolchain
 from g4c.targets.gpu import GpuTarget, gpu_lowering
 from g4c.targets.llvm import host_tvm_target
 from g4c.targets.registry import TargetKind

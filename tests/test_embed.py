@@ -232,3 +232,36 @@ def test_aarch64_app_under_qemu_matches_the_python_runtime(checkpoints, referenc
     host_app = build_app(embedded["e"], EXAMPLE, tmp_path / "generate")
     refused = run([str(host_app), str(art), "2,17", "4"])
     assert refused.returncode == 1 and "its manifest is for target arm:cortex-a76" in refused.stderr
+
+
+@pytest.mark.parametrize("runtime_memory", ["0", "1"])
+def test_static_decode_and_device_memory_paths(checkpoints, runtime_memory, tmp_path):
+    """What a CUDA artifact's library does, run on the CPU: a static decode (fixed input tensors, whole
+    caches: what a CUDA graph replays) and buffers in TVM runtime tensors with copies and views
+    (G4C_RUNTIME_MEMORY=1), against the Python runtime doing the same (runtime_memory=True)."""
+    art = compile_families(checkpoints, ["moe"], "llvm", tmp_path / "static", embed=True, static_decode=True)["moe"]
+    app = build_app(art, EXAMPLE, tmp_path / "generate")
+    out = tmp_path / "logits.bin"
+    new = generate([str(app)], art, PROMPT, 16, out, G4C_RUNTIME_MEMORY=runtime_memory)
+    session = load(art, prefill_chunk=CHUNK, runtime_memory=True)
+    assert np.abs(np.fromfile(out, dtype=np.float32) - session.prefill(PROMPT)).max() <= 1e-6
+    session.reset()
+    assert new == session.generate(PROMPT, 16)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CI"), reason="needs nvcc")
+def test_cuda_artifact_c_runtime_builds_and_says_what_it_lacks(checkpoints, tmp_path):
+    """A CUDA artifact's library links only the TVM runtime; CUDA's module loader and runtime ship in lib/
+    and load when a session opens, so an app links anywhere and, on a machine without the GPU driver,
+    g4c_open says so in one line (on a GPU machine it runs: scripts/gpu_check.sh)."""
+    art = compile_families(checkpoints, ["e"], "cuda", tmp_path / "cuda", embed=True)["e"]
+    for name in ("libtvm_runtime_cuda.so", "libcudart.so.13", "libtvm_runtime.so", "libtvm_ffi.so"):
+        assert (art / "lib" / name).is_file()
+    needed = run(["readelf", "-d", str(art / "lib" / "libg4c.so")]).stdout
+    assert "libtvm_runtime.so" in needed and "libtvm_runtime_cuda.so" not in needed and "libcudart" not in needed
+    app = build_app(art, EXAMPLE, tmp_path / "generate")
+    done = run([str(app), str(art), "2,17", "4"])
+    if done.returncode == 1:  # no NVIDIA driver here
+        assert "cannot load libtvm_runtime_cuda.so: libcuda.so.1" in done.stderr and done.stderr.count("\n") == 1
+    else:
+        assert done.returncode == 0, done.stderr

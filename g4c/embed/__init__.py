@@ -219,6 +219,7 @@ def write_embed(directory: Path, manifest: Manifest, toolchain, max_binding: int
     report = progress or (lambda stage, done, total: None)
     report("building the C runtime", 0, 1)
     env, context = _environment(), model_context(directory, manifest, max_binding)
+    context["loaded"] = [_shipped_name(library) for library in toolchain.loaded]
     include, src, lib = directory / "include", directory / "src", directory / "lib"
     for folder in (include, src, lib / "pkgconfig"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -228,14 +229,15 @@ def write_embed(directory: Path, manifest: Manifest, toolchain, max_binding: int
     for name in (*STATIC_SOURCES[toolchain.executor], "internal.h"):
         shutil.copy(TEMPLATES / name, src / name)
     (lib / "pkgconfig" / "g4c.pc").write_text(env.get_template("g4c.pc.j2").render(**context))
-    for library in toolchain.libraries:
+    for library in (*toolchain.libraries, *toolchain.loaded):
         shutil.copy(library, lib / _shipped_name(library))
     includes = [f"-I{include}", f"-I{src}", *(f"-I{d}" for d in toolchain.include_dirs)]
     objects = [_object(src / name, toolchain, includes, cached=True) for name in STATIC_SOURCES[toolchain.executor]]
     objects.append(_object(src / "model.cpp", toolchain, includes, cached=False))
     links = [f"-l:{_shipped_name(library)}" for library in toolchain.libraries]
-    _run([toolchain.cxx, "-shared", "-o", str(lib / "libg4c.so"), *map(str, objects), f"-L{lib}", *links,
-          "-Wl,-rpath,$ORIGIN", "-Wl,--disable-new-dtags", "-Wl,-soname,libg4c.so", "-lpthread"], "link")
+    _run([toolchain.cxx, "-shared", "-o", str(lib / "libg4c.so"), *map(str, objects), f"-L{lib}", "-Wl,--no-as-needed",
+          *links, "-Wl,--as-needed", "-Wl,-rpath,$ORIGIN", "-Wl,--disable-new-dtags", "-Wl,-soname,libg4c.so",
+          "-ldl", "-lpthread"], "link")
     (src / "model.o").unlink(missing_ok=True)
     report("building the C runtime", 1, 1)
 

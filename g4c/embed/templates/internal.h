@@ -94,6 +94,8 @@ struct ModelInfo {
   const char *target;
   const char *runtime;  // "relax-vm" | "wgpu"
   const char *library;  // the file the executor loads
+  int n_loaded;
+  const char *const *loaded;  // runtime libraries in lib/ loaded when a session opens (a GPU's module loader)
   const char *manifest_sha256;
   const char *device;
   int device_type;  // DLPack device type of the kernels

@@ -10,6 +10,8 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
+#include <dlfcn.h>
+
 #include <cstdlib>
 #include <optional>
 #include <cstring>
@@ -81,9 +83,13 @@ ffi::Function global(const char *name) {
 class VMExecutor : public Executor {
  public:
   explicit VMExecutor(const ExecutorOptions &options) {
+    load_runtime_libraries();
     if (options.n_threads > 0) global("runtime.config_threadpool")(1, options.n_threads);  // 1: big cores first
     const std::string path = options.directory + "/" + kModel.library;
-    on_device_ = kModel.device_type != kCPU;
+    // G4C_RUNTIME_MEMORY=1 keeps a CPU artifact's buffers in TVM runtime tensors: the GPU code path
+    // (allocations, copies, views), testable without a GPU, as g4c.load(..., runtime_memory=True)
+    const char *runtime_memory = std::getenv("G4C_RUNTIME_MEMORY");
+    on_device_ = kModel.device_type != kCPU || (runtime_memory && std::string(runtime_memory) == "1");
     device_ = DLDevice{static_cast<DLDeviceType>(kModel.device_type), 0};
     try {
       library_ = ffi::Module::LoadFromFile(path);
@@ -163,6 +169,22 @@ class VMExecutor : public Executor {
 
  private:
   static DLDevice cpu() { return DLDevice{kDLCPU, 0}; }
+
+  // the device runtime libraries shipped beside libg4c.so (CUDA's module loader, libcudart), loaded into
+  // the global namespace once per process; the GPU driver's libraries come from the system
+  static void load_runtime_libraries() {
+    Dl_info self;
+    if (kModel.n_loaded == 0 || !dladdr(reinterpret_cast<const void *>(&kModel), &self) || !self.dli_fname) return;
+    std::string folder = self.dli_fname;
+    folder = folder.substr(0, folder.rfind('/') + 1);
+    for (int i = 0; i < kModel.n_loaded; ++i) {
+      const std::string path = folder + kModel.loaded[i];
+      if (!dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL)) {
+        const char *why = dlerror();
+        throw Error(G4C_ERR_DEVICE, std::string("cannot load ") + kModel.loaded[i] + ": " + (why ? why : "dlopen failed"));
+      }
+    }
+  }
 
   ffi::Tensor empty(const std::vector<int64_t> &shape, DLDataType dtype) {
     return (*alloc_)(ffi::Shape(shape), dtype, device_, ffi::String("global")).cast<ffi::Tensor>();
