@@ -1,8 +1,18 @@
 // sha256.cpp — SHA-256 (FIPS 180-4) of artifact files, for the integrity check at open: the manifest
 // lists every file's digest, and devices have no common crypto library to ask (Android exposes none).
+// The CPU's SHA-256 instructions do the rounds where it has them (x86 SHA-NI, ARMv8 SHA2: about 5x the
+// portable code, as fast as OpenSSL's hashing in the Python runtime); the portable rounds elsewhere.
 #include <cstdio>
 #include <cstring>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#elif defined(__aarch64__) && defined(__linux__)
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#endif
 
 #include "g4c.h"
 #include "internal.h"
@@ -40,6 +50,81 @@ void compress(uint32_t state[8], const uint8_t *block) {
   state[4] += e; state[5] += f; state[6] += g; state[7] += h;
 }
 
+#if defined(__x86_64__)
+bool has_sha_instructions() {
+  unsigned a, b, c, d;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & (1u << 29));  // CPUID.7.0:EBX.SHA
+}
+
+// 4 rounds per step; state kept as ABEF / CDGH, the layout sha256rnds2 works on
+__attribute__((target("sha,sse4.1,ssse3"))) void compress_fast(uint32_t state[8], const uint8_t *data, size_t blocks) {
+  const __m128i swap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+  __m128i tmp = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(&state[0])), 0xB1);
+  __m128i state1 = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(&state[4])), 0x1B);
+  __m128i state0 = _mm_alignr_epi8(tmp, state1, 8);
+  state1 = _mm_blend_epi16(state1, tmp, 0xF0);
+  for (; blocks; --blocks, data += 64) {
+    const __m128i abef = state0, cdgh = state1;
+    __m128i m[4];
+    for (int g = 0; g < 16; ++g) {
+      if (g < 4) {
+        m[g] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i *>(data + 16 * g)), swap);
+      } else {  // W[4g..4g+3] from the previous 16 words
+        __m128i w = _mm_add_epi32(_mm_sha256msg1_epu32(m[g % 4], m[(g + 1) % 4]),
+                                  _mm_alignr_epi8(m[(g + 3) % 4], m[(g + 2) % 4], 4));
+        m[g % 4] = _mm_sha256msg2_epu32(w, m[(g + 3) % 4]);
+      }
+      __m128i msg = _mm_add_epi32(m[g % 4], _mm_loadu_si128(reinterpret_cast<const __m128i *>(&K[4 * g])));
+      state1 = _mm_sha256rnds2_epu32(state1, state0, msg);
+      state0 = _mm_sha256rnds2_epu32(state0, state1, _mm_shuffle_epi32(msg, 0x0E));
+    }
+    state0 = _mm_add_epi32(state0, abef);
+    state1 = _mm_add_epi32(state1, cdgh);
+  }
+  tmp = _mm_shuffle_epi32(state0, 0x1B);
+  state1 = _mm_shuffle_epi32(state1, 0xB1);
+  _mm_storeu_si128(reinterpret_cast<__m128i *>(&state[0]), _mm_blend_epi16(tmp, state1, 0xF0));
+  _mm_storeu_si128(reinterpret_cast<__m128i *>(&state[4]), _mm_alignr_epi8(state1, tmp, 8));
+}
+#elif defined(__aarch64__) && defined(__linux__)
+bool has_sha_instructions() { return getauxval(AT_HWCAP) & (1ul << 6); }  // HWCAP_SHA2
+
+__attribute__((target("arch=armv8-a+crypto"))) void compress_fast(uint32_t state[8], const uint8_t *data, size_t blocks) {
+  uint32x4_t state0 = vld1q_u32(&state[0]), state1 = vld1q_u32(&state[4]);
+  for (; blocks; --blocks, data += 64) {
+    const uint32x4_t abcd = state0, efgh = state1;
+    uint32x4_t m[4];
+    for (int g = 0; g < 16; ++g) {
+      if (g < 4) {
+        m[g] = vreinterpretq_u32_u8(vrev32q_u8(vld1q_u8(data + 16 * g)));
+      } else {
+        m[g % 4] = vsha256su1q_u32(vsha256su0q_u32(m[g % 4], m[(g + 1) % 4]), m[(g + 2) % 4], m[(g + 3) % 4]);
+      }
+      const uint32x4_t msg = vaddq_u32(m[g % 4], vld1q_u32(&K[4 * g]));
+      const uint32x4_t previous = state0;
+      state0 = vsha256hq_u32(state0, state1, msg);
+      state1 = vsha256h2q_u32(state1, previous, msg);
+    }
+    state0 = vaddq_u32(state0, abcd);
+    state1 = vaddq_u32(state1, efgh);
+  }
+  vst1q_u32(&state[0], state0);
+  vst1q_u32(&state[4], state1);
+}
+#else
+bool has_sha_instructions() { return false; }
+void compress_fast(uint32_t *, const uint8_t *, size_t) {}
+#endif
+
+void compress_blocks(uint32_t state[8], const uint8_t *data, size_t blocks) {
+  static const bool fast = has_sha_instructions();
+  if (fast) {
+    compress_fast(state, data, blocks);
+    return;
+  }
+  for (size_t b = 0; b < blocks; ++b) compress(state, data + 64 * b);
+}
+
 }  // namespace
 
 std::string sha256_file(const std::string &path, uint64_t *size) {
@@ -52,7 +137,7 @@ std::string sha256_file(const std::string &path, uint64_t *size) {
   while ((n = std::fread(buffer.data() + pending, 1, buffer.size() - pending, f)) > 0) {
     total += n;
     size_t have = pending + n, full = have / 64 * 64;
-    for (size_t at = 0; at < full; at += 64) compress(state, buffer.data() + at);
+    compress_blocks(state, buffer.data(), full / 64);
     pending = have - full;
     std::memmove(buffer.data(), buffer.data() + full, pending);
   }
@@ -63,7 +148,7 @@ std::string sha256_file(const std::string &path, uint64_t *size) {
   size_t blocks = pending + 9 <= 64 ? 1 : 2;
   uint64_t bits = total * 8;
   for (int i = 0; i < 8; ++i) tail[blocks * 64 - 1 - i] = uint8_t(bits >> (8 * i));
-  for (size_t b = 0; b < blocks; ++b) compress(state, tail + 64 * b);
+  compress_blocks(state, tail, blocks);
   static const char *hex = "0123456789abcdef";
   std::string out;
   for (uint32_t word : state)
