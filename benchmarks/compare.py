@@ -504,8 +504,18 @@ def write_reports(results: dict, args) -> None:
     results["plot"] = f"results/{stem}.png"
     results["notes"] = args.notes.read_text() if args.notes.is_file() else ""
     (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (args.out / "RESULTS.md").write_text(markdown(results))
+    (args.out / "RESULTS.md").write_text(markdown(results) + kept_sections(args.out / "RESULTS.md"))
     print(markdown(results))
+
+
+EMBED_BEGIN, EMBED_END = "<!-- embed: written by benchmarks/embed.py -->", "<!-- /embed -->"
+
+
+def kept_sections(path: Path) -> str:
+    """The sections other benchmark scripts write into RESULTS.md (benchmarks/embed.py's C runtime table)."""
+    text = path.read_text() if path.is_file() else ""
+    start, end = text.find(EMBED_BEGIN), text.find(EMBED_END)
+    return "\n" + text[start:end + len(EMBED_END)] + "\n" if 0 <= start < end else ""
 
 
 if __name__ == "__main__":

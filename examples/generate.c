@@ -51,7 +51,7 @@ static int print_token(int32_t token, void *user_data) {
 int main(int argc, char **argv) {
   if (argc < 3) {
     fprintf(stderr, "usage: %s ARTIFACT_DIR IDS [MAX_NEW] [--threads N] [--max-context N] [--temperature T] "
-                    "[--top-k K] [--top-p P] [--seed S] [--chunk N] [--logits FILE] [--stream] [--ignore-eos]\n", argv[0]);
+                    "[--top-k K] [--top-p P] [--seed S] [--chunk N] [--logits FILE] [--stream] [--ignore-eos] [--no-verify]\n", argv[0]);
     return 2;
   }
   g4c_options options = g4c_default_options();
@@ -62,6 +62,7 @@ int main(int argc, char **argv) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
     if (!strcmp(a, "--stream")) { stream = 1; continue; }
     if (!strcmp(a, "--ignore-eos")) { ignore_eos = 1; continue; }
+    if (!strcmp(a, "--no-verify")) { options.verify = 0; continue; }  /* sizes only, not SHA-256 */
     if (a[0] != '-') { max_new = atoi(a); continue; }
     if (!v) { fprintf(stderr, "generate: %s needs a value\n", a); return 2; }
     ++i;
