@@ -51,8 +51,11 @@ _SAFETENSORS_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "i
                       "uint32": "U32", "uint8": "U8"}
 
 
-def read_aligned_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file, read straight into its own ALIGNMENT-aligned buffer.
+def read_aligned_safetensors(path: Path, mapped: bool = False) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file in an ALIGNMENT-aligned buffer: with `mapped`, tensors that
+    lie ALIGNMENT-aligned in the file (g4c writes them so) are views of a private copy-on-write
+    mapping of it (no copy; pages are read as the kernels touch them), the others are read into
+    their own buffer.
 
     safetensors' own loaders return unaligned copies, and realigning them costs a second copy of the
     largest tensor (the LM head of E2B); reading into place keeps peak memory at the weights' size.
@@ -63,6 +66,7 @@ def read_aligned_safetensors(path: Path) -> dict[str, np.ndarray]:
     size = Path(path).stat().st_size
     with open(path, "rb") as f:
         header, start = _read_header(f, path, size)
+        mapping = np.memmap(path, dtype=np.uint8, mode="c") if mapped and size else None
         tensors = {}
         for name, (dtype, shape, (begin, end)) in header.items():
             nbytes = tensor_bytes(shape, dtype)
@@ -70,6 +74,9 @@ def read_aligned_safetensors(path: Path) -> dict[str, np.ndarray]:
                 raise ArtifactError(f"{path}: tensor {name} has {end - begin} bytes, its shape needs {nbytes}")
             if start + end > size:
                 raise ArtifactError(f"{path}: truncated at tensor {name}")
+            if mapping is not None and (start + begin) % ALIGNMENT == 0 and nbytes:
+                tensors[name] = mapping[start + begin: start + end].view(dtype).reshape(shape)
+                continue
             array = aligned_empty(shape, dtype)
             f.seek(start + begin)
             if f.readinto(memoryview(array.reshape(-1)).cast("B")) != array.nbytes:

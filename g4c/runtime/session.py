@@ -235,7 +235,7 @@ def artifact_weights(directory: Path, manifest: Manifest, model) -> tuple[dict[s
 
     if manifest.weights_from_seed is not None:
         return seeded_weights(manifest, model)
-    weights = read_aligned_safetensors(directory / WEIGHTS)
+    weights = read_aligned_safetensors(directory / WEIGHTS, mapped=True)  # used in place on the CPU
     if not manifest.host_tables:
         return weights, {}
     host = safe_open(str(directory / HOST), framework="numpy")
