@@ -94,14 +94,16 @@ int main(int argc, char **argv) {
   uint64_t rng = sampler.seed;
   /* prefill, then sample and decode: what g4c_generate does, timed step by step */
   double t2 = now();
-  if ((status = g4c_prefill(session, ids, n_ids, logits)) != G4C_OK) { g4c_close(session); return fail("prefill"); }
-  double t3 = now(), decode_seconds = 0;
-  if (logits_path) {
+  if ((status = g4c_prefill(session, ids, n_ids, logits)) == G4C_OK && logits_path) {
     FILE *f = fopen(logits_path, "wb");
-    if (!f || fwrite(logits, sizeof(float), vocab, f) != (size_t)vocab) { fprintf(stderr, "generate: cannot write %s\n", logits_path); return 1; }
-    fclose(f);
+    if (!f || fwrite(logits, sizeof(float), vocab, f) != (size_t)vocab) {
+      fprintf(stderr, "generate: cannot write %s\n", logits_path);
+      status = -1;
+    }
+    if (f) fclose(f);
   }
-  while (n_out < max_new) {
+  double t3 = now(), decode_seconds = 0;
+  while (status == G4C_OK && n_out < max_new) {
     int32_t token;
     if ((status = g4c_sample(&sampler, logits, vocab, &rng, &token)) != G4C_OK) break;
     out[n_out++] = token;
@@ -112,15 +114,15 @@ int main(int argc, char **argv) {
     if ((status = g4c_decode(session, token, logits)) != G4C_OK) break;
     decode_seconds += now() - t;
   }
-  if (status != G4C_OK) { g4c_close(session); return fail("generate"); }
-  fprintf(stderr, "prefill %d tokens: %.1f tok/s · decode: %.1f tok/s (%d steps)\n", n_ids, n_ids / (t3 - t2),
+  if (status == G4C_OK) fprintf(stderr, "prefill %d tokens: %.1f tok/s · decode: %.1f tok/s (%d steps)\n", n_ids, n_ids / (t3 - t2),
           n_out > 1 ? (n_out - 1) / decode_seconds : 0.0, n_out > 1 ? n_out - 1 : 0);
-  if (!stream) {
+  if (status == G4C_OK && !stream) {
     for (int i = 0; i < n_out; ++i) printf(i ? ",%d" : "%d", out[i]);
     printf("\n");
   }
+  if (status > 0) fprintf(stderr, "generate: %s\n", g4c_last_error());
   free(out);
   free(logits);
   g4c_close(session);
-  return 0;
+  return status == G4C_OK ? 0 : 1;
 }

@@ -1,7 +1,8 @@
 """GPU verification of compiled g4c artifacts (run by scripts/gpu_check.sh on the GPU machine).
 
 1. Parity: each test checkpoint's artifact against transformers (fp32, eager) on the same GPU: max
-   |Δlogits| over a 20-token prompt (≤ 1e-4) and 32 greedy tokens (identical).
+   |Δlogits| over a 20-token prompt (≤ 1e-4) and 32 greedy tokens (identical); the C runtime
+   (examples/generate.c linked with the `e` artifact's lib/libg4c.so) against the Python runtime.
 2. Benchmark: the E2B-shaped artifact (bf16 weights regenerated from the seed) against transformers
    eager and sdpa with the same weights (written by `g4c init-random` with the same seed): prefill and
    decode tok/s, and the decode roofline ratio = bytes one decode step reads / step time / bandwidth,
@@ -59,7 +60,35 @@ def parity(bundle: Path) -> list[dict]:
         rows.append({"family": family, "target": session.manifest.target, "max_abs_dlogits": diff,
                      "greedy_identical": same, "ok": diff <= 1e-4 and same})
         print(f"parity {family}: max |Δlogits| {diff:.2e}, greedy 32 {'identical' if same else 'DIFFERENT'}")
+        if (bundle / "generate-c").is_file() and (bundle / "artifacts" / family / "lib").is_dir():
+            rows.append(c_parity(bundle, family, logits[-1], greedy))
     return rows
+
+
+def c_parity(bundle: Path, family: str, last_logits: np.ndarray, greedy: list[int]) -> dict:
+    """The C runtime (examples/generate.c, prebuilt by gpu_prepare.sh, linked with the artifact's
+    lib/libg4c.so) on the same artifact: the Python runtime's last-token logits and greedy tokens."""
+    import tempfile
+
+    art, row = bundle / "artifacts" / family, {"family": f"{family} (C runtime)", "target": "", "ok": False,
+                                               "max_abs_dlogits": float("inf"), "greedy_identical": False}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "logits.bin"
+        logits_run = subprocess.run([str(bundle / "generate-c"), str(art), ",".join(map(str, PROMPT)), "1",
+                                     "--logits", str(out)], capture_output=True, text=True)
+        tokens_run = subprocess.run([str(bundle / "generate-c"), str(art), ",".join(map(str, PROMPT[:6])), "32",
+                                     "--ignore-eos"], capture_output=True, text=True)
+        if logits_run.returncode or tokens_run.returncode:
+            print(f"C runtime {family}: FAILED {(logits_run.stderr + tokens_run.stderr).strip()[-500:]}")
+            return row
+        diff = float(np.abs(np.fromfile(out, dtype=np.float32) - last_logits).max())
+    same = [int(t) for t in tokens_run.stdout.strip().splitlines()[-1].split(",")] == greedy
+    named = tokens_run.stderr.split(" artifact", 1)[0].rsplit("· ", 1)[-1]  # "g4c … · cuda:sm_90 artifact, …"
+    row.update(target=named, max_abs_dlogits=diff, greedy_identical=same,
+               ok=diff <= 1e-5 and same)
+    print(f"C runtime {family}: max |Δlogits| vs the Python runtime {diff:.2e}, greedy 32 "
+          f"{'identical' if same else 'DIFFERENT'}; {tokens_run.stderr.strip().splitlines()[-1]}")
+    return row
 
 
 def bandwidth() -> dict:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build what scripts/gpu_check.sh needs on a GPU machine that has no compiler and no network:
 #   BUNDLE/checkpoints/{e,moe,dense}   the test checkpoints (tiny, written by transformers)
-#   BUNDLE/artifacts/{e,moe,dense}     their CUDA artifacts (fatbin + bundled TVM runtime)
+#   BUNDLE/artifacts/{e,moe,dense}     their CUDA artifacts (fatbin + bundled TVM runtime; e with its C runtime)
+#   BUNDLE/generate-c                  examples/generate.c linked with e's lib/libg4c.so
 #   BUNDLE/artifacts/e2b               E2B-shaped, full depth, bf16 weights regenerated from the seed
 #   BUNDLE/wheels/                     apache-tvm-ffi for the device's Python (3.12)
 # gpu-bundle/ is git-ignored: name it in the device tool's `carry`.
@@ -25,9 +26,13 @@ for i, (name, kwargs) in enumerate(FAMILIES.items()):
 PY
 BUNDLE_OPT=--bundle-runtime
 [ "$TARGET" = llvm ] && BUNDLE_OPT=""
-for family in e moe dense; do
-  g4c compile "$BUNDLE/checkpoints/$family" --target "$TARGET" $BUNDLE_OPT -o "$BUNDLE/artifacts/$family"
+for family in e moe dense; do  # the C runtime (7 MB of libraries) only in e's: the carry limit is 64 MiB
+  EMBED_OPT=--no-embed; [ "$family" = e ] && EMBED_OPT=""
+  g4c compile "$BUNDLE/checkpoints/$family" --target "$TARGET" $BUNDLE_OPT $EMBED_OPT -o "$BUNDLE/artifacts/$family"
 done
+# examples/generate.c linked with e's C runtime, found relative to the binary on the GPU machine
+gcc -O2 -std=c99 -D_POSIX_C_SOURCE=200809L examples/generate.c -o "$BUNDLE/generate-c" \
+  -I"$BUNDLE/artifacts/e/include" -L"$BUNDLE/artifacts/e/lib" -lg4c -Wl,-rpath,'$ORIGIN/artifacts/e/lib'
 g4c compile e2b --random-weights --seed 0 ${E2B_LAYERS:+--layers $E2B_LAYERS} --dtype bf16 --weights-from-seed \
   --target "$TARGET" $BUNDLE_OPT -o "$BUNDLE/artifacts/e2b"
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -114,33 +114,49 @@ def test_relocated_artifact_links_and_runs(embedded, tmp_path):
 
 
 def sanitized_library(art: Path, out: Path) -> Path:
-    """lib/ with libg4c.so rebuilt from the artifact's own src/ under AddressSanitizer + UBSan."""
-    from tvm_ffi import libinfo
-
+    """lib/ with libg4c.so rebuilt from the artifact's own src/ under AddressSanitizer + UBSan, linked with
+    the libraries the compiled one links (the Relax VM's or wgpu-native)."""
     shutil.copytree(art / "lib", out)
+    if (out / "libwgpu_native.so").is_file():
+        import wgpu
+
+        include, links = Path(wgpu.__file__).parent / "resources", ["-l:libwgpu_native.so"]
+    else:
+        from tvm_ffi import libinfo
+
+        include, links = Path(libinfo.find_include_path()), ["-l:libtvm_ffi.so", "-l:libtvm_runtime.so"]
     sources = sorted(str(p) for p in (art / "src").glob("*.cpp"))
     subprocess.run(["g++", "-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
                     "-fno-sanitize-recover=undefined", "-fPIC", "-shared", f"-I{art / 'include'}",
-                    f"-I{art / 'src'}", f"-I{libinfo.find_include_path()}", *sources, "-o", str(out / "libg4c.so"),
-                    f"-L{out}", "-l:libtvm_ffi.so", "-l:libtvm_runtime.so", "-Wl,-rpath,$ORIGIN",
-                    "-Wl,--disable-new-dtags"], check=True, capture_output=True, text=True)
+                    f"-I{art / 'src'}", f"-I{include}", *sources, "-o", str(out / "libg4c.so"),
+                    f"-L{out}", *links, "-Wl,-rpath,$ORIGIN", "-Wl,--disable-new-dtags"],
+                   check=True, capture_output=True, text=True)
     return out
 
 
-def test_sanitizers_open_prefill_decode_reset_close_twice(embedded, tmp_path):
-    art = embedded["e"]
+def sanitized_lifecycle(art: Path, tmp_path: Path) -> None:
+    """open → prefill → 32 decodes → reset → the same again → close, twice, under ASan + UBSan (leaks
+    included; wgpu-native's own 256 bytes, leaked by a bare instance + device too, are suppressed)."""
     lib = sanitized_library(art, tmp_path / "lib")
     app = tmp_path / "checks"
     subprocess.run(["gcc", *C_FLAGS, "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                     str(CHECKS), "-o", str(app), f"-I{art / 'include'}", f"-L{lib}", "-lg4c", f"-Wl,-rpath,{lib}",
                     "-lpthread"], check=True, capture_output=True, text=True)
+    suppressions = tmp_path / "lsan.supp"
+    suppressions.write_text("leak:libwgpu_native.so\nleak:libvulkan_lvp.so\n")
     done = run([str(app), "lifecycle", str(art), ",".join(map(str, PROMPT))],
-               env={"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"})
+               env={"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0",
+                    "LSAN_OPTIONS": f"suppressions={suppressions}:print_suppressions=0",
+                    "UBSAN_OPTIONS": "print_stacktrace=1"})
     assert done.returncode == 0 and "Sanitizer" not in done.stderr and "runtime error" not in done.stderr, \
         done.stderr[-3000:]
     lines = done.stdout.split()
     assert len(lines) == 4 and len(set(lines)) == 1  # two cycles, each twice around a reset: one continuation
     assert [int(t) for t in lines[0].split(",")] == python_reference(art, PROMPT, 33)[1]
+
+
+def test_sanitizers_open_prefill_decode_reset_close_twice(embedded, tmp_path):
+    sanitized_lifecycle(embedded["e"], tmp_path)
 
 
 def test_two_sessions_in_two_threads_match_one_after_the_other(embedded, tmp_path):
@@ -265,3 +281,50 @@ def test_cuda_artifact_c_runtime_builds_and_says_what_it_lacks(checkpoints, tmp_
         assert "cannot load libtvm_runtime_cuda.so: libcuda.so.1" in done.stderr and done.stderr.count("\n") == 1
     else:
         assert done.returncode == 0, done.stderr
+
+
+def _vulkan_device() -> bool:
+    try:
+        import wgpu
+
+        return wgpu.gpu.request_adapter_sync(power_preference="high-performance") is not None
+    except Exception:  # noqa: BLE001 - no wgpu, no wgpu-native, no driver
+        return False
+
+
+needs_vulkan = pytest.mark.skipif(not os.environ.get("CI") and not _vulkan_device(),
+                                  reason="needs wgpu and a Vulkan device (mesa-vulkan-drivers)")
+
+
+@pytest.fixture(scope="module")
+def vulkan_embedded(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    return compile_families(checkpoints, ["e", "moe"], "vulkan", tmp_path_factory.mktemp("vk"), embed=True)
+
+
+@needs_vulkan
+@pytest.mark.parametrize("family", ["e", "moe"])
+def test_vulkan_c_example_matches_python_and_transformers(family, vulkan_embedded, references, tmp_path):
+    """The C runtime drives the artifact's WGSL kernels through wgpu-native's C API (lavapipe here)."""
+    art = vulkan_embedded[family]
+    assert (art / "lib" / "libwgpu_native.so").is_file() and "libwgpu_native.so" in \
+        run(["readelf", "-d", str(art / "lib" / "libg4c.so")]).stdout
+    app = build_app(art, EXAMPLE, tmp_path / "generate")
+    out = tmp_path / "logits.bin"
+    new = generate([str(app)], art, PROMPT, 32, out)
+    logits, python_new = python_reference(art, PROMPT, 32)
+    c_logits = np.fromfile(out, dtype=np.float32)
+    assert np.abs(c_logits - logits).max() <= 1e-6
+    assert np.abs(c_logits - reference_logits(references[family], PROMPT)[-1]).max() <= 1e-4
+    assert new == python_new == reference_greedy(references[family], PROMPT, 32)
+
+
+@needs_vulkan
+def test_vulkan_sanitizers_and_bad_input(vulkan_embedded, tmp_path):
+    sanitized_lifecycle(vulkan_embedded["e"], tmp_path / "asan")
+    app = build_app(vulkan_embedded["e"], CHECKS, tmp_path / "checks")
+    done = run([str(app), "bad", str(vulkan_embedded["e"]), str(vulkan_embedded["moe"])])
+    assert done.returncode == 0, done.stderr
+    results = {line.split(" ", 1)[0]: line.split(" ", 2)[1:] for line in done.stdout.splitlines()}
+    assert results["other"][0] == "2" and "another vulkan:generic artifact" in results["other"][1]
+    assert results["past_context"][0] == "4" and results["token_too_large"][0] == "3"
+    assert results["still_works"] == ["0", "ok"]

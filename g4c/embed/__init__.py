@@ -155,12 +155,15 @@ def model_context(directory: Path, manifest: Manifest, max_binding: int = 0) -> 
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     files = [{"name": n, "sha256": d, "size": (directory / n).stat().st_size} for n, d in sorted(manifest.files.items())]
     weights, start = [], 0
+    needs_f16 = manifest.weight_dtype == "float16"
     if manifest.weights_from_seed is None:
         layout, start = safetensors_layout(directory / WEIGHTS)
         missing = [n for n in manifest.entry.weights if n not in layout]
         if missing:
             raise G4CError(f"{WEIGHTS} lacks {missing[0]}, which the entry functions take")
         weights = [_tensor(n, layout[n]) for n in manifest.entry.weights]
+        # as the wgpu runtime decides: shader-f16 when any device weight is stored as float16
+        needs_f16 = any(np.dtype(layout[n][0]) == np.float16 for n in manifest.entry.weights)
     host, host_start = _host_table(directory, manifest)
     tables = _launch_tables(directory, manifest)
     ple_width = manifest.programs["decode"].ple_width() or 0
@@ -172,7 +175,7 @@ def model_context(directory: Path, manifest: Manifest, max_binding: int = 0) -> 
             "max_positions": model.max_position_embeddings, "default_max_context": DEFAULT_MAX_CONTEXT,
             "index_bits": np.dtype(manifest.index_dtype).itemsize * 8, "has_ple": manifest.has_ple,
             "static_decode": manifest.static_decode, "eos": eos, "bos": manifest.config.get("bos_token_id", -1),
-            "needs_f16": manifest.weight_dtype == "float16", "files": files, "weights": weights,
+            "needs_f16": needs_f16, "files": files, "weights": weights,
             "weights_data_start": start, "host": host, "host_data_start": host_start, "ple_width": ple_width,
             "slots": slots, "max_binding": max_binding, "programs": _programs(manifest, tables["kernel_index"]),
             "architecture": manifest.config.get("model_type", "gemma4"), "layers": model.num_hidden_layers,

@@ -174,10 +174,12 @@ static void check_artifact(const std::string &dir, bool verify) {
   uint64_t size = 0;
   if (sha256_file(manifest, &size) != kModel.manifest_sha256) {
     std::string target = manifest_target(manifest);
-    throw Error(G4C_ERR_ARTIFACT, dir + " is not the artifact this library was generated for (its manifest " +
-                                      (target.empty() ? std::string("is unreadable") : "is for target " + target) +
-                                      ", this libg4c.so for a " + kModel.target +
-                                      " artifact): link the lib/libg4c.so inside the artifact you open");
+    const std::string what = target.empty() ? std::string("its manifest is unreadable")
+                             : target == kModel.target ? "another " + target + " artifact"
+                                                       : "its manifest is for target " + target + ", this libg4c.so for a " +
+                                                             kModel.target + " artifact";
+    throw Error(G4C_ERR_ARTIFACT, dir + " is not the artifact this library was generated for (" + what +
+                                      "): link the lib/libg4c.so inside the artifact you open");
   }
   for (int i = 0; i < kModel.n_files; ++i) {
     const FileInfo &f = kModel.files[i];
