@@ -89,8 +89,9 @@ def section(results: dict) -> str:
     lines = [BEGIN, "", f"## C runtime (`examples/generate.c` + lib/libg4c.so) vs the Python runtime", "",
              f"{results['title']}; prompt {results['prompt_len']} tokens, {results['gen']} greedy tokens, "
              f"{results['threads']} threads, best of {results['rounds']} interleaved rounds; load = open the "
-             "artifact (C: SHA-256 of every file unless `--no-verify`; Python: the same hashes, then the "
-             "weights read into memory), peak RSS of the whole process.", "",
+             "artifact (both check the SHA-256 of every file, the C runtime on the CPU's SHA instructions, unless "
+             "`--no-verify`; both map the weights and use them in place); prefill = one 64-token chunk, "
+             "decode = the mean over the steps after it; peak RSS of the whole process.", "",
              "| precision | runtime | library MB (libg4c.so / lib/ total) | load ms | prefill tok/s | "
              "decode tok/s | peak RSS GB |", "|---|---|---|---|---|---|---|"]
     for precision, row in results["rows"].items():
