@@ -441,6 +441,8 @@ def compile_(model: str = typer.Argument(..., help="Checkpoint directory or pres
              weights_from_seed: bool = typer.Option(False, "--weights-from-seed", help="With --random-weights: "
                                                     "write no weight files; the runtime regenerates them from "
                                                     "the seed (small benchmark artifacts)."),
+             tuning_db: Optional[Path] = typer.Option(None, "--tuning-db", help="A `g4c tune` database: kernels "
+                                                      "with a record faster than their hand schedule use it."),
              no_embed: bool = typer.Option(False, "--no-embed", help="Skip the C runtime (include/g4c.h, "
                                            "lib/libg4c.so, lib/pkgconfig/g4c.pc) that llvm, arm, cuda and vulkan "
                                            "artifacts get for apps to link."),
@@ -467,23 +469,121 @@ def compile_(model: str = typer.Argument(..., help="Checkpoint directory or pres
     dtype = canonical_dtype(dtype)
     quant_scheme(quant), quant_scheme(quant_ple, host=True)
     check = None if no_check else parse_tokens(check_tokens, "--check-tokens")
+    if tuning_db is not None:
+        from g4c.tuning import TuningDB
+
+        TuningDB(tuning_db).records()  # a damaged or foreign database fails before any work
     started = time.perf_counter()
     loaded = _model(model, random_weights, seed, layers)
     if check is not None:
         _check_vocabulary(check, loaded.cfg.input_vocab_size, "--check-tokens")
     path = _compile_with_progress(loaded.cfg, loaded.weights, target, output, overwrite, dtype,
                                   bundle_runtime=bundle_runtime, weights_from_seed=weights_from_seed, quant=quant,
-                                  quant_ple=quant_ple, quant_dot=quant_dot, embed=not no_embed)
+                                  quant_ple=quant_ple, quant_dot=quant_dot, embed=not no_embed, tuning_db=tuning_db)
     _copy_tokenizer(model, loaded.directory, path)
     from g4c.summary import human_bytes
 
     out.print(f"wrote {path} (target {target}, {loaded.cfg.num_hidden_layers} layers): "
               f"{human_bytes(_disk_bytes(path))} on disk, compiled in {_duration(time.perf_counter() - started)}",
               markup=False, highlight=False)
+    if tuning_db is not None:
+        from g4c.artifact import read_manifest
+
+        tuned = read_manifest(path, check_files=False).tuned_kernels
+        out.print(f"tuning database {tuning_db}: {len(tuned)} kernels use a tuned schedule"
+                  + (f" ({', '.join(sorted(tuned))})" if tuned else " (no record beats a hand schedule)"),
+                  markup=False, highlight=False)
     _say_converted(path)
     if check is not None:
         stored = dtype if quant == "none" else f"{quant} blocks"
         _self_check(path, target, loaded, check, stored + (" with int8 activations" if quant_dot == "int8" else ""))
+
+
+@app.command()
+def tune(model: Optional[str] = typer.Argument(None, help="Checkpoint directory or preset (as for compile)."),
+         db: Path = typer.Option(..., "--db", help="Tuning database directory (created on first use; a second "
+                                 "run on it resumes)."),
+         target: str = TargetOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
+         layers: Optional[int] = LayersOpt,
+         dtype: str = typer.Option("fp32", "--dtype", help="Weight storage, as for compile."),
+         quant: str = QuantOpt,
+         time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop after SECONDS of tuning."),
+         trials: Optional[int] = typer.Option(None, "--trials", help="Stop after N measured candidates."),
+         kernels: Optional[str] = typer.Option(None, "--kernels", help="Tune only these kernels or ops "
+                                               "(comma list, e.g. linear,attention)."),
+         export: Optional[Path] = typer.Option(None, "--export", help="Write the database's records to FILE and "
+                                               "stop."),
+         import_file: Optional[Path] = typer.Option(None, "--import", help="Add FILE's records (a --export) and "
+                                                    "stop."),
+         rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker "
+                                                   "(measurements on remote devices: not yet)."),
+         rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="Device key at the tracker.")):
+    """Tune the schedules of MODEL's distinct kernels on this machine and record them in --db; then
+    `g4c compile MODEL --tuning-db DB` uses the records that beat the hand schedules.
+
+    Example: g4c tune e2b --random-weights --layers 2 --db /tmp/tune-db --time-budget 600"""
+    from g4c.tuning import TuningDB
+
+    if export is not None or import_file is not None:
+        database = TuningDB(db, create=import_file is not None)
+        if export is not None:
+            out.print(f"exported {database.export(export)} records to {export}", markup=False, highlight=False)
+        if import_file is not None:
+            out.print(f"imported {database.import_(import_file)} new records into {db}", markup=False, highlight=False)
+        return
+    if model is None:
+        raise G4CError("g4c tune needs MODEL (or --export / --import)")
+    if rpc_tracker or rpc_key:
+        raise G4CError("--rpc-tracker/--rpc-key: measuring on remote devices is not implemented yet; tune on the "
+                       "device itself")
+    _tune(model, db, target, random_weights, seed, layers, dtype, quant, time_budget, trials, _split(kernels))
+
+
+def _tune(model, db, target_name, random_weights, seed, layers, dtype, quant, time_budget, trials, only) -> None:
+    from g4c.compiler import lowered_model
+    from g4c.dtypes import canonical_dtype
+    from g4c.quant import quant_scheme
+    from g4c.targets.registry import get_target
+    from g4c.tuning import TuningDB
+    from g4c.tuning.tuner import extract_tasks, tune
+
+    target = get_target(target_name)
+    if not target.runs_here:
+        raise G4CError(f"target {target.name} does not run on this machine: tune on the device (RPC: not yet)")
+    quant_scheme(quant)
+    if time_budget is not None and time_budget <= 0 or trials is not None and trials <= 0:
+        raise G4CError("--time-budget and --trials must be > 0")
+    database = TuningDB(db, create=True)
+    database.records()  # a damaged database fails before any work
+    loaded = _model(model, random_weights, seed, layers)
+    _, lowered = lowered_model(loaded.cfg, loaded.weights, target, canonical_dtype(dtype), quant)
+    tasks = extract_tasks(lowered, target, only or None)
+    if not tasks:
+        out.print(f"{model}: no tunable kernels on {target.name}", markup=False, highlight=False)
+        return
+    err.print(f"tuning {len(tasks)} kernels of {model} on {target.name} into {db}", markup=False, highlight=False)
+
+    def report(event: dict) -> None:
+        if event["stage"] == "baseline":
+            if event["done"] == event["total"]:
+                err.print(f"hand schedules measured: {event['total']} kernels", markup=False, highlight=False)
+        elif event["stage"] == "tune":
+            eta = ""
+            if event["budget"]:
+                eta = f" · {max(0.0, event['budget'] - event['elapsed']):.0f} s of budget left"
+            err.print(f"{event['kernel']}: {event['done']}/{event['total']} candidates · best {event['best']:.2f}× "
+                      f"the hand schedule · {event['elapsed']:.0f} s{eta}", markup=False, highlight=False)
+
+    best = tune(tasks, target, database, time_budget, trials, report)
+    table = Table(title=f"tuned kernels ({db})")
+    for column in ("kernel", "calls (decode / prefill)", "hand µs (decode / prefill)", "best", "knobs"):
+        table.add_column(column)
+    for task in tasks:
+        record = best.get(task.name)
+        table.add_row(task.name, f"{task.calls.get('decode', 0)} / {task.calls.get('prefill', 0)}",
+                      f"{task.baseline['decode'] * 1e6:.1f} / {task.baseline['prefill'] * 1e6:.1f}",
+                      f"{record.speedup:.2f}×" if record else "hand", str(record.candidate) if record else "")
+    out.print(table)
 
 
 def _say_converted(artifact: Path) -> None:

@@ -56,7 +56,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
                   overwrite: bool = False, progress: Progress | None = None, dtype: str = "float32",
                   bundle_runtime: bool = False, weights_from_seed: bool = False,
                   static_decode: bool | None = None, quant: str | None = None, quant_ple: str | None = None,
-                  quant_dot: str = "float", embed: bool = False) -> Path:
+                  quant_dot: str = "float", embed: bool = False, tuning_db: str | Path | None = None) -> Path:
     """Lower, schedule, build and write an artifact (see the module docstring). `bundle_runtime` copies
     the TVM runtime libraries the target needs into it; `weights_from_seed` (random weights only)
     writes no weight files: the runtime regenerates them from the seed, so a benchmark artifact of a
@@ -67,9 +67,10 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     llama.cpp's arithmetic: faster, not exact on the dequantized weights); "float" (default) keeps fp32
     activations. `quant_ple` None: a GGUF file's Q4_0/Q8_0 PLE table as stored, else as `quant`. `embed`
     adds the C runtime (`g4c.embed`: include/, lib/libg4c.so, lib/pkgconfig/g4c.pc) on targets that have
-    one (`Target.embed_toolchain()`), except to --weights-from-seed artifacts, which have no weight file."""
+    one (`Target.embed_toolchain()`), except to --weights-from-seed artifacts, which have no weight file.
+    `tuning_db` (a `g4c tune` database): kernels with a record that beats their hand schedule are
+    scheduled with its knobs; the manifest lists them (`tuned_kernels`)."""
     from g4c.codegen.kernels import STORAGE
-    from g4c.codegen.lower import lower
     from g4c.codegen.relax_module import signature
     from g4c.targets.registry import get_target
 
@@ -81,16 +82,15 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
     out = Path(out_dir)
     check_writable(out, overwrite)  # before minutes of building
     report = progress or (lambda stage, done, total: None)
-    graphs = optimized_graphs(cfg, weights)
-    lowered = lower(cfg, graphs, lowering_options(target, quant_dot), canonical_dtype(dtype), quant=quant_scheme(quant),
-                    host_quant=_host_quant(quant_ple, quant, weights.source), stored_scheme=_stored_scheme(weights.source))
+    graphs, lowered = lowered_model(cfg, weights, target, dtype, quant, quant_ple, quant_dot)
     entry = signature(lowered)
     specs = _weight_specs(lowered, entry.weights, weights)
     target.check_weights(lowered.weight_dtype, {n: tensor_bytes(*s) for n, s in specs.items()})
     names = sorted(lowered.kernels)
+    tuned = _tuned_knobs(tuning_db, target, lowered)
     scheduled = {}
     for i, name in enumerate(names):
-        scheduled[name] = target.kernel(lowered.kernels[name])
+        scheduled[name] = target.kernel(lowered.kernels[name], tuned.get(name, {}).get("knobs"))
         report("scheduling kernels", i + 1, len(names))
     report("building library", 0, 1)
     t0 = time.time()
@@ -108,13 +108,45 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
             shutil.copy(library, tmp / library.name)
         manifest = _manifest(cfg, target, lowered, entry, static_decode, **built.manifest, weights_from_seed=seed,
                              converted_tensors=_converted_tensors(lowered, weights.source) if seed is None else {},
-                             kv_plan=graphs["decode"].meta.get("kv_plan", []), build_seconds=round(build_seconds, 2))
+                             kv_plan=graphs["decode"].meta.get("kv_plan", []), build_seconds=round(build_seconds, 2),
+                             tuned_kernels=tuned)
         manifest.write(tmp)
         if toolchain is not None:
             from g4c.embed import write_embed
 
             write_embed(tmp, manifest, toolchain, max_binding=target.lowering.max_binding or 0, progress=report)
     return out
+
+
+def lowered_model(cfg: ModelConfig, weights: Weights, target, dtype: str = "float32", quant: str | None = None,
+                  quant_ple: str | None = None, quant_dot: str = "float"):
+    """(optimized graphs, lowering) of a model for a target: what `compile_model` builds and `g4c tune`
+    extracts its kernels from."""
+    from g4c.codegen.lower import lower
+
+    graphs = optimized_graphs(cfg, weights)
+    lowered = lower(cfg, graphs, lowering_options(target, quant_dot), canonical_dtype(dtype), quant=quant_scheme(quant),
+                    host_quant=_host_quant(quant_ple, quant, weights.source), stored_scheme=_stored_scheme(weights.source))
+    return graphs, lowered
+
+
+def _tuned_knobs(tuning_db, target, lowered) -> dict[str, dict]:
+    """kernel name → {"knobs", "speedup"} from a tuning database's best records (kernels without one
+    keep their hand schedule)."""
+    if tuning_db is None:
+        return {}
+    from g4c.tuning import TuningDB
+    from g4c.tuning.tuner import kernel_key
+
+    best = TuningDB(tuning_db).best_by_kernel()
+    tuned = {}
+    for name, spec in lowered.kernels.items():
+        if not target.knob_space(spec):
+            continue
+        record = best.get(kernel_key(target, spec))
+        if record is not None:
+            tuned[name] = {"knobs": record.candidate, "speedup": round(record.speedup, 3)}
+    return tuned
 
 
 QUANT_DOTS = ("float", "int8")

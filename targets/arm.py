@@ -19,7 +19,7 @@ from pathlib import Path
 from g4c.codegen.spec import KernelSpec
 from g4c.errors import G4CError
 from g4c.targets.base import RelaxVMTarget, Requirements, Toolchain, vm_toolchain
-from g4c.targets.llvm import cpu_builders, schedule_cpu
+from g4c.targets.llvm import cpu_builders, cpu_knob_space, schedule_cpu
 from g4c.targets.registry import TargetKind
 
 CROSS_COMPILER = "aarch64-linux-gnu-gcc"
@@ -48,8 +48,11 @@ class ArmTarget(RelaxVMTarget):
     def builders(self) -> dict:
         return cpu_builders()
 
-    def schedule(self, spec: KernelSpec, func):
-        return schedule_cpu(spec, func)
+    def schedule(self, spec: KernelSpec, func, knobs: dict | None = None):
+        return schedule_cpu(spec, func, knobs)
+
+    def knob_space(self, spec: KernelSpec) -> dict[str, list[int]]:
+        return cpu_knob_space(spec)
 
     @functools.cache
     def tvm_target(self):

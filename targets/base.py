@@ -73,12 +73,17 @@ class Target:
         """op → TensorIR builder (keyword arguments: the spec's params and `name`)."""
         raise NotImplementedError
 
-    def schedule(self, spec: KernelSpec, func):
-        """A scheduled PrimFunc for `spec` (default: as built)."""
+    def schedule(self, spec: KernelSpec, func, knobs: dict | None = None):
+        """A scheduled PrimFunc for `spec` (default: as built); `knobs`: parameters from `knob_space`."""
         return func
 
-    def kernel(self, spec: KernelSpec):
-        """The scheduled PrimFunc of `spec` (its symbol is `spec.name`)."""
+    def knob_space(self, spec: KernelSpec) -> dict[str, list[int]]:
+        """The schedule parameters `g4c tune` may search for `spec` (name → values, the hand schedule's
+        first); {}: nothing to tune."""
+        return {}
+
+    def unscheduled(self, spec: KernelSpec):
+        """The PrimFunc of `spec` as its builder makes it (what tuning records are keyed by)."""
         from g4c.codegen.kernel_math import quant_word
         from g4c.codegen.kernels import index_dtype
 
@@ -86,8 +91,11 @@ class Target:
         if builder is None:
             raise G4CError(f"target {self.name} has no kernel for {spec.op}")
         with index_dtype(self.lowering.index_dtype), quant_word(self.lowering.quant_word, self.lowering.quant_scale):
-            func = builder(**spec.kwargs, name=spec.name).with_attr("global_symbol", spec.name)
-        return self.schedule(spec, func)
+            return builder(**spec.kwargs, name=spec.name).with_attr("global_symbol", spec.name)
+
+    def kernel(self, spec: KernelSpec, knobs: dict | None = None):
+        """The scheduled PrimFunc of `spec` (its symbol is `spec.name`), with tuned `knobs` if given."""
+        return self.schedule(spec, self.unscheduled(spec), knobs) if knobs else self.schedule(spec, self.unscheduled(spec))
 
     # -- build -----------------------------------------------------------------------------------------
     def tvm_target(self):

@@ -39,38 +39,39 @@ def host_tvm_target():
                               "num-cores": os.cpu_count() or 1})
 
 
-def _schedule_linear(func, reduction: int, one_row: bool = False):
+def _schedule_linear(func, reduction: int, one_row: bool = False, vector: int = VECTOR,
+                     columns: int = COLUMNS_PER_TASK):
     import tvm
     from tvm import s_tir
 
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     quantized = _has_block(sch, "w_deq")
-    if quantized and (one_row or reduction % VECTOR):  # decode: dequantized inside the reduction
+    if quantized and (one_row or reduction % vector):  # decode: dequantized inside the reduction
         sch.compute_inline(sch.get_sblock("w_deq"))
         quantized = False
-    if reduction % VECTOR:
+    if reduction % vector:
         return sch.mod["main"]
     block = sch.get_sblock("y")
     i, j, k = sch.get_loops(block)
-    ko, ki = sch.split(k, [None, VECTOR])
+    ko, ki = sch.split(k, [None, vector])
     rf = sch.rfactor(ki, 2)
     ri, rj, rko, rki = sch.get_loops(rf)
-    rjo, rji = sch.split(rj, [None, COLUMNS_PER_TASK])
+    rjo, rji = sch.split(rj, [None, columns])
     sch.reorder(rjo, ri, rko, rji, rki)
     sch.parallel(rjo)
     sch.vectorize(rki)
     sch.reverse_compute_at(block, ri)
     sch.decompose_reduction(rf, rko)
-    if quantized:  # prefill: each task dequantizes its COLUMNS_PER_TASK rows of weights once (a tile in
-        # cache, not a copy of the weight) and every token row reuses them
+    if quantized:  # prefill: each task dequantizes its `columns` rows of weights once (a tile in cache,
+        # not a copy of the weight) and every token row reuses them
         deq = sch.get_sblock("w_deq")
         sch.compute_at(deq, rjo)
-        _, lanes = sch.split(sch.get_loops(deq)[-1], [None, VECTOR])  # SIMD-width vectors, not K-wide ones
+        _, lanes = sch.split(sch.get_loops(deq)[-1], [None, vector])  # SIMD-width vectors, not K-wide ones
         sch.vectorize(lanes)
     return sch.mod["main"]
 
 
-def _schedule_attention(func):
+def _schedule_attention(func, key_tile: int = KEY_TILE, value_slice: int = VALUE_SLICE):
     """codegen.kernels.attention: blocks dots, scores, mx, ex, den, acc, out (+ k_unrotated, k_cache
     when K is rebuilt from V). GQA-aware: the `group` query heads that share a KV head are computed
     together, so every K/V row is read from memory once and reused from L1 (group× fewer K/V reads at
@@ -94,7 +95,7 @@ def _schedule_attention(func):
     partial = sch.rfactor(d_inner, 3)
     i, h, j, d_outer, d_inner = sch.get_loops(partial)
     kv_head, g = sch.split(h, [None, group])
-    j_tile, j_in = sch.split(j, [None, KEY_TILE])
+    j_tile, j_in = sch.split(j, [None, key_tile])
     sch.reorder(i, kv_head, j_tile, j_in, g, d_outer, d_inner)
     sch.parallel(sch.fuse(i, kv_head, j_tile))
     sch.vectorize(d_inner)
@@ -105,7 +106,7 @@ def _schedule_attention(func):
     acc = sch.get_sblock("acc")
     i, h, e, j = sch.get_loops(acc)
     kv_head, g = sch.split(h, [None, group])
-    e_slice, e_in = sch.split(e, [None, min(VALUE_SLICE, head_dim)])
+    e_slice, e_in = sch.split(e, [None, min(value_slice, head_dim)])
     sch.reorder(i, kv_head, e_slice, j, g, e_in)
     sch.parallel(sch.fuse(i, kv_head, e_slice))
     sch.vectorize(e_in)
@@ -144,6 +145,19 @@ def _schedule_generic(func):
     return sch.mod["main"]
 
 
+def cpu_knob_space(spec: KernelSpec) -> dict[str, list[int]]:
+    """The schedule parameters `g4c tune` searches for a kernel (first value of each: the hand schedule's):
+    linears: SIMD partial-sum width and output columns per parallel task; attention: keys per task
+    (Q·K) and head_dim slice per task (P·V). Kernels scheduled as written have none."""
+    if spec.op in ("linear", "linear_q"):
+        vectors = [v for v in (VECTOR, 8, 32, 64) if spec["k"] % v == 0]
+        return {"vector": vectors, "columns": [COLUMNS_PER_TASK, 1, 2, 4, 16, 32, 64]} if vectors else {}
+    if spec.op == "attention":
+        slices = [v for v in (VALUE_SLICE, 16, 32, 128, 256) if v <= spec["head_dim"]] or [VALUE_SLICE]
+        return {"key_tile": [KEY_TILE, 8, 16, 64, 128, 256], "value_slice": slices}
+    return {}
+
+
 def cpu_builders() -> dict:
     """op → TensorIR builder of the CPU kernels (GPU targets start from these too)."""
     from g4c.codegen import kernels
@@ -153,12 +167,14 @@ def cpu_builders() -> dict:
     return {op: getattr(kernels, op) for op in ops}
 
 
-def schedule_cpu(spec: KernelSpec, func):
-    """The CPU schedule of a kernel spec (shared with the ARM targets)."""
+def schedule_cpu(spec: KernelSpec, func, knobs: dict | None = None):
+    """The CPU schedule of a kernel spec (shared with the ARM targets); `knobs` (from `cpu_knob_space`,
+    e.g. a tuning record) replace the hand-picked constants."""
+    knobs = knobs or {}
     if spec.op in ("linear", "linear_q"):
-        return _schedule_linear(func, spec["k"], one_row=spec.kwargs.get("rows") == 1)
+        return _schedule_linear(func, spec["k"], one_row=spec.kwargs.get("rows") == 1, **knobs)
     if spec.op == "attention":
-        return _schedule_attention(func)
+        return _schedule_attention(func, **knobs)
     if spec.op in ("cache_write", "router_topk", "moe_experts", "linear_qdot", "moe_experts_qdot"):  # TVMScript, scheduled as written
         return func
     return _schedule_generic(func)
@@ -174,8 +190,11 @@ class HostTarget(RelaxVMTarget):
 
         return {**cpu_builders(), "linear_qdot": linear_qdot, "moe_experts_qdot": moe_experts_qdot}
 
-    def schedule(self, spec: KernelSpec, func):
-        return schedule_cpu(spec, func)
+    def schedule(self, spec: KernelSpec, func, knobs: dict | None = None):
+        return schedule_cpu(spec, func, knobs)
+
+    def knob_space(self, spec: KernelSpec) -> dict[str, list[int]]:
+        return cpu_knob_space(spec)
 
     def tvm_target(self):
         return host_tvm_target()

@@ -22,7 +22,7 @@ from g4c import __version__
 from g4c.artifact.tensors import ArtifactError, sha256_file
 
 FORMAT = "g4c-artifact"
-FORMAT_VERSION = 3  # 3: typed manifest (kernel specs, executor requirements); 2: Relax VM entry functions
+FORMAT_VERSION = 4  # 4: tuned_kernels; 3: typed manifest (kernel specs, executor requirements); 2: Relax VM entry functions
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 HOST = "host.safetensors"
@@ -117,6 +117,7 @@ class Manifest:
     launches: dict[str, list[dict]] | None = None  # wgpu: per kernel, its device launches (codegen.wgsl)
     decode_graph: dict[str, int] | None = None  # CUDA graphs: kernels captured / launched outside
     weights_from_seed: dict | None = None  # {"seed", "dtype"}: weights regenerated at load time
+    tuned_kernels: dict[str, dict] = field(default_factory=dict)  # kernel → {"knobs", "speedup"} from a tuning DB
     build_seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)  # file name → SHA-256
     tvm_version: str = ""
@@ -175,7 +176,7 @@ class Manifest:
             _check(getattr(self, name) is None or isinstance(getattr(self, name), str), f"{name} must be a string")
         for name in ("runtime_libraries", "machines", "weight_dtype_tensors", "host_tables"):
             _check(_strings(getattr(self, name)), f"{name} must be a list of strings")
-        for name in ("config", "weight_recipes", "kernels", "files", "converted_tensors"):
+        for name in ("config", "weight_recipes", "kernels", "files", "converted_tensors", "tuned_kernels"):
             _check(isinstance(getattr(self, name), dict), f"{name} must be an object")
         for name in [self.library, *self.files, *self.runtime_libraries]:
             _check(_plain_file_name(name), f"{name!r} is not a file name inside the artifact")

@@ -1,0 +1,155 @@
+"""Autotuning (`g4c tune`, `g4c compile --tuning-db`): records measured on this machine, applied by the
+compiler without changing the logits, and a database that survives kill -9, concurrent writers,
+export/import, and refuses damage in one line."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from g4c.cli import main
+from g4c.runtime import load
+from g4c.tuning import Key, Record, TuningDB, TuningDBError
+
+MODEL = ["tiny-e", "--random-weights"]
+
+
+def records_of(db: Path) -> list[Record]:
+    return TuningDB(db).records()
+
+
+def test_tune_measures_candidates_and_resumes(tmp_path):
+    db = tmp_path / "db"
+    assert main(["tune", *MODEL, "--db", str(db), "--kernels", "attention", "--trials", "3"]) == 0
+    first = records_of(db)
+    assert len(first) == 3 and {r.key.op for r in first} == {"attention"}
+    assert all(set(r.times) == {"decode", "prefill"} and r.baseline["prefill"] > 0 for r in first)
+    assert main(["tune", *MODEL, "--db", str(db), "--kernels", "attention", "--trials", "2"]) == 0
+    second = records_of(db)
+    ids = [(r.key, tuple(sorted(r.candidate.items()))) for r in second]
+    assert len(second) == 5 and len(set(ids)) == 5  # resumed: no candidate measured twice
+
+
+def _fake_winner(db: Path, target_name: str, spec, knobs: dict) -> None:
+    """A record claiming `knobs` beat the hand schedule (what a tuning run writes when they do)."""
+    from g4c.targets.registry import get_target
+    from g4c.tuning.tuner import kernel_key
+
+    key = kernel_key(get_target(target_name), spec)
+    TuningDB(db, create=True).append([Record(key, "knobs", knobs, {"decode": 1e-6, "prefill": 1e-5},
+                                             {"decode": 2e-6, "prefill": 2e-5}, spec.name, time.time())])
+
+
+def test_compile_applies_records_and_keeps_the_logits(tmp_path):
+    from g4c.compiler import lowered_model
+    from g4c.model import load_model
+    from g4c.targets.registry import get_target
+
+    loaded = load_model("tiny-e", random_weights=True)
+    target = get_target("llvm")
+    _, lowered = lowered_model(loaded.cfg, loaded.weights, target)
+    specs = {s.op: s for s in lowered.kernels.values() if target.knob_space(s)}
+    db = tmp_path / "db"
+    _fake_winner(db, "llvm", specs["attention"], {"key_tile": 8, "value_slice": 16})
+    _fake_winner(db, "llvm", specs["linear"], {"vector": 8, "columns": 2})
+    assert main(["compile", *MODEL, "-o", str(tmp_path / "plain"), "--no-embed", "--no-check"]) == 0
+    assert main(["compile", *MODEL, "-o", str(tmp_path / "tuned"), "--no-embed", "--no-check",
+                 "--tuning-db", str(db)]) == 0
+    tuned = json.loads((tmp_path / "tuned" / "manifest.json").read_text())["tuned_kernels"]
+    assert tuned == {specs["attention"].name: {"knobs": {"key_tile": 8, "value_slice": 16}, "speedup": 2.0},
+                     specs["linear"].name: {"knobs": {"vector": 8, "columns": 2}, "speedup": 2.0}}
+    ids = [2, 17, 99, 5, 8, 1, 44, 23, 60, 7, 9, 31]
+    plain, other = load(tmp_path / "plain"), load(tmp_path / "tuned")
+    assert np.abs(plain.prefill(ids, all_logits=True) - other.prefill(ids, all_logits=True)).max() <= 1e-5
+    plain.reset(), other.reset()
+    assert plain.generate(ids, 16) == other.generate(ids, 16)
+
+
+def test_kill_9_keeps_finished_records_and_the_next_run_resumes(tmp_path):
+    db = tmp_path / "db"
+    command = [sys.executable, "-m", "g4c.cli", "tune", *MODEL, "--db", str(db), "--kernels", "linear"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not (db / "records.jsonl").exists()
+                                      or len((db / "records.jsonl").read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = records_of(db)
+    assert len(kept) >= 2
+    assert main(["tune", *MODEL, "--db", str(db), "--kernels", "linear", "--trials", "1"]) == 0
+    after = records_of(db)
+    assert len(after) == len(kept) + 1
+    assert len({(r.key, tuple(sorted(r.candidate.items()))) for r in after}) == len(after)
+
+
+def _writer(db: str, worker: int, count: int) -> None:
+    key = Key(f"{worker:016x}", "linear", "llvm", "0")
+    database = TuningDB(db)
+    for i in range(count):
+        database.append([Record(key, "knobs", {"columns": i}, {"decode": 1.0}, {"decode": 1.0}, f"k{worker}")])
+
+
+def test_concurrent_writers_do_not_corrupt_the_database(tmp_path):
+    db = tmp_path / "db"
+    TuningDB(db, create=True)
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_writer, args=(str(db), w, 100)) for w in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    records = records_of(db)
+    assert len(records) == 300
+    assert {r.key.kernel for r in records} == {f"{w:016x}" for w in range(3)}
+
+
+def test_export_import_round_trip(tmp_path):
+    source, copy = tmp_path / "a", tmp_path / "b"
+    _writer_db = TuningDB(source, create=True)
+    _writer(str(source), 7, 5)
+    assert main(["tune", "--db", str(source), "--export", str(tmp_path / "records.json")]) == 0
+    assert main(["tune", "--db", str(copy), "--import", str(tmp_path / "records.json")]) == 0
+    assert [r.to_json() for r in records_of(copy)] == [r.to_json() for r in _writer_db.records()]
+    assert TuningDB(copy).import_(tmp_path / "records.json") == 0  # nothing new the second time
+    lines = (tmp_path / "records.json").read_text().splitlines()
+    (tmp_path / "cut.json").write_text("\n".join(lines[:-2]) + "\n")
+    with pytest.raises(TuningDBError, match="truncated"):
+        TuningDB(copy).import_(tmp_path / "cut.json")
+
+
+def test_damaged_or_foreign_databases_are_refused_in_one_line(tmp_path, capsys):
+    db = tmp_path / "db"
+    _writer(str(TuningDB(db, create=True).directory), 1, 3)
+    text = (db / "records.jsonl").read_text()
+    (db / "records.jsonl").write_text(text[: len(text) - 40])  # cut inside the last record
+    assert main(["compile", *MODEL, "-o", str(tmp_path / "x"), "--tuning-db", str(db), "--no-check"]) == 1
+    (db / "records.jsonl").write_text(text.replace('"columns":1', '"columns":9', 1))  # checksum mismatch
+    assert main(["tune", *MODEL, "--db", str(db), "--trials", "1"]) == 1
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("hello")
+    assert main(["tune", *MODEL, "--db", str(foreign), "--trials", "1"]) == 1
+    (foreign / "meta.json").write_text('{"format": "something-else"}')
+    assert main(["compile", *MODEL, "-o", str(tmp_path / "y"), "--tuning-db", str(foreign), "--no-check"]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 4 and not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert "cut short" in errors[0] and "checksum mismatch" in errors[1]
+    assert "not a g4c tuning database" in errors[2] and "another format" in errors[3]
+
+
+def test_bad_tune_usage_is_one_line(tmp_path, capsys):
+    assert main(["tune", *MODEL, "--db", str(tmp_path / "db"), "--kernels", "nope"]) == 1
+    assert main(["tune", *MODEL, "--db", str(tmp_path / "db"), "--time-budget", "0"]) == 1
+    assert main(["tune", "--db", str(tmp_path / "db")]) == 1
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert "--kernels: nope" in errors[0] and "must be > 0" in errors[1] and "needs MODEL" in errors[2]
