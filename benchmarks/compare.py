@@ -512,10 +512,13 @@ EMBED_BEGIN, EMBED_END = "<!-- embed: written by benchmarks/embed.py -->", "<!--
 
 
 def kept_sections(path: Path) -> str:
-    """The sections other benchmark scripts write into RESULTS.md (benchmarks/embed.py's C runtime table)."""
+    """The sections other benchmark scripts write into RESULTS.md, between their `<!-- NAME: written by
+    benchmarks/SCRIPT -->` and `<!-- /NAME -->` markers (embed.py's C runtime table, tuning.py's)."""
+    import re
+
     text = path.read_text() if path.is_file() else ""
-    start, end = text.find(EMBED_BEGIN), text.find(EMBED_END)
-    return "\n" + text[start:end + len(EMBED_END)] + "\n" if 0 <= start < end else ""
+    found = re.finditer(r"<!-- (\w+): written by benchmarks/.*?<!-- /\1 -->", text, flags=re.S)
+    return "".join("\n" + block.group(0) + "\n" for block in found)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""A tuning session and what it buys: `g4c tune` on the E2B-shaped model for a time budget, the
+best-so-far speed-up of the tuned kernels against tuning time (from the database's timestamped
+records), then `g4c bench` of the model compiled without and with the database (same weights,
+threads, one process each).
+
+    python benchmarks/tuning.py [--layers 2 --budget 1800 --threads 2 --db DIR]
+
+Writes benchmarks/results/tuning-HOST.{json,png} and the "Autotuning" section of benchmarks/RESULTS.md
+(`compare.py` keeps it when it rewrites the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from compare import log, machine  # noqa: E402
+
+BEGIN, END = "<!-- tuning: written by benchmarks/tuning.py -->", "<!-- /tuning -->"
+
+
+def g4c(*args: str, **kw) -> str:
+    done = subprocess.run([sys.executable, "-m", "g4c.cli", *map(str, args)], capture_output=True, text=True, **kw)
+    if done.returncode != 0:
+        raise RuntimeError(f"g4c {args[0]} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return done.stdout
+
+
+def curve(db: Path) -> tuple[list[dict], dict]:
+    """Best-so-far time of the tuned kernels in a decode step and a prefill chunk (Σ calls × best time
+    per kernel, hand schedule until a record beats it), after each record in time order."""
+    from g4c.tuning import TuningDB
+
+    records = sorted(TuningDB(db).records(), key=lambda r: r.when)
+    if not records:
+        return [], {}
+    start = records[0].when
+    hand = {r.key: (r.baseline, r.extra.get("calls", {})) for r in records}
+    best: dict = {}
+
+    def step(bucket: str, table: dict) -> float:
+        return sum(calls.get(bucket, 0) * table.get(key, baseline)[bucket] for key, (baseline, calls) in hand.items())
+
+    points = []
+    for r in records:
+        current = best.get(r.key, hand[r.key][0])
+        if r.never_slower and sum(r.times.values()) < sum(current.values()):
+            best[r.key] = r.times
+        points.append({"seconds": r.when - start,
+                       "decode": step("decode", {}) / step("decode", best),
+                       "prefill": step("prefill", {}) / step("prefill", best)})
+    kernels = {r.name: {"knobs": None, "speedup": 1.0} for r in records}
+    for key, times in best.items():
+        name = next(r.name for r in records if r.key == key and r.times == times)
+        record = next(r for r in records if r.key == key and r.times == times)
+        kernels[name] = {"knobs": record.candidate, "speedup": round(record.speedup, 3)}
+    return points, kernels
+
+
+def bench(artifact: Path, threads: int) -> dict:
+    out = json.loads(g4c("bench", artifact, "--json", "--threads", threads, "--prompt-len", 64, "--gen", 16))
+    return {"prefill": out["prefill_tok_s"], "decode": out["decode_tok_s"]}
+
+
+def section(results: dict) -> str:
+    rows = [BEGIN, "", "## Autotuning (`g4c tune`, g4c's schedule knobs)", "",
+            f"{results['model']}, {results['threads']} threads, tuning budget {results['budget']:.0f} s "
+            f"({results['records']} candidates measured). Best-so-far speed-up of the tuned kernels' share of a "
+            f"step: decode ×{results['final']['decode']:.3f}, prefill chunk ×{results['final']['prefill']:.3f} "
+            f"(plot: `{results['plot']}`).", "",
+            "| model compiled | prefill 64 tok/s | decode tok/s |", "|---|---|---|",
+            f"| hand schedules | {results['hand']['prefill']:.1f} | {results['hand']['decode']:.2f} |",
+            f"| --tuning-db | {results['tuned']['prefill']:.1f} | {results['tuned']['decode']:.2f} |", "",
+            "| kernel | speed-up | knobs |", "|---|---|---|"]
+    rows += [f"| {name} | {k['speedup']:.2f}× | {k['knobs'] or 'hand schedule'} |"
+             for name, k in sorted(results["kernels"].items(), key=lambda kv: -kv[1]["speedup"])]
+    return "\n".join(rows + ["", END, ""])
+
+
+def write_section(text: str, path: Path = HERE / "RESULTS.md") -> None:
+    old = path.read_text() if path.is_file() else ""
+    old = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END) + r"\n?", "", old, flags=re.S).rstrip() + "\n\n"
+    path.write_text(old + text)
+
+
+def plot(points: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for bucket in ("decode", "prefill"):
+        ax.step([p["seconds"] / 60 for p in points], [p[bucket] for p in points], where="post", label=bucket)
+    ax.set_xlabel("tuning time (min)")
+    ax.set_ylabel("best-so-far speed-up of the tuned kernels")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=1800)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--db", type=Path, help="an existing database to report on (no tuning run)")
+    args = parser.parse_args()
+    model = ["e2b", "--random-weights", "--layers", str(args.layers)]
+    env = {**os.environ, "TVM_NUM_THREADS": str(args.threads)}
+    work = Path(tempfile.mkdtemp(prefix="g4c-tuning-"))
+    db = args.db or work / "db"
+    if args.db is None:
+        log(f"tuning for {args.budget:.0f} s into {db}")
+        g4c("tune", *model, "--db", db, "--time-budget", args.budget, env=env)
+    points, kernels = curve(db)
+    results = {"machine": machine(), "model": f"E2B-shaped, {args.layers} layers", "threads": args.threads,
+               "budget": args.budget, "records": len(points), "points": points, "kernels": kernels,
+               "final": points[-1] if points else {"decode": 1.0, "prefill": 1.0}}
+    for label, extra in (("hand", []), ("tuned", ["--tuning-db", db])):
+        artifact = work / label
+        g4c("compile", *model, "-o", artifact, "--no-check", "--no-embed", *extra, env=env)
+        results[label] = bench(artifact, args.threads)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    stem = f"tuning-{results['machine']['host']}"
+    results["plot"] = f"results/{stem}.png"
+    plot(points, out / f"{stem}.png")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    write_section(section(results))
+    print(section(results))
+
+
+if __name__ == "__main__":
+    main()
