@@ -78,6 +78,8 @@ def section(results: dict) -> str:
             f"({results['records']} candidates measured). Best-so-far speed-up of the tuned kernels' share of a "
             f"step: decode ×{results['final']['decode']:.3f}, prefill chunk ×{results['final']['prefill']:.3f} "
             f"(plot: `{results['plot']}`).", "",
+            "`g4c bench` of the model compiled both ways, one run each (this machine's run-to-run noise is "
+            "±10-25%: compare the kernel speed-ups, measured best-of-5 in the same process):", "",
             "| model compiled | prefill 64 tok/s | decode tok/s |", "|---|---|---|",
             f"| hand schedules | {results['hand']['prefill']:.1f} | {results['hand']['decode']:.2f} |",
             f"| --tuning-db | {results['tuned']['prefill']:.1f} | {results['tuned']['decode']:.2f} |", "",
