@@ -23,7 +23,7 @@ import fcntl
 import json
 import os
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -207,10 +207,3 @@ def best_of(records: Iterable[Record]) -> Record | None:
     winners = [r for r in records if r.never_slower and r.speedup > 1.0]
     return max(winners, key=lambda r: r.speedup, default=None)
 
-
-def iter_keys(records: Iterable[Record]) -> Iterator[Key]:
-    seen = set()
-    for record in records:
-        if record.key not in seen:
-            seen.add(record.key)
-            yield record.key
