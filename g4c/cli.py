@@ -515,8 +515,9 @@ def tune(model: Optional[str] = typer.Argument(None, help="Checkpoint directory 
                                                "stop."),
          import_file: Optional[Path] = typer.Option(None, "--import", help="Add FILE's records (a --export) and "
                                                     "stop."),
-         rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker "
-                                                   "(measurements on remote devices: not yet)."),
+         rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: "
+                                                   "measure on the devices registered under --rpc-key (every "
+                                                   "free one, in parallel) instead of this machine."),
          rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="Device key at the tracker.")):
     """Tune the schedules of MODEL's distinct kernels on this machine and record them in --db; then
     `g4c compile MODEL --tuning-db DB` uses the records that beat the hand schedules.
@@ -533,26 +534,27 @@ def tune(model: Optional[str] = typer.Argument(None, help="Checkpoint directory 
         return
     if model is None:
         raise G4CError("g4c tune needs MODEL (or --export / --import)")
-    if rpc_tracker or rpc_key:
-        raise G4CError("--rpc-tracker/--rpc-key: measuring on remote devices is not implemented yet; tune on the "
-                       "device itself")
-    _tune(model, db, target, random_weights, seed, layers, dtype, quant, time_budget, trials, _split(kernels))
+    _tune(model, db, target, random_weights, seed, layers, dtype, quant, time_budget, trials, _split(kernels),
+          rpc_tracker, rpc_key)
 
 
-def _tune(model, db, target_name, random_weights, seed, layers, dtype, quant, time_budget, trials, only) -> None:
+def _tune(model, db, target_name, random_weights, seed, layers, dtype, quant, time_budget, trials, only,
+          rpc_tracker=None, rpc_key=None) -> None:
     from g4c.compiler import lowered_model
     from g4c.dtypes import canonical_dtype
     from g4c.quant import quant_scheme
     from g4c.targets.registry import get_target
     from g4c.tuning import TuningDB
-    from g4c.tuning.tuner import extract_tasks, tune
+    from g4c.tuning.tuner import devices_for, extract_tasks, tune
 
     target = get_target(target_name)
-    if not target.runs_here:
-        raise G4CError(f"target {target.name} does not run on this machine: tune on the device (RPC: not yet)")
+    if not target.runs_here and not rpc_tracker:
+        raise G4CError(f"target {target.name} does not run on this machine: measure on the device through a TVM "
+                       "RPC tracker (--rpc-tracker HOST:PORT --rpc-key KEY)")
     quant_scheme(quant)
     if time_budget is not None and time_budget <= 0 or trials is not None and trials <= 0:
         raise G4CError("--time-budget and --trials must be > 0")
+    devices = devices_for(rpc_tracker, rpc_key)
     database = TuningDB(db, create=True)
     database.records()  # a damaged database fails before any work
     loaded = _model(model, random_weights, seed, layers)
@@ -561,7 +563,8 @@ def _tune(model, db, target_name, random_weights, seed, layers, dtype, quant, ti
     if not tasks:
         out.print(f"{model}: no tunable kernels on {target.name}", markup=False, highlight=False)
         return
-    err.print(f"tuning {len(tasks)} kernels of {model} on {target.name} into {db}", markup=False, highlight=False)
+    err.print(f"tuning {len(tasks)} kernels of {model} on {target.name} ({', '.join(d.name for d in devices)}) into "
+              f"{db}", markup=False, highlight=False)
 
     def report(event: dict) -> None:
         if event["stage"] == "baseline":
@@ -574,7 +577,7 @@ def _tune(model, db, target_name, random_weights, seed, layers, dtype, quant, ti
             err.print(f"{event['kernel']}: {event['done']}/{event['total']} candidates · best {event['best']:.2f}× "
                       f"the hand schedule · {event['elapsed']:.0f} s{eta}", markup=False, highlight=False)
 
-    best = tune(tasks, target, database, time_budget, trials, report)
+    best = tune(tasks, target, database, time_budget, trials, report, devices)
     table = Table(title=f"tuned kernels ({db})")
     for column in ("kernel", "calls (decode / prefill)", "hand µs (decode / prefill)", "best", "knobs"):
         table.add_column(column)

@@ -153,3 +153,52 @@ def test_bad_tune_usage_is_one_line(tmp_path, capsys):
     assert main(["tune", "--db", str(tmp_path / "db")]) == 1
     errors = capsys.readouterr().err.strip().splitlines()
     assert "--kernels: nope" in errors[0] and "must be > 0" in errors[1] and "needs MODEL" in errors[2]
+
+
+def test_tuning_through_an_rpc_tracker_spreads_candidates_over_its_devices(tmp_path):
+    """--rpc-tracker/--rpc-key: candidates are compiled here, uploaded to every free device registered
+    under the key (two TVM RPC servers on 127.0.0.1 here) and timed there, in parallel."""
+    import socket
+
+    pytest.importorskip("tornado")  # TVM's tracker needs it
+    from tvm import rpc
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    tracker_port = free_port()
+    processes = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
+                                   str(tracker_port), "--port-end", str(tracker_port + 1)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(2)
+        for _ in range(2):
+            port = free_port()
+            processes.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
+                                               f"127.0.0.1:{tracker_port}", "--key", "board", "--host", "127.0.0.1",
+                                               "--port", str(port), "--port-end", str(port + 1)],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        free = 0
+        for _ in range(60):
+            time.sleep(0.5)
+            try:
+                free = rpc.connect_tracker("127.0.0.1", tracker_port).summary()["queue_info"].get("board", {}).get("free", 0)
+            except RuntimeError:
+                continue
+            if free == 2:
+                break
+        assert free == 2, "the RPC servers did not register with the tracker"
+        db = tmp_path / "db"
+        assert main(["tune", *MODEL, "--db", str(db), "--kernels", "attention", "--trials", "4",
+                     "--rpc-tracker", f"127.0.0.1:{tracker_port}", "--rpc-key", "board"]) == 0
+        assert main(["tune", *MODEL, "--db", str(db), "--trials", "1", "--rpc-tracker",
+                     f"127.0.0.1:{tracker_port}", "--rpc-key", "phone"]) == 1
+    finally:
+        for process in processes:
+            process.kill()
+    records = records_of(db)
+    assert len(records) == 4
+    assert {r.extra["device"] for r in records} == {f"board@127.0.0.1:{tracker_port}#{i}" for i in (0, 1)}
+    assert all(r.times["decode"] > 0 for r in records)

@@ -11,7 +11,9 @@
    timed (`time_evaluator`, best of repeats) and appended to the database as it finishes; candidates a
    previous run measured are skipped (resume). The time budget and trial count bound the session.
 
-Measurements run on this machine; other devices are measured through RPC (not yet).
+Measurements run on this machine, or on the devices a TVM RPC tracker holds under a key (a farm of
+boards or phones): candidates are spread over every free device, one at a time per device, each
+compiled here, cross-linked by the target's export, uploaded and timed there.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ class Task:
     calls: dict[str, int]  # bucket → calls per decode step / prefill chunk
     space: dict[str, list[int]]
     baseline: dict[str, float] = field(default_factory=dict)  # bucket → seconds per call (hand schedule)
-    inputs: dict = field(default_factory=dict, repr=False)  # bucket → the kernel's input tensors
 
     @property
     def name(self) -> str:
@@ -105,63 +106,157 @@ def _arguments(func, tokens: int, spec) -> list[np.ndarray]:
     return arrays
 
 
-def measure(target, task: Task, knobs: dict | None, repeat: int = 5) -> dict[str, float]:
-    """Seconds per call of the task's kernel scheduled with `knobs` (None: the hand schedule), per
-    bucket: the best of `repeat` timings, each at least 20 ms of calls. The inputs are made once per
-    task and bucket."""
-    import tvm
+def _timed(library_module, device, inputs: dict, repeat: int) -> dict[str, float]:
+    evaluator = library_module.time_evaluator("main", device, number=1, repeat=repeat, min_repeat_ms=20)
+    return {bucket: float(min(evaluator(*args).results)) for bucket, args in inputs.items()}
 
-    func = target.kernel(task.spec, knobs)
-    library = tvm.compile(tvm.IRModule({"main": func}), target=target.tvm_target())
-    device = tvm.cpu(0)
-    evaluator = library.mod.time_evaluator("main", device, number=1, repeat=repeat, min_repeat_ms=20)
-    if not task.inputs:
-        unscheduled = target.unscheduled(task.spec)
-        task.inputs = {bucket: [tvm.runtime.tensor(a, device) for a in _arguments(unscheduled, tokens, task.spec)]
-                       for bucket, tokens in BUCKETS.items()}
-    return {bucket: float(min(evaluator(*args).results)) for bucket, args in task.inputs.items()}
+
+class LocalDevice:
+    """Measures on this machine's CPU."""
+
+    name = "local"
+
+    def __init__(self):
+        self.inputs: dict[str, dict] = {}  # task → bucket → input tensors (one task's at a time)
+
+    def measure(self, target, task: Task, knobs: dict | None, repeat: int = 5) -> dict[str, float]:
+        """Seconds per call of the task's kernel scheduled with `knobs` (None: the hand schedule), per
+        bucket: the best of `repeat` timings, each at least 20 ms of calls. Inputs are made once per task."""
+        import tvm
+
+        library = tvm.compile(tvm.IRModule({"main": target.kernel(task.spec, knobs)}), target=target.tvm_target())
+        device = tvm.cpu(0)
+        return _timed(library.mod, device, self._inputs(target, task, device), repeat)
+
+    def _inputs(self, target, task: Task, device) -> dict:
+        import tvm
+
+        if task.name not in self.inputs:  # the previous task's go: an LM head's are 1.6 GB at fp32
+            unscheduled = target.unscheduled(task.spec)
+            self.inputs = {task.name: {bucket: [tvm.runtime.tensor(a, device) for a in
+                                                _arguments(unscheduled, tokens, task.spec)]
+                                       for bucket, tokens in BUCKETS.items()}}
+        return self.inputs[task.name]
+
+    def release(self) -> None:
+        self.inputs = {}
+
+
+class RemoteDevice(LocalDevice):
+    """A device handed out by a TVM RPC tracker under a key: each candidate is compiled here, exported
+    as the target exports its libraries (cross-linked for arm), uploaded and timed on the device."""
+
+    def __init__(self, tracker: str, key: str, index: int = 0):
+        from tvm import rpc
+
+        super().__init__()
+        host, _, port = tracker.rpartition(":")
+        try:
+            self.session = rpc.connect_tracker(host, int(port)).request(key, session_timeout=0)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise G4CError(f"RPC tracker {tracker}: no device under key {key!r} ({str(exc).splitlines()[-1:]})") \
+                from None
+        self.name, self.uploads = f"{key}@{tracker}#{index}", 0
+
+    def measure(self, target, task: Task, knobs: dict | None, repeat: int = 5) -> dict[str, float]:
+        import tempfile
+        from pathlib import Path
+
+        import tvm
+
+        library = tvm.compile(tvm.IRModule({"main": target.kernel(task.spec, knobs)}), target=target.tvm_target())
+        self.uploads += 1
+        name = f"g4c_tune_{self.uploads}.so"  # a new name each time: the device's dlopen caches by name
+        with tempfile.TemporaryDirectory() as tmp:
+            target.export(library, Path(tmp))
+            self.session.upload(str(Path(tmp) / target.requirements().library), name)
+        remote = self.session.load_module(name)
+        device = self.session.cpu(0)
+        return _timed(remote, device, self._inputs(target, task, device), repeat)
+
+
+def devices_for(rpc_tracker: str | None, rpc_key: str | None, count: int | None = None) -> list:
+    """This machine, or every device the tracker has under the key (`count` of them at most)."""
+    if not rpc_tracker:
+        return [LocalDevice()]
+    if not rpc_key:
+        raise G4CError("--rpc-tracker needs --rpc-key (the key the devices registered under)")
+    from tvm import rpc
+
+    host, _, port = rpc_tracker.rpartition(":")
+    try:
+        queue = rpc.connect_tracker(host, int(port)).summary()["queue_info"].get(rpc_key, {})
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise G4CError(f"cannot reach the RPC tracker {rpc_tracker}: {str(exc).splitlines()[-1:]}") from None
+    free = int(queue.get("free", 0))
+    if free == 0:
+        raise G4CError(f"RPC tracker {rpc_tracker} has no free device under key {rpc_key!r}")
+    return [RemoteDevice(rpc_tracker, rpc_key, i) for i in range(min(free, count or free))]
+
+
+def measure(target, task: Task, knobs: dict | None, repeat: int = 5) -> dict[str, float]:
+    """`LocalDevice().measure` (one call, its own inputs)."""
+    return LocalDevice().measure(target, task, knobs, repeat)
 
 
 Progress = Callable[[dict], None]
 
 
 def tune(tasks: list[Task], target, db: TuningDB, time_budget: float | None = None, trials: int | None = None,
-         progress: Progress | None = None) -> dict[str, Record | None]:
-    """Measure the hand schedules, then candidates in order of the tasks' share of a step, appending
-    each measurement to `db`; returns each kernel's best record (None: the hand schedule stays)."""
+         progress: Progress | None = None, devices: list | None = None) -> dict[str, Record | None]:
+    """Measure the hand schedules, then candidates in order of the tasks' share of a step, spread over
+    `devices` (default: this machine), appending each measurement to `db` as it finishes; returns each
+    kernel's best record (None: the hand schedule stays)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    devices = devices or [LocalDevice()]
     started = time.monotonic()
     report = progress or (lambda event: None)
     for i, task in enumerate(tasks):
-        task.baseline = measure(target, task, None)
-        task.inputs = {}  # made again when the task is tuned: all tasks' inputs at once could be GBs
+        task.baseline = devices[0].measure(target, task, None)
         report({"stage": "baseline", "done": i + 1, "total": len(tasks), "kernel": task.name})
+    devices[0].release()
     tasks.sort(key=lambda t: -t.share())
     measured_total, best = 0, {}
-    for task in tasks:
-        held = db.measured(task.key)
-        done = {_candidate_id(r.candidate) for r in held}
-        todo = [c for c in task.candidates() if _candidate_id(c) not in done]
-        for candidate in todo:
-            if time_budget is not None and time.monotonic() - started > time_budget:
-                break
-            if trials is not None and measured_total >= trials:
-                break
-            try:
-                times = measure(target, task, candidate)
-            except Exception as exc:  # noqa: BLE001 - an illegal candidate (a split TVM refuses) is skipped
-                report({"stage": "skip", "kernel": task.name, "candidate": candidate, "why": str(exc).splitlines()[-1:]})
-                continue
-            record = Record(task.key, "knobs", candidate, times, task.baseline, task.name, time.time(),
-                            {"calls": task.calls})
-            db.append([record])
-            held.append(record)
-            measured_total += 1
-            winner = best_of(held)
-            report({"stage": "tune", "kernel": task.name, "done": len(held),
-                    "total": len(task.candidates()), "best": winner.speedup if winner else 1.0,
-                    "elapsed": time.monotonic() - started, "budget": time_budget})
-        best[task.name] = best_of(held)
-        task.inputs = {}  # the next task's inputs take their place (an LM head's are 1.6 GB at fp32)
+
+    def out_of_budget() -> bool:
+        return (time_budget is not None and time.monotonic() - started > time_budget
+                or trials is not None and measured_total >= trials)
+
+    with ThreadPoolExecutor(len(devices)) as pool:
+        for task in tasks:
+            held = db.measured(task.key)
+            done = {_candidate_id(r.candidate) for r in held}
+            todo = [c for c in task.candidates() if _candidate_id(c) not in done]
+            idle, running = list(devices), {}
+            while todo or running:
+                while todo and idle and not out_of_budget() and measured_total + len(running) < (trials or 1 << 62):
+                    device, candidate = idle.pop(), todo.pop(0)
+                    running[pool.submit(device.measure, target, task, candidate)] = (device, candidate)
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    device, candidate = running.pop(future)
+                    idle.append(device)
+                    try:
+                        times = future.result()
+                    except Exception as exc:  # noqa: BLE001 - an illegal candidate (a split TVM refuses) is skipped
+                        report({"stage": "skip", "kernel": task.name, "candidate": candidate,
+                                "why": str(exc).splitlines()[-1:]})
+                        continue
+                    record = Record(task.key, "knobs", candidate, times, task.baseline, task.name, time.time(),
+                                    {"calls": task.calls, "device": device.name})
+                    db.append([record])
+                    held.append(record)
+                    measured_total += 1
+                    winner = best_of(held)
+                    report({"stage": "tune", "kernel": task.name, "done": len(held),
+                            "total": len(task.candidates()), "best": winner.speedup if winner else 1.0,
+                            "elapsed": time.monotonic() - started, "budget": time_budget, "device": device.name})
+            best[task.name] = best_of(held)
+            for device in devices:
+                device.release()
     return best
 
 
