@@ -194,11 +194,6 @@ def devices_for(rpc_tracker: str | None, rpc_key: str | None, count: int | None 
     return [RemoteDevice(rpc_tracker, rpc_key, i) for i in range(min(free, count or free))]
 
 
-def measure(target, task: Task, knobs: dict | None, repeat: int = 5) -> dict[str, float]:
-    """`LocalDevice().measure` (one call, its own inputs)."""
-    return LocalDevice().measure(target, task, knobs, repeat)
-
-
 Progress = Callable[[dict], None]
 
 
