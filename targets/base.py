@@ -95,7 +95,7 @@ class Target:
 
     def kernel(self, spec: KernelSpec, knobs: dict | None = None):
         """The scheduled PrimFunc of `spec` (its symbol is `spec.name`), with tuned `knobs` if given."""
-        return self.schedule(spec, self.unscheduled(spec), knobs) if knobs else self.schedule(spec, self.unscheduled(spec))
+        return self.schedule(spec, self.unscheduled(spec), knobs)
 
     # -- build -----------------------------------------------------------------------------------------
     def tvm_target(self):

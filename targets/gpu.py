@@ -74,7 +74,7 @@ class GpuTarget(RelaxVMTarget):
     def builders(self) -> dict:
         return gpu_builders()
 
-    def schedule(self, spec: KernelSpec, func):
+    def schedule(self, spec: KernelSpec, func, knobs: dict | None = None):  # no knob space yet: knobs unused
         return gpu_schedule(self.tvm_target(), spec.name, func, self.matmul_rule)
 
     def relax_pipeline(self):
