@@ -105,7 +105,7 @@ class LoweringOptions:
     index_dtype: str = "int64"  # ids, positions and MoE indices (GPUs: int32; WGSL has no i64)
     split_attention: bool = False  # attention over key ranges + merge; prefill tiled over queries
     split_moe: bool = False  # MoE experts as gate/up + down kernels (decode), grouped GEMMs (prefill)
-    decode_gemv: bool = False  # decode linears as one-row GEMV kernels (static shapes a GEMV rule schedules)
+    decode_gemv: bool = True  # decode linears as one-row GEMV kernels, apart from prefill's GEMMs
     tiled_gemm: bool = False  # prefill linears as `linear_tiled` (no GEMM schedule rule on the target)
     shared_memory: int = 16384  # bytes of shared memory per workgroup the tiled kernels may use
     max_binding: int | None = None  # bytes one storage binding may hold: bigger tables are split

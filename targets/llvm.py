@@ -1,8 +1,9 @@
 """The x86/host `llvm` target: TVM's LLVM codegen for this CPU, with CPU schedules.
 
-GEMMs/GEMVs (`linear_*`) are the decode cost: their schedule splits the reduction into SIMD-width
-chunks kept as partial sums (rfactor), parallelises over output columns and vectorises the partial
-sums, so each thread streams contiguous weight rows. Attention is the prefill cost: Q·K runs as the
+Decode's one-token linears (GEMVs, `linear` with rows=1) are the decode cost: their schedule splits
+the reduction into SIMD-width chunks kept as partial sums (rfactor), parallelises over output columns
+and vectorises the partial sums, so each thread streams contiguous weight rows. Prefill's linears are
+register-blocked GEMMs (`targets.cpu_gemm`). Attention is the prefill cost: Q·K runs as the
 same SIMD partial-sum dot products per (query, head), P·V streams V rows with the head_dim
 vectorised. Other kernels are parallelised over their outermost data-parallel loop.
 """
@@ -14,6 +15,7 @@ import os
 import platform
 
 from g4c.codegen.spec import KernelSpec
+from g4c.targets import cpu_gemm
 from g4c.targets.base import RelaxVMTarget, Requirements, Toolchain, host_runtime_libraries, vm_toolchain
 from g4c.targets.registry import TargetKind
 
@@ -39,16 +41,15 @@ def host_tvm_target():
                               "num-cores": os.cpu_count() or 1})
 
 
-def _schedule_linear(func, reduction: int, one_row: bool = False, vector: int = VECTOR,
-                     columns: int = COLUMNS_PER_TASK):
+def _schedule_linear(func, reduction: int, vector: int = VECTOR, columns: int = COLUMNS_PER_TASK):
+    """The one-token GEMV of `linear` / `linear_q` (rows=1): quantized weights are dequantized inside
+    the reduction."""
     import tvm
     from tvm import s_tir
 
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-    quantized = _has_block(sch, "w_deq")
-    if quantized and (one_row or reduction % vector):  # decode: dequantized inside the reduction
+    if _has_block(sch, "w_deq"):
         sch.compute_inline(sch.get_sblock("w_deq"))
-        quantized = False
     if reduction % vector:
         return sch.mod["main"]
     block = sch.get_sblock("y")
@@ -62,12 +63,6 @@ def _schedule_linear(func, reduction: int, one_row: bool = False, vector: int = 
     sch.vectorize(rki)
     sch.reverse_compute_at(block, ri)
     sch.decompose_reduction(rf, rko)
-    if quantized:  # prefill: each task dequantizes its `columns` rows of weights once (a tile in cache,
-        # not a copy of the weight) and every token row reuses them
-        deq = sch.get_sblock("w_deq")
-        sch.compute_at(deq, rjo)
-        _, lanes = sch.split(sch.get_loops(deq)[-1], [None, vector])  # SIMD-width vectors, not K-wide ones
-        sch.vectorize(lanes)
     return sch.mod["main"]
 
 
@@ -145,10 +140,18 @@ def _schedule_generic(func):
     return sch.mod["main"]
 
 
+def _prefill_gemm(spec: KernelSpec) -> bool:
+    """Whether a linear spec is a prefill GEMM (`cpu_gemm`) rather than a one-token GEMV."""
+    return spec.op in ("linear", "linear_q") and spec.kwargs.get("rows") != 1 and cpu_gemm.supports(spec["k"])
+
+
 def cpu_knob_space(spec: KernelSpec) -> dict[str, list[int]]:
     """The schedule parameters `g4c tune` searches for a kernel (first value of each: the hand schedule's):
-    linears: SIMD partial-sum width and output columns per parallel task; attention: keys per task
-    (Q·K) and head_dim slice per task (P·V). Kernels scheduled as written have none."""
+    decode GEMVs: SIMD partial-sum width and output columns per parallel task; prefill GEMMs: the
+    blocking of `cpu_gemm`; attention: keys per task (Q·K) and head_dim slice per task (P·V). Kernels
+    scheduled as written have none."""
+    if _prefill_gemm(spec):
+        return cpu_gemm.gemm_knob_space(spec["k"])
     if spec.op in ("linear", "linear_q"):
         vectors = [v for v in (VECTOR, 8, 32, 64) if spec["k"] % v == 0]
         return {"vector": vectors, "columns": [COLUMNS_PER_TASK, 1, 2, 4, 16, 32, 64]} if vectors else {}
@@ -171,8 +174,12 @@ def schedule_cpu(spec: KernelSpec, func, knobs: dict | None = None):
     """The CPU schedule of a kernel spec (shared with the ARM targets); `knobs` (from `cpu_knob_space`,
     e.g. a tuning record) replace the hand-picked constants."""
     knobs = knobs or {}
+    if _prefill_gemm(spec):  # built anew with the unscheduled kernel's parameters
+        hand = {name: values[0] for name, values in cpu_gemm.gemm_knob_space(spec["k"]).items()}
+        return cpu_gemm.linear_kernel(spec["k"], spec["n"], cpu_gemm.storage_of(spec), spec.name,
+                                      cpu_gemm.declared_words(func), **{**hand, **knobs})
     if spec.op in ("linear", "linear_q"):
-        return _schedule_linear(func, spec["k"], one_row=spec.kwargs.get("rows") == 1, **knobs)
+        return _schedule_linear(func, spec["k"], **knobs)
     if spec.op == "attention":
         return _schedule_attention(func, **knobs)
     if spec.op in ("cache_write", "router_topk", "moe_experts", "linear_qdot", "moe_experts_qdot"):  # TVMScript, scheduled as written

@@ -49,19 +49,30 @@ class Task:
         return sum(self.baseline[b] * self.calls[b] for b in self.calls)
 
     def candidates(self) -> list[dict]:
-        """Every combination of the knobs but the hand schedule's own (the first values: the baseline)."""
+        """Every combination of the knobs but the hand schedule's own (the first values: the baseline),
+        those that change fewest knobs first: a short session tries every knob on its own before
+        combinations (a GEMM's blocking has a few hundred)."""
         names = list(self.space)
         hand = tuple(self.space[n][0] for n in names)
-        return [dict(zip(names, values)) for values in itertools.product(*(self.space[n] for n in names))
-                if values != hand]
+        combos = [values for values in itertools.product(*(self.space[n] for n in names)) if values != hand]
+        combos.sort(key=lambda values: sum(v != h for v, h in zip(values, hand)))  # stable: product order within
+        return [dict(zip(names, values)) for values in combos]
 
 
 def kernel_key(target, spec) -> Key:
+    """The kernel's identity in a database: its unscheduled TensorIR (structural hash) and its knob
+    space, whose first values are the hand schedule every record's speed-up is relative to: when g4c's
+    schedules change, their old records no longer match (they are kept, not applied)."""
+    import hashlib
+    import json
+
     import tvm
     import tvm_ffi
 
     func = target.unscheduled(spec)
-    return Key(kernel=f"{tvm_ffi.structural_hash(func) & (2**64 - 1):016x}", op=spec.op,
+    space = json.dumps(target.knob_space(spec), sort_keys=True)
+    identity = f"{tvm_ffi.structural_hash(func) & (2**64 - 1):016x}:{space}"
+    return Key(kernel=hashlib.sha256(identity.encode()).hexdigest()[:16], op=spec.op,
                target=str(target.tvm_target()), tvm=tvm.__version__)
 
 

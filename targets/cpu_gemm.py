@@ -1,0 +1,150 @@
+"""The CPU prefill linear (`linear`, `linear_q` with a symbolic token count): a register-blocked GEMM
+(llvm and arm targets; decode's one-token linears are separate GEMV kernels, `targets.llvm`).
+
+y[t, n] = Σ_k x[t, k] · w[n, k], w stored as fp32/fp16/bf16 or group-quantized (dequantized where it
+is read, `kernel_math.weight_at`). The weight stays in its checkpoint layout [N, K] (row n is
+contiguous), so every SIMD register holds `vector` consecutive k of one row and each accumulator is a
+vector of partial sums, reduced to y at the end.
+
+Why not the GEMV's dot products: they load one x vector and one w vector per FMA, and a long k row
+evicts the other rows from L1 before they are reused, so a prefill GEMM ran at a third of the FMA
+peak (and slower for k in the thousands). Here tokens are cut in panels of `token_panel` rows (each
+panel's x stays in L2 while every weight row passes once); a panel's tasks are blocks of
+`column_block` weight rows; k is cut in chunks of `k_chunk` (the block's weight chunk stays in L1
+while every token block of the panel uses it); a token block of `token_block` rows keeps
+token_block × column_block vector accumulators in registers, so each k-step loads token_block +
+column_block vectors for token_block × column_block FMAs. A stored fp16/bf16 or quantized weight
+chunk is converted to fp32 once per panel, not once per token. Partial sums are carried across k
+chunks in a per-task buffer (panel × column_block vectors) and reduced at the end. Tokens left over
+from the blocks (and chunks of fewer tokens than a block) go one at a time.
+
+Exact as a reordering of an fp32 sum: every product is formed once in fp32 and added in a different
+order than the reference (the tests compare against float64 within the usual tolerance).
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm.script import tirx as T
+
+from g4c.codegen.kernel_math import F32, param, quant_word, weight_at, weight_param
+
+# hand-picked defaults (the first value of each knob in `gemm_knob_space`)
+VECTOR = 16  # fp32 lanes per accumulator (one AVX-512 register)
+TOKEN_BLOCK = 4  # token rows sharing each weight vector load (GEMM)
+COLUMN_BLOCK = 4  # weight rows sharing each x vector load (GEMM)
+TOKEN_PANEL = 128  # token rows whose x stays in L2 while the weight streams
+K_CHUNK = 512  # k elements of a weight block kept in L1
+
+
+def gemm_knob_space(k: int) -> dict[str, list[int]]:
+    """Knobs of `linear_kernel`, hand values first; `vector` must divide k."""
+    vectors = [v for v in (VECTOR, 8, 32) if k % v == 0]
+    if not vectors:
+        return {}
+    return {"vector": vectors, "token_block": [TOKEN_BLOCK, 2, 6], "column_block": [COLUMN_BLOCK, 2, 8],
+            "token_panel": [TOKEN_PANEL, 64, 256], "k_chunk": [K_CHUNK, 256, 1024]}
+
+
+def supports(k: int) -> bool:
+    """Whether `linear_kernel` builds for a reduction of k (vectors of whole k)."""
+    return bool(gemm_knob_space(k))
+
+
+def linear_kernel(k: int, n: int, storage: str, name: str, words: tuple[str, str] = ("uint8", "float16"),
+                  vector: int = VECTOR, token_block: int = TOKEN_BLOCK,
+                  column_block: int = COLUMN_BLOCK, token_panel: int = TOKEN_PANEL,
+                  k_chunk: int = K_CHUNK):
+    """The PrimFunc `name`(x [T, k], weight [n, k] in `storage` (its data and scales for a quantization,
+    declared in `words`), y [T, n]) with the parameters of `codegen.kernels.linear` / `linear_q`."""
+    assert k % vector == 0, "vectors of whole k"
+    cb = math.gcd(n, column_block)
+    tb, tp = token_block, max(token_panel // token_block, 1) * token_block
+    kc = math.gcd(k, max(k_chunk // vector, 1) * vector)  # a multiple of `vector` that divides k
+    lanes = vector
+    convert = storage != "float32"
+
+    def chunk(w, block, task, b, c, e):
+        """Weight element e of row b of the task's block in k chunk c, as fp32."""
+        return block[b * kc + e] if convert else w[task * cb + b, c * kc + e]
+
+    @T.macro
+    def token_rows(x, w, block, part, row0, i, c, task):
+        """One token row (x row `row0 + i`) against the block's `cb` rows over k chunk c, into part[i]."""
+        acc = T.decl_buffer((cb * lanes,), F32, scope="local")
+        for b in T.unroll(cb):
+            for l in T.vectorized(lanes):
+                acc[b * lanes + l] = T.if_then_else(c == 0, T.float32(0), part[(i * cb + b) * lanes + l])
+        for kk in range(kc // lanes):
+            for b in T.unroll(cb):
+                for l in T.vectorized(lanes):
+                    acc[b * lanes + l] = acc[b * lanes + l] + x[row0 + i, c * kc + kk * lanes + l] * chunk(
+                        w, block, task, b, c, kk * lanes + l)
+        for b in T.unroll(cb):
+            for l in T.vectorized(lanes):
+                part[(i * cb + b) * lanes + l] = acc[b * lanes + l]
+
+    @T.macro
+    def gemm(x, w, y, t):
+        for panel in range((t + tp - 1) // tp):
+            for task in T.parallel(n // cb):
+                part = T.decl_buffer((tp * cb * lanes,), F32, scope="local")
+                rows = T.min(T.int64(tp), t - panel * tp)
+                for c in range(k // kc):
+                    block = T.decl_buffer((cb * kc,), F32, scope="local")
+                    if convert:  # the block's weight chunk in fp32, converted once for the panel
+                        for b in range(cb):
+                            for kk in range(kc // lanes):
+                                for l in T.vectorized(lanes):
+                                    block[b * kc + kk * lanes + l] = weight_at(
+                                        w, task * cb + b, c * kc + kk * lanes + l, storage)
+                    for blk in range(rows // tb):
+                        acc = T.decl_buffer((tb * cb * lanes,), F32, scope="local")
+                        for a in T.unroll(tb):
+                            for b in T.unroll(cb):
+                                for l in T.vectorized(lanes):
+                                    acc[(a * cb + b) * lanes + l] = T.if_then_else(
+                                        c == 0, T.float32(0), part[((blk * tb + a) * cb + b) * lanes + l])
+                        for kk in range(kc // lanes):
+                            for a in T.unroll(tb):
+                                for b in T.unroll(cb):
+                                    for l in T.vectorized(lanes):
+                                        acc[(a * cb + b) * lanes + l] = acc[(a * cb + b) * lanes + l] + x[
+                                            panel * tp + blk * tb + a, c * kc + kk * lanes + l] * chunk(
+                                            w, block, task, b, c, kk * lanes + l)
+                        for a in T.unroll(tb):
+                            for b in T.unroll(cb):
+                                for l in T.vectorized(lanes):
+                                    part[((blk * tb + a) * cb + b) * lanes + l] = acc[(a * cb + b) * lanes + l]
+                    for i in range(rows // tb * tb, rows):
+                        token_rows(x, w, block, part, panel * tp, i, c, task)
+                for i in range(rows):
+                    for b in T.unroll(cb):
+                        y[panel * tp + i, task * cb + b] = T.float32(0)
+                        for l in range(lanes):
+                            y[panel * tp + i, task * cb + b] = y[panel * tp + i, task * cb + b] + part[
+                                (i * cb + b) * lanes + l]
+
+    with quant_word(*words):
+        @T.prim_func
+        def func():
+            T.func_attr({"global_symbol": name, "tirx.noalias": True})
+            t = T.int64()
+            x = param("x", (t, k), F32)
+            w = weight_param("w", (n, k), storage)
+            y = param("y", (t, n), F32)
+            gemm(x, w, y, t)
+    return func
+
+
+def storage_of(spec) -> str:
+    """The weight storage of a `linear` / `linear_q` spec: its float dtype or its quantization."""
+    return spec["scheme"] if spec.op == "linear_q" else spec.kwargs.get("dtype", "float32")
+
+
+def declared_words(func) -> tuple[str, str]:
+    """(data, scales) dtypes of an unscheduled quantized linear's weight parameters (the target's words)."""
+    dtypes = {p.name: str(p.dtype) for p in func.params}
+    return dtypes.get("w_data", "uint8"), dtypes.get("w_scales", "float16")
+
