@@ -391,7 +391,8 @@ class _Lowering:
             self.call(self.kernel("moe_down", **shape, storage=down_storage), act, idx, *down_args, e_out)
         else:
             integer = self.opt.int8_dot and gate_up_storage in SCHEMES and down_storage in SCHEMES
-            kern = self.kernel("moe_experts_qdot" if integer else "moe_experts", **shape,
+            op = "moe_experts_qdot" if integer else "moe_experts" if self.decode else "moe_experts_grouped"
+            kern = self.kernel(op, **shape,
                                gate_up_storage=gate_up_storage, down_storage=down_storage)
             self.call(kern, e_in, idx, wts, *gate_up_args, *down_args, e_out)
         return self.rms(e_out, self.weight(post_norm), hidden, eps, n.name, rows)

@@ -43,6 +43,7 @@ OPS = {
     "router_input": "MoE router input: RMS norm and scale",
     "router_topk": "MoE top-k: softmax, top-k, renormalise, per-expert scale",
     "moe_experts": "MoE experts of the top-k, summed (one kernel; each bank's storage a float dtype or q8/q4)",
+    "moe_experts_grouped": "moe_experts for a prefill chunk (same math; CPUs: grouped GEMMs per expert)",
     "moe_experts_qdot": "moe_experts with q8/q4 banks and int8 activations: integer dot products",
     "moe_gate_up": "MoE gate/up + gelu for each routed (token, slot) (bank storage: a float dtype or q8/q4)",
     "moe_down": "MoE down-projection summed over the top-k (bank storage: a float dtype or q8/q4)",

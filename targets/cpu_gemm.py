@@ -28,7 +28,7 @@ import math
 
 from tvm.script import tirx as T
 
-from g4c.codegen.kernel_math import F32, param, quant_word, weight_at, weight_param
+from g4c.codegen.kernel_math import F32, gelu_tanh, param, quant_word, weight_at, weight_param
 
 # hand-picked defaults (the first value of each knob in `gemm_knob_space`)
 VECTOR = 16  # fp32 lanes per accumulator (one AVX-512 register)
@@ -52,7 +52,10 @@ def supports(k: int) -> bool:
     return bool(gemm_knob_space(k))
 
 
-def linear_kernel(k: int, n: int, storage: str, name: str, words: tuple[str, str] = ("uint8", "float16"),
+CPU_WORDS = ("uint8", "float16")  # how CPU targets store quantized data and scales (LoweringOptions)
+
+
+def linear_kernel(k: int, n: int, storage: str, name: str, words: tuple[str, str] = CPU_WORDS,
                   vector: int = VECTOR, token_block: int = TOKEN_BLOCK,
                   column_block: int = COLUMN_BLOCK, token_panel: int = TOKEN_PANEL,
                   k_chunk: int = K_CHUNK):
@@ -143,8 +146,123 @@ def storage_of(spec) -> str:
     return spec["scheme"] if spec.op == "linear_q" else spec.kwargs.get("dtype", "float32")
 
 
-def declared_words(func) -> tuple[str, str]:
-    """(data, scales) dtypes of an unscheduled quantized linear's weight parameters (the target's words)."""
-    dtypes = {p.name: str(p.dtype) for p in func.params}
-    return dtypes.get("w_data", "uint8"), dtypes.get("w_scales", "float16")
+MOE_TOKEN_BLOCK = 4  # (token, slot) pairs of one expert sharing each expert-row vector load
+MOE_ROW_BLOCK = 2  # expert rows (gate and up: 2x) sharing each activation vector load
 
+
+def moe_experts_kernel(hidden: int, inter: int, experts: int, top_k: int, name: str,
+                       gate_up_storage: str = "float32", down_storage: str = "float32",
+                       words: tuple[str, str] = CPU_WORDS, token_block: int = MOE_TOKEN_BLOCK,
+                       row_block: int = MOE_ROW_BLOCK):
+    """`codegen.kernels.moe_experts` (same parameters and result) as grouped GEMMs: the (token, slot)
+    pairs are first listed by expert (a counting sort, in token order), then each task (a block of an
+    expert's rows) runs the same register blocking as `linear_kernel` over its expert's pairs, token
+    blocks of `token_block` pairs (their x rows gathered) against `row_block` rows (gate and up rows
+    together in the first GEMM), so an expert row loaded from cache serves several tokens and an x
+    vector several rows. Pairs left over from the blocks go one at a time. For prefill (op
+    `moe_experts_grouped`): decode's one token keeps `moe_experts`, whose tasks of more rows suit
+    the 8 scattered rows it reads."""
+    tb = token_block
+    rb, rd = math.gcd(inter, row_block), math.gcd(hidden, row_block)
+    vh, vi = math.gcd(VECTOR, hidden), math.gcd(VECTOR, inter)
+
+    @T.macro
+    def group_by_expert(idx, t, count, start, order):
+        for e in range(experts + 1):
+            count[e] = T.int64(0)
+        for p in range(t * top_k):
+            count[idx[p // top_k, p % top_k]] = count[idx[p // top_k, p % top_k]] + 1
+        start[0] = T.int64(0)
+        for e in range(experts):
+            start[e + 1] = start[e] + count[e]
+            count[e] = start[e]  # now the next free place of expert e
+        for p in range(t * top_k):
+            order[count[idx[p // top_k, p % top_k]]] = p
+            count[idx[p // top_k, p % top_k]] = count[idx[p // top_k, p % top_k]] + 1
+
+    @T.macro
+    def gate_up_rows(x, w, gate_up, act, order, first, pairs, e, r0, n_tok):
+        """act of `n_tok` pairs order[first:] for rows r0..r0+rb of expert e (gate rows, then up rows)."""
+        acc = T.decl_buffer((n_tok * 2 * rb * vh,), F32, scope="local")
+        token = T.decl_buffer((n_tok,), "int64", scope="local")  # the gathered x rows, read once
+        for a in T.unroll(n_tok):
+            token[a] = order[first + a] // top_k
+            for b in T.unroll(2 * rb):
+                for l in T.vectorized(vh):
+                    acc[(a * 2 * rb + b) * vh + l] = T.float32(0)
+        for kk in range(hidden // vh):
+            for a in T.unroll(n_tok):
+                for b in T.unroll(2 * rb):
+                    for l in T.vectorized(vh):
+                        acc[(a * 2 * rb + b) * vh + l] = acc[(a * 2 * rb + b) * vh + l] + x[
+                            token[a], kk * vh + l] * weight_at(
+                            gate_up, (e, r0 + b % rb + b // rb * inter), kk * vh + l, gate_up_storage)
+        for a in T.unroll(n_tok):
+            for b in T.unroll(rb):
+                pairs[0] = T.float32(0)
+                pairs[1] = T.float32(0)
+                for l in range(vh):
+                    pairs[0] = pairs[0] + acc[(a * 2 * rb + b) * vh + l]
+                    pairs[1] = pairs[1] + acc[(a * 2 * rb + rb + b) * vh + l]
+                act[order[first + a], r0 + b] = gelu_tanh(pairs[0]) * pairs[1] * w[
+                    order[first + a] // top_k, order[first + a] % top_k]
+
+    @T.macro
+    def down_rows(act, down, part, order, first, e, o0, n_tok):
+        acc = T.decl_buffer((n_tok * rd * vi,), F32, scope="local")
+        pair = T.decl_buffer((n_tok,), "int64", scope="local")
+        for a in T.unroll(n_tok):
+            pair[a] = order[first + a]
+            for b in T.unroll(rd):
+                for l in T.vectorized(vi):
+                    acc[(a * rd + b) * vi + l] = T.float32(0)
+        for kk in range(inter // vi):
+            for a in T.unroll(n_tok):
+                for b in T.unroll(rd):
+                    for l in T.vectorized(vi):
+                        acc[(a * rd + b) * vi + l] = acc[(a * rd + b) * vi + l] + act[
+                            pair[a], kk * vi + l] * weight_at(down, (e, o0 + b), kk * vi + l, down_storage)
+        for a in T.unroll(n_tok):
+            for b in T.unroll(rd):
+                part[order[first + a], o0 + b] = T.float32(0)
+                for l in range(vi):
+                    part[order[first + a], o0 + b] = part[order[first + a], o0 + b] + acc[(a * rd + b) * vi + l]
+
+    with quant_word(*words):
+        @T.prim_func
+        def func():
+            T.func_attr({"global_symbol": name, "tirx.noalias": True})
+            t = T.int64()
+            x = param("x", (t, hidden), F32)
+            idx = param("idx", (t, top_k), "int64")
+            w = param("w", (t, top_k), F32)
+            gate_up = weight_param("gate_up", (experts, 2 * inter, hidden), gate_up_storage)
+            down = weight_param("down", (experts, hidden, inter), down_storage)
+            out = param("out", (t, hidden), F32)
+            count = T.alloc_buffer((experts + 1,), "int64")
+            start = T.alloc_buffer((experts + 1,), "int64")
+            order = T.alloc_buffer((t * top_k,), "int64")
+            act = T.alloc_buffer((t * top_k, inter), F32)
+            part = T.alloc_buffer((t * top_k, hidden), F32)
+            group_by_expert(idx, t, count, start, order)
+            for task in T.parallel((inter // rb) * experts):  # row blocks outermost: threads share every expert
+                pairs = T.decl_buffer((2,), F32, scope="local")
+                e = task % experts
+                n_e = start[e + 1] - start[e]
+                for blk in range(n_e // tb):
+                    gate_up_rows(x, w, gate_up, act, order, start[e] + blk * tb, pairs, e, task // experts * rb, tb)
+                for p in range(n_e // tb * tb, n_e):
+                    gate_up_rows(x, w, gate_up, act, order, start[e] + p, pairs, e, task // experts * rb, 1)
+            for task in T.parallel((hidden // rd) * experts):
+                e = task % experts
+                n_e = start[e + 1] - start[e]
+                for blk in range(n_e // tb):
+                    down_rows(act, down, part, order, start[e] + blk * tb, e, task // experts * rd, tb)
+                for p in range(n_e // tb * tb, n_e):
+                    down_rows(act, down, part, order, start[e] + p, e, task // experts * rd, 1)
+            for i in T.parallel(t):
+                for o in range(hidden):
+                    out[i, o] = part[i * top_k, o]
+                    for j in range(1, top_k):
+                        out[i, o] = out[i, o] + part[i * top_k + j, o]
+    return func

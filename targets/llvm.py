@@ -167,7 +167,8 @@ def cpu_builders() -> dict:
 
     ops = ("embed", "embed_q", "linear", "linear_q", "rms_norm", "add_rms_norm", "head_norm_rope", "cache_write", "attention", "gelu_mul",
            "scale_rows", "add", "softcap", "ple_mix", "ple_gate", "router_input", "router_topk", "moe_experts")
-    return {op: getattr(kernels, op) for op in ops}
+    # prefill's MoE: the same math as moe_experts, scheduled as grouped GEMMs (`cpu_gemm`)
+    return {**{op: getattr(kernels, op) for op in ops}, "moe_experts_grouped": kernels.moe_experts}
 
 
 def schedule_cpu(spec: KernelSpec, func, knobs: dict | None = None):
@@ -177,7 +178,9 @@ def schedule_cpu(spec: KernelSpec, func, knobs: dict | None = None):
     if _prefill_gemm(spec):  # built anew with the unscheduled kernel's parameters
         hand = {name: values[0] for name, values in cpu_gemm.gemm_knob_space(spec["k"]).items()}
         return cpu_gemm.linear_kernel(spec["k"], spec["n"], cpu_gemm.storage_of(spec), spec.name,
-                                      cpu_gemm.declared_words(func), **{**hand, **knobs})
+                                      **{**hand, **knobs})
+    if spec.op == "moe_experts_grouped":  # the same parameters as its unscheduled form, moe_experts
+        return cpu_gemm.moe_experts_kernel(**spec.kwargs, name=spec.name)
     if spec.op in ("linear", "linear_q"):
         return _schedule_linear(func, spec["k"], **knobs)
     if spec.op == "attention":

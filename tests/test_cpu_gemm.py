@@ -79,3 +79,26 @@ def test_prefill_linears_are_gemms_and_decode_linears_gemvs():
     args = _arguments(target.unscheduled(quantized), tokens=9, spec=quantized)  # the unscheduled signature
     np.testing.assert_array_equal(_run(target.kernel(quantized, {"token_block": 2}), args),
                                   _run(target.kernel(quantized), [a.copy() for a in args]))
+
+
+@pytest.mark.parametrize("storage", ["float32", "q4"])
+@pytest.mark.parametrize("tokens", [1, 6, 37])  # fewer pairs per expert than a block, blocks + rests
+def test_grouped_experts_equal_the_per_token_kernel(storage, tokens):
+    """moe_experts_grouped (prefill) computes what moe_experts computes, pair by pair, in the same order."""
+    from g4c.codegen import kernels
+    from g4c.codegen.kernel_math import quant_word
+
+    hidden, inter, experts, top_k = 96, 64, 8, 3
+    rng = np.random.default_rng(tokens)
+    x = rng.standard_normal((tokens, hidden)).astype(np.float32)
+    idx = np.stack([rng.permutation(experts)[:top_k] for _ in range(tokens)]).astype(np.int64)
+    w = rng.random((tokens, top_k)).astype(np.float32)
+    gate_up, _ = _weight(storage, experts * 2 * inter, hidden, rng)
+    down, _ = _weight(storage, experts * hidden, inter, rng)
+    banks = [a.reshape(experts, -1, a.shape[-1]) for a in (*gate_up, *down)]
+    args = [x, idx, w, *banks, np.zeros((tokens, hidden), np.float32)]
+    with quant_word(*cpu_gemm.CPU_WORDS):
+        reference = kernels.moe_experts(hidden, inter, experts, top_k, "main", storage, storage)
+    grouped = cpu_gemm.moe_experts_kernel(hidden, inter, experts, top_k, "main", storage, storage)
+    expected = _run(reference, [a.copy() for a in args])
+    np.testing.assert_allclose(_run(grouped, args), expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())

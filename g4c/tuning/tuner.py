@@ -104,7 +104,7 @@ def _arguments(func, tokens: int, spec) -> list[np.ndarray]:
     depend on the values), valid positions."""
     window = spec.kwargs.get("window")
     slots = window + PREFILL_CHUNK - 1 if window else DECODE_CONTEXT
-    sizes = {"T": tokens, "S": slots}
+    sizes = {"T": tokens, "t": tokens, "S": slots}  # TE kernels name the token count T, TVMScript ones t
     arrays = []
     for param in func.params:
         shape = [int(d) if not hasattr(d, "name") else sizes[d.name] for d in param.shape]
