@@ -508,7 +508,8 @@ def tune(model: Optional[str] = typer.Argument(None, help="Checkpoint directory 
          dtype: str = typer.Option("fp32", "--dtype", help="Weight storage, as for compile."),
          quant: str = QuantOpt,
          time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Stop after SECONDS of tuning."),
-         trials: Optional[int] = typer.Option(None, "--trials", help="Stop after N measured candidates."),
+         trials: Optional[int] = typer.Option(None, "--trials", help="Stop g4c's knob search after N measured "
+                                              "candidates (MetaSchedule sessions have their own count)."),
          kernels: Optional[str] = typer.Option(None, "--kernels", help="Tune only these kernels or ops "
                                                "(comma list, e.g. linear,attention)."),
          export: Optional[Path] = typer.Option(None, "--export", help="Write the database's records to FILE and "
@@ -518,7 +519,10 @@ def tune(model: Optional[str] = typer.Argument(None, help="Checkpoint directory 
          rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: "
                                                    "measure on the devices registered under --rpc-key (every "
                                                    "free one, in parallel) instead of this machine."),
-         rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="Device key at the tracker.")):
+         rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="Device key at the tracker."),
+         metaschedule_trials: int = typer.Option(32, "--metaschedule-trials", help="Candidates of the MetaSchedule "
+                                                 "session run on each kernel it can tune (decode linears; 0: "
+                                                 "g4c's knobs only).")):
     """Tune the schedules of MODEL's distinct kernels on this machine and record them in --db; then
     `g4c compile MODEL --tuning-db DB` uses the records that beat the hand schedules.
 
@@ -535,11 +539,11 @@ def tune(model: Optional[str] = typer.Argument(None, help="Checkpoint directory 
     if model is None:
         raise G4CError("g4c tune needs MODEL (or --export / --import)")
     _tune(model, db, target, random_weights, seed, layers, dtype, quant, time_budget, trials, _split(kernels),
-          rpc_tracker, rpc_key)
+          rpc_tracker, rpc_key, metaschedule_trials)
 
 
 def _tune(model, db, target_name, random_weights, seed, layers, dtype, quant, time_budget, trials, only,
-          rpc_tracker=None, rpc_key=None) -> None:
+          rpc_tracker=None, rpc_key=None, metaschedule_trials: int = 0) -> None:
     from g4c.compiler import lowered_model
     from g4c.dtypes import canonical_dtype
     from g4c.quant import quant_scheme
@@ -554,6 +558,8 @@ def _tune(model, db, target_name, random_weights, seed, layers, dtype, quant, ti
     quant_scheme(quant)
     if time_budget is not None and time_budget <= 0 or trials is not None and trials <= 0:
         raise G4CError("--time-budget and --trials must be > 0")
+    if metaschedule_trials < 0:
+        raise G4CError("--metaschedule-trials must be ≥ 0")
     devices = devices_for(rpc_tracker, rpc_key)
     database = TuningDB(db, create=True)
     database.records()  # a damaged database fails before any work
@@ -570,6 +576,9 @@ def _tune(model, db, target_name, random_weights, seed, layers, dtype, quant, ti
         if event["stage"] == "baseline":
             if event["done"] == event["total"]:
                 err.print(f"hand schedules measured: {event['total']} kernels", markup=False, highlight=False)
+        elif event["stage"] == "metaschedule":
+            err.print(f"{event['kernel']}: MetaSchedule session of {event['trials']} candidates (cost model "
+                      f"{event['cost_model']}) · {event['elapsed']:.0f} s", markup=False, highlight=False)
         elif event["stage"] == "tune":
             eta = ""
             if event["budget"]:
@@ -577,7 +586,7 @@ def _tune(model, db, target_name, random_weights, seed, layers, dtype, quant, ti
             err.print(f"{event['kernel']}: {event['done']}/{event['total']} candidates · best {event['best']:.2f}× "
                       f"the hand schedule · {event['elapsed']:.0f} s{eta}", markup=False, highlight=False)
 
-    best = tune(tasks, target, database, time_budget, trials, report, devices)
+    best = tune(tasks, target, database, time_budget, trials, report, devices, metaschedule_trials)
     table = Table(title=f"tuned kernels ({db})")
     for column in ("kernel", "calls (decode / prefill)", "hand µs (decode / prefill)", "best", "knobs"):
         table.add_column(column)
@@ -585,8 +594,15 @@ def _tune(model, db, target_name, random_weights, seed, layers, dtype, quant, ti
         record = best.get(task.name)
         table.add_row(task.name, f"{task.calls.get('decode', 0)} / {task.calls.get('prefill', 0)}",
                       f"{task.baseline['decode'] * 1e6:.1f} / {task.baseline['prefill'] * 1e6:.1f}",
-                      f"{record.speedup:.2f}×" if record else "hand", str(record.candidate) if record else "")
+                      f"{record.speedup:.2f}×" if record else "hand", _describe(record))
     out.print(table)
+
+
+def _describe(record) -> str:
+    """A best record's candidate for the table: its knobs, or that it is a MetaSchedule schedule."""
+    if record is None:
+        return ""
+    return "MetaSchedule trace" if "trace" in record.candidate else str(record.candidate)
 
 
 def _say_converted(artifact: Path) -> None:

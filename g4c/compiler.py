@@ -131,7 +131,7 @@ def lowered_model(cfg: ModelConfig, weights: Weights, target, dtype: str = "floa
 
 
 def _tuned_knobs(tuning_db, target, lowered) -> dict[str, dict]:
-    """kernel name → {"knobs", "speedup"} from a tuning database's best records (kernels without one
+    """kernel name → {"space", "knobs", "speedup"} from a tuning database's best records (kernels without one
     keep their hand schedule)."""
     if tuning_db is None:
         return {}
@@ -145,7 +145,7 @@ def _tuned_knobs(tuning_db, target, lowered) -> dict[str, dict]:
             continue
         record = best.get(kernel_key(target, spec))
         if record is not None:
-            tuned[name] = {"knobs": record.candidate, "speedup": round(record.speedup, 3)}
+            tuned[name] = {"space": record.space, "knobs": record.candidate, "speedup": round(record.speedup, 3)}
     return tuned
 
 

@@ -94,7 +94,12 @@ class Target:
             return builder(**spec.kwargs, name=spec.name).with_attr("global_symbol", spec.name)
 
     def kernel(self, spec: KernelSpec, knobs: dict | None = None):
-        """The scheduled PrimFunc of `spec` (its symbol is `spec.name`), with tuned `knobs` if given."""
+        """The scheduled PrimFunc of `spec` (its symbol is `spec.name`), with tuned `knobs` if given
+        (a MetaSchedule record's candidate is its trace: replayed instead of g4c's schedule)."""
+        if knobs and "trace" in knobs:
+            from g4c.tuning.metaschedule import apply
+
+            return apply(self.unscheduled(spec), knobs["trace"])
         return self.schedule(spec, self.unscheduled(spec), knobs)
 
     # -- build -----------------------------------------------------------------------------------------

@@ -146,8 +146,26 @@ def storage_of(spec) -> str:
     return spec["scheme"] if spec.op == "linear_q" else spec.kwargs.get("dtype", "float32")
 
 
-MOE_TOKEN_BLOCK = 4  # (token, slot) pairs of one expert sharing each expert-row vector load
-MOE_ROW_BLOCK = 2  # expert rows (gate and up: 2x) sharing each activation vector load
+MOE_TOKEN_BLOCK = 2  # (token, slot) pairs of one expert sharing each expert-row vector load
+MOE_ROW_BLOCK = 4  # expert rows (gate and up: 2x) sharing each activation vector load
+ROW_SPLITS = 4  # parts of every expert's rows: the threads' shares of the task range
+
+
+class _ExpertTasks:
+    """Task → (expert, first row) for a GEMM over every expert's `blocks` row blocks of `rows` rows,
+    ordered (row split, expert, block): a thread's contiguous range of tasks streams contiguous rows of
+    one expert after another, and with up to ROW_SPLITS threads each takes an equal part of every
+    expert's rows, however the tokens are routed."""
+
+    def __init__(self, experts: int, blocks: int, rows: int):
+        self.experts, self.rows = experts, rows
+        self.per = blocks // math.gcd(blocks, ROW_SPLITS)  # blocks per split
+
+    def expert(self, task):
+        return task % (self.experts * self.per) // self.per
+
+    def row(self, task):
+        return (task // (self.experts * self.per) * self.per + task % self.per) * self.rows
 
 
 def moe_experts_kernel(hidden: int, inter: int, experts: int, top_k: int, name: str,
@@ -164,6 +182,7 @@ def moe_experts_kernel(hidden: int, inter: int, experts: int, top_k: int, name: 
     the 8 scattered rows it reads."""
     tb = token_block
     rb, rd = math.gcd(inter, row_block), math.gcd(hidden, row_block)
+    gu_tasks, down_tasks = _ExpertTasks(experts, inter // rb, rb), _ExpertTasks(experts, hidden // rd, rd)
     vh, vi = math.gcd(VECTOR, hidden), math.gcd(VECTOR, inter)
 
     @T.macro
@@ -245,21 +264,21 @@ def moe_experts_kernel(hidden: int, inter: int, experts: int, top_k: int, name: 
             act = T.alloc_buffer((t * top_k, inter), F32)
             part = T.alloc_buffer((t * top_k, hidden), F32)
             group_by_expert(idx, t, count, start, order)
-            for task in T.parallel((inter // rb) * experts):  # row blocks outermost: threads share every expert
+            for task in T.parallel((inter // rb) * experts):
                 pairs = T.decl_buffer((2,), F32, scope="local")
-                e = task % experts
+                e, r0 = gu_tasks.expert(task), gu_tasks.row(task)
                 n_e = start[e + 1] - start[e]
                 for blk in range(n_e // tb):
-                    gate_up_rows(x, w, gate_up, act, order, start[e] + blk * tb, pairs, e, task // experts * rb, tb)
+                    gate_up_rows(x, w, gate_up, act, order, start[e] + blk * tb, pairs, e, r0, tb)
                 for p in range(n_e // tb * tb, n_e):
-                    gate_up_rows(x, w, gate_up, act, order, start[e] + p, pairs, e, task // experts * rb, 1)
+                    gate_up_rows(x, w, gate_up, act, order, start[e] + p, pairs, e, r0, 1)
             for task in T.parallel((hidden // rd) * experts):
-                e = task % experts
+                e, o0 = down_tasks.expert(task), down_tasks.row(task)
                 n_e = start[e + 1] - start[e]
                 for blk in range(n_e // tb):
-                    down_rows(act, down, part, order, start[e] + blk * tb, e, task // experts * rd, tb)
+                    down_rows(act, down, part, order, start[e] + blk * tb, e, o0, tb)
                 for p in range(n_e // tb * tb, n_e):
-                    down_rows(act, down, part, order, start[e] + p, e, task // experts * rd, 1)
+                    down_rows(act, down, part, order, start[e] + p, e, o0, 1)
             for i in T.parallel(t):
                 for o in range(hidden):
                     out[i, o] = part[i * top_k, o]

@@ -57,21 +57,60 @@ def test_compile_applies_records_and_keeps_the_logits(tmp_path):
     loaded = load_model("tiny-e", random_weights=True)
     target = get_target("llvm")
     _, lowered = lowered_model(loaded.cfg, loaded.weights, target)
-    specs = {s.op: s for s in lowered.kernels.values() if target.knob_space(s)}
+    specs = {(s.op, s.kwargs.get("rows")): s for s in lowered.kernels.values() if target.knob_space(s)}
+    wins = {("attention", None): {"key_tile": 8, "value_slice": 16},
+            ("linear", 1): {"vector": 8, "columns": 2},  # a decode GEMV
+            ("linear", None): {"token_block": 2, "column_block": 8, "k_chunk": 32}}  # a prefill GEMM
     db = tmp_path / "db"
-    _fake_winner(db, "llvm", specs["attention"], {"key_tile": 8, "value_slice": 16})
-    _fake_winner(db, "llvm", specs["linear"], {"vector": 8, "columns": 2})
+    for which, knobs in wins.items():
+        _fake_winner(db, "llvm", specs[which], knobs)
     assert main(["compile", *MODEL, "-o", str(tmp_path / "plain"), "--no-embed", "--no-check"]) == 0
     assert main(["compile", *MODEL, "-o", str(tmp_path / "tuned"), "--no-embed", "--no-check",
                  "--tuning-db", str(db)]) == 0
     tuned = json.loads((tmp_path / "tuned" / "manifest.json").read_text())["tuned_kernels"]
-    assert tuned == {specs["attention"].name: {"knobs": {"key_tile": 8, "value_slice": 16}, "speedup": 2.0},
-                     specs["linear"].name: {"knobs": {"vector": 8, "columns": 2}, "speedup": 2.0}}
+    assert tuned == {specs[which].name: {"space": "knobs", "knobs": knobs, "speedup": 2.0}
+                     for which, knobs in wins.items()}
     ids = [2, 17, 99, 5, 8, 1, 44, 23, 60, 7, 9, 31]
     plain, other = load(tmp_path / "plain"), load(tmp_path / "tuned")
     assert np.abs(plain.prefill(ids, all_logits=True) - other.prefill(ids, all_logits=True)).max() <= 1e-5
     plain.reset(), other.reset()
     assert plain.generate(ids, 16) == other.generate(ids, 16)
+
+
+def test_metaschedule_session_is_recorded_and_its_trace_compiles_to_the_same_logits(tmp_path):
+    """The second search space: a MetaSchedule session on a decode linear (static shapes), its best
+    schedules timed and recorded as traces; a compile that uses one keeps the logits."""
+    from g4c.compiler import lowered_model
+    from g4c.model import load_model
+    from g4c.targets.registry import get_target
+
+    loaded = load_model("tiny-e", random_weights=True)
+    target = get_target("llvm")
+    _, lowered = lowered_model(loaded.cfg, loaded.weights, target)
+    decode = next(s for s in lowered.kernels.values() if s.op == "linear" and s.kwargs.get("rows") == 1)
+    db = tmp_path / "db"
+    assert main(["tune", *MODEL, "--db", str(db), "--kernels", decode.name, "--trials", "1",
+                 "--metaschedule-trials", "4"]) == 0
+    traces = [r for r in records_of(db) if r.space == "metaschedule"]
+    assert traces and all(r.name == decode.name and set(r.times) == {"decode", "prefill"} for r in traces)
+    assert (db / "metaschedule" / traces[0].key.kernel).is_dir()  # MetaSchedule's own database, kept
+    assert main(["tune", *MODEL, "--db", str(db), "--kernels", decode.name, "--trials", "1",
+                 "--metaschedule-trials", "4"]) == 0
+    assert [r for r in records_of(db) if r.space == "metaschedule"] == traces  # resumed: no second session
+    key = traces[0].key  # make a trace the winner, as a session does when it beats the hand schedule
+    TuningDB(db).append([Record(key, "metaschedule", traces[0].candidate, {"decode": 1e-7, "prefill": 1e-7},
+                                {"decode": 1e-6, "prefill": 1e-6}, decode.name, time.time())])
+    assert main(["compile", *MODEL, "-o", str(tmp_path / "plain"), "--no-embed", "--no-check"]) == 0
+    assert main(["compile", *MODEL, "-o", str(tmp_path / "tuned"), "--no-embed", "--no-check",
+                 "--tuning-db", str(db)]) == 0
+    tuned = json.loads((tmp_path / "tuned" / "manifest.json").read_text())["tuned_kernels"]
+    assert tuned[decode.name]["space"] == "metaschedule"
+    ids = [2, 17, 99, 5, 8]
+    plain, other = load(tmp_path / "plain"), load(tmp_path / "tuned")
+    assert plain.generate(ids, 12) == other.generate(ids, 12)
+    plain.reset(), other.reset()
+    plain.prefill(ids), other.prefill(ids)
+    assert np.abs(plain.decode(7) - other.decode(7)).max() <= 1e-5
 
 
 def test_kill_9_keeps_finished_records_and_the_next_run_resumes(tmp_path):

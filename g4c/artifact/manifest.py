@@ -117,7 +117,7 @@ class Manifest:
     launches: dict[str, list[dict]] | None = None  # wgpu: per kernel, its device launches (codegen.wgsl)
     decode_graph: dict[str, int] | None = None  # CUDA graphs: kernels captured / launched outside
     weights_from_seed: dict | None = None  # {"seed", "dtype"}: weights regenerated at load time
-    tuned_kernels: dict[str, dict] = field(default_factory=dict)  # kernel → {"knobs", "speedup"} from a tuning DB
+    tuned_kernels: dict[str, dict] = field(default_factory=dict)  # kernel → {"space", "knobs", "speedup"} from a tuning DB
     build_seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)  # file name → SHA-256
     tvm_version: str = ""

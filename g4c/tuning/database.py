@@ -5,9 +5,9 @@
     DIR/records.jsonl    one JSON record per line, appended
 
 A record is one measured candidate of one kernel: its key (the kernel's structural hash before
-scheduling, its op, the target, the TVM version), the search space it came from ("knobs": g4c's own
-schedule parameters), the candidate, and its measured time per token-count bucket next to the hand
-schedule's. Each line carries a CRC-32 of its content.
+scheduling and its knob space, its op, the target, the TVM version), the search space it came from
+("knobs": g4c's own schedule parameters; "metaschedule": a MetaSchedule trace), the candidate, and its
+measured time per token-count bucket next to the hand schedule's. Each line carries a CRC-32 of its content.
 
 Why this layout: every record is one `write()` of one line to a file opened for appending, under an
 exclusive `flock`, then `fsync`ed — so a tuner killed at any moment (Ctrl-C, `kill -9`) leaves every
@@ -54,8 +54,8 @@ class Key:
 @dataclass
 class Record:
     key: Key
-    space: str  # "knobs"
-    candidate: dict  # the schedule parameters
+    space: str  # "knobs" or "metaschedule"
+    candidate: dict  # the schedule parameters, or {"trace": MetaSchedule trace as JSON}
     times: dict[str, float]  # bucket → seconds per call
     baseline: dict[str, float]  # the hand schedule's, measured in the same run
     name: str = ""  # the kernel's display name (spec.name), for people reading the file

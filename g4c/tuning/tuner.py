@@ -10,6 +10,8 @@
 3. Search: g4c's own schedule knobs (a few dozen candidates per kernel), each candidate compiled and
    timed (`time_evaluator`, best of repeats) and appended to the database as it finishes; candidates a
    previous run measured are skipped (resume). The time budget and trial count bound the session.
+4. MetaSchedule (`g4c.tuning.metaschedule`), after every task's knobs: a full schedule search on the
+   kernels with static shapes (decode's linears), its best schedules recorded as traces.
 
 Measurements run on this machine, or on the devices a TVM RPC tracker holds under a key (a farm of
 boards or phones): candidates are spread over every free device, one at a time per device, each
@@ -209,10 +211,14 @@ Progress = Callable[[dict], None]
 
 
 def tune(tasks: list[Task], target, db: TuningDB, time_budget: float | None = None, trials: int | None = None,
-         progress: Progress | None = None, devices: list | None = None) -> dict[str, Record | None]:
-    """Measure the hand schedules, then candidates in order of the tasks' share of a step, spread over
-    `devices` (default: this machine), appending each measurement to `db` as it finishes; returns each
-    kernel's best record (None: the hand schedule stays)."""
+         progress: Progress | None = None, devices: list | None = None,
+         metaschedule_trials: int = 0) -> dict[str, Record | None]:
+    """Measure the hand schedules, then g4c's knob candidates in order of the tasks' share of a step,
+    spread over `devices` (default: this machine), appending each measurement to `db` as it finishes;
+    then (the expensive space after the cheap one), in the same order, a MetaSchedule session of
+    `metaschedule_trials` candidates (0: none) on each kernel it can tune (`metaschedule.eligible`),
+    whose best schedules are timed and recorded the same way. Returns each kernel's best record (None:
+    the hand schedule stays)."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     devices = devices or [LocalDevice()]
@@ -223,7 +229,7 @@ def tune(tasks: list[Task], target, db: TuningDB, time_budget: float | None = No
         report({"stage": "baseline", "done": i + 1, "total": len(tasks), "kernel": task.name})
     devices[0].release()
     tasks.sort(key=lambda t: -t.share())
-    measured_total, best = 0, {}
+    measured_total = 0
 
     def out_of_budget() -> bool:
         return (time_budget is not None and time.monotonic() - started > time_budget
@@ -260,10 +266,40 @@ def tune(tasks: list[Task], target, db: TuningDB, time_budget: float | None = No
                     report({"stage": "tune", "kernel": task.name, "done": len(held),
                             "total": len(task.candidates()), "best": winner.speedup if winner else 1.0,
                             "elapsed": time.monotonic() - started, "budget": time_budget, "device": device.name})
-            best[task.name] = best_of(held)
             for device in devices:
                 device.release()
-    return best
+    if metaschedule_trials and type(devices[0]) is LocalDevice:  # its sessions time on this machine (not RPC yet)
+        for task in tasks:  # bounded by the time budget and their own trial count, not by `trials`
+            if time_budget is not None and time.monotonic() - started > time_budget:
+                break
+            _metaschedule(task, target, db, db.measured(task.key), metaschedule_trials, report, started, time_budget)
+    return {task.name: best_of(db.measured(task.key)) for task in tasks}
+
+
+def _metaschedule(task: Task, target, db: TuningDB, held: list[Record], trials: int, report: Progress,
+                  started: float, time_budget: float | None) -> None:
+    """A MetaSchedule session on the task's kernel (once per database: a resumed run skips it), its best
+    schedules timed here and appended to `db` and `held`."""
+    from g4c.tuning import metaschedule
+
+    if any(r.space == metaschedule.SPACE for r in held) or not metaschedule.eligible(target, task.spec):
+        return
+    report({"stage": "metaschedule", "kernel": task.name, "trials": trials, "cost_model": metaschedule.cost_model(),
+            "elapsed": time.monotonic() - started, "budget": time_budget})
+    traces = metaschedule.search(target, task, db.directory / "metaschedule" / task.key.kernel, trials)
+    device = LocalDevice()
+    for trace in traces:
+        times = device.measure(target, task, {"trace": trace})
+        record = Record(task.key, metaschedule.SPACE, {"trace": trace}, times, task.baseline, task.name, time.time(),
+                        {"calls": task.calls, "device": device.name, "trials": trials,
+                         "cost_model": metaschedule.cost_model()})
+        db.append([record])
+        held.append(record)
+        winner = best_of(held)
+        report({"stage": "tune", "kernel": task.name, "done": len(held), "total": len(task.candidates()) + len(traces),
+                "best": winner.speedup if winner else 1.0, "elapsed": time.monotonic() - started,
+                "budget": time_budget, "device": "metaschedule"})
+    device.release()
 
 
 def _candidate_id(candidate: dict) -> tuple:
