@@ -1,4 +1,5 @@
-"""A tuning session and what it buys: `g4c tune` on the E2B-shaped model for a time budget, the
+"""A tuning session and what it buys: `g4c tune` on the E2B-shaped model for a time budget (g4c's
+knobs for every kernel, then MetaSchedule sessions on the decode linears while the budget lasts), the
 best-so-far speed-up of the tuned kernels against tuning time (from the database's timestamped
 records), then `g4c bench` of the model compiled without and with the database (same weights,
 threads, one process each).
@@ -63,8 +64,18 @@ def curve(db: Path) -> tuple[list[dict], dict]:
     for key, times in best.items():
         name = next(r.name for r in records if r.key == key and r.times == times)
         record = next(r for r in records if r.key == key and r.times == times)
-        kernels[name] = {"knobs": record.candidate, "speedup": round(record.speedup, 3)}
+        kernels[name] = {"knobs": "MetaSchedule trace" if record.space == "metaschedule" else record.candidate,
+                         "speedup": round(record.speedup, 3)}
     return points, kernels
+
+
+def spaces(db: Path) -> dict[str, int]:
+    """Records per search space ("knobs", "metaschedule")."""
+    from collections import Counter
+
+    from g4c.tuning import TuningDB
+
+    return dict(Counter(r.space for r in TuningDB(db).records()))
 
 
 def bench(artifact: Path, threads: int) -> dict:
@@ -73,9 +84,10 @@ def bench(artifact: Path, threads: int) -> dict:
 
 
 def section(results: dict) -> str:
-    rows = [BEGIN, "", "## Autotuning (`g4c tune`, g4c's schedule knobs)", "",
+    spaces = ", ".join(f"{n} {space}" for space, n in results.get("spaces", {}).items())
+    rows = [BEGIN, "", "## Autotuning (`g4c tune`: g4c's schedule knobs, then MetaSchedule)", "",
             f"{results['model']}, {results['threads']} threads, tuning budget {results['budget']:.0f} s "
-            f"({results['records']} candidates measured). Best-so-far speed-up of the tuned kernels' share of a "
+            f"({results['records']} candidates measured: {spaces}). Best-so-far speed-up of the tuned kernels' share of a "
             f"step: decode ×{results['final']['decode']:.3f}, prefill chunk ×{results['final']['prefill']:.3f} "
             f"(plot: `{results['plot']}`).", "",
             "`g4c bench` of the model compiled both ways, one run each (this machine's run-to-run noise is "
@@ -131,7 +143,7 @@ def main() -> None:
     points, kernels = curve(db)
     results = {"machine": machine(), "model": f"E2B-shaped, {args.layers} layers", "threads": args.threads,
                "budget": args.budget, "records": len(points), "points": points, "kernels": kernels,
-               "final": points[-1] if points else {"decode": 1.0, "prefill": 1.0}}
+               "final": points[-1] if points else {"decode": 1.0, "prefill": 1.0}, "spaces": spaces(db)}
     for label, extra in (("hand", []), ("tuned", ["--tuning-db", db])):
         artifact = work / label
         g4c("compile", *model, "-o", artifact, "--no-check", "--no-embed", *extra, env=env)

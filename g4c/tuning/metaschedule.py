@@ -20,15 +20,13 @@ record, and a database compares both spaces on the same clock.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 SPACE = "metaschedule"
 OPS = ("linear", "linear_q")
 MAX_ARGUMENT_BYTES = 256 << 20  # larger kernels' inputs (the LM head) are not allocated per candidate
 TOP_K = 3  # MetaSchedule's best schedules re-timed by g4c
-# the evolutionary search's effort per batch of measured candidates (MetaSchedule's defaults, 512 and 4,
-# spend a minute per batch on 2 cores before measuring anything)
-POPULATION, GENERATIONS = 128, 2
 WEIGHT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "q8": 1.0625, "q4": 0.5625}  # with group scales
 
 
@@ -48,24 +46,18 @@ def eligible(target, spec) -> bool:
 
 def search(target, task, work_dir: Path, trials: int) -> list[str]:
     """Run a MetaSchedule session of `trials` candidates on the task's kernel; the traces (JSON) of
-    the best schedules it measured, best first."""
+    the best schedules it measured, best first. A session starts with a fixed cost (its builder and
+    runner processes load TVM and its tensor intrinsics: ~30-60 s on 2 cores)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
     work_dir.mkdir(parents=True, exist_ok=True)
     mod = tvm.IRModule({"main": target.unscheduled(task.spec).with_attr("global_symbol", "main")})
-    strategy = ms.search_strategy.EvolutionarySearch(population_size=POPULATION, genetic_num_iters=GENERATIONS)
     database = ms.tune_tir(mod, target.tvm_target(), str(work_dir), max_trials_global=trials,
-                           num_trials_per_iter=min(trials, 16), cost_model=cost_model(), strategy=strategy,
-                           num_tuning_cores=_cores())
+                           num_trials_per_iter=min(trials, 16), cost_model=cost_model(),
+                           num_tuning_cores=os.cpu_count() or 1)
     workload = database.commit_workload(mod)
     return [tvm.ir.save_json(r.trace.as_json()) for r in database.get_top_k(workload, TOP_K)]
-
-
-def _cores() -> int:
-    import os
-
-    return max(os.cpu_count() or 1, 1)
 
 
 def apply(func, trace: str):
