@@ -139,7 +139,7 @@ def main() -> None:
     db = args.db or work / "db"
     if args.db is None:
         log(f"tuning for {args.budget:.0f} s into {db}")
-        g4c("tune", *model, "--db", db, "--time-budget", args.budget, env=env)
+        g4c("tune", *model, "--db", db, "--time-budget", args.budget, "--metaschedule-trials", 32, env=env)
     points, kernels = curve(db)
     results = {"machine": machine(), "model": f"E2B-shaped, {args.layers} layers", "threads": args.threads,
                "budget": args.budget, "records": len(points), "points": points, "kernels": kernels,

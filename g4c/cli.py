@@ -520,9 +520,9 @@ def tune(model: Optional[str] = typer.Argument(None, help="Checkpoint directory 
                                                    "measure on the devices registered under --rpc-key (every "
                                                    "free one, in parallel) instead of this machine."),
          rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="Device key at the tracker."),
-         metaschedule_trials: int = typer.Option(32, "--metaschedule-trials", help="Candidates of the MetaSchedule "
-                                                 "session run on each kernel it can tune (decode linears; 0: "
-                                                 "g4c's knobs only).")):
+         metaschedule_trials: int = typer.Option(0, "--metaschedule-trials", help="Also run a MetaSchedule "
+                                                 "session of N candidates on each kernel it can tune (decode "
+                                                 "linears; ~1 min of start-up each); 0: g4c's knobs only.")):
     """Tune the schedules of MODEL's distinct kernels on this machine and record them in --db; then
     `g4c compile MODEL --tuning-db DB` uses the records that beat the hand schedules.
 

@@ -20,6 +20,7 @@ record, and a database compares both spaces on the same clock.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -52,6 +53,10 @@ def search(target, task, work_dir: Path, trials: int) -> list[str]:
     from tvm.s_tir import meta_schedule as ms
 
     work_dir.mkdir(parents=True, exist_ok=True)
+    # a second session in one process: MetaSchedule re-lists its logger's handlers by name, and a handler
+    # without one (added by the host application) makes its logging set-up fail
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    ms_logger.handlers = [h for h in ms_logger.handlers if h.get_name()]
     mod = tvm.IRModule({"main": target.unscheduled(task.spec).with_attr("global_symbol", "main")})
     database = ms.tune_tir(mod, target.tvm_target(), str(work_dir), max_trials_global=trials,
                            num_trials_per_iter=min(trials, 16), cost_model=cost_model(),
