@@ -4,7 +4,6 @@ process that cannot import `tvm`; tests/test_arm.py runs it inside qemu-aarch64 
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
@@ -12,16 +11,9 @@ import numpy as np
 import pytest
 from conftest import PROMPT
 from hf_reference import reference_greedy, reference_logits
+from rpc_farm import G4C_SERVER, NO_COMPILER, Farm, free_port
 
 from g4c.cli import main
-
-NO_COMPILER = "import sys; sys.modules['tvm'] = None; from g4c.runtime.rpc_server import main; sys.exit(main())"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(command: list[str], port: int, sessions: int) -> subprocess.Popen:
@@ -61,41 +53,16 @@ def test_rpc_server_without_compiler_runs_artifacts(family, artifacts, reference
 
 
 def test_rpc_through_a_tracker_key(artifacts, references, tmp_path, capsys):
-    """--rpc TRACKER --rpc-key KEY: the tracker hands out a TVM RPC server registered under KEY."""
-    import time
-
-    pytest.importorskip("tornado")  # TVM's tracker needs it
-    from tvm import rpc
-
-    tracker_port, server_port = free_port(), free_port()
-    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
-                                str(tracker_port), "--port-end", str(tracker_port + 1)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = None
-    try:
-        time.sleep(2)
-        server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
-                                   f"127.0.0.1:{tracker_port}", "--key", "g4c-test", "--host", "127.0.0.1",
-                                   "--port", str(server_port), "--port-end", str(server_port + 1)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        registered = False
-        for _ in range(60):  # until the server has registered
-            time.sleep(0.5)
-            try:
-                registered = "g4c-test" in rpc.connect_tracker("127.0.0.1", tracker_port).summary()["queue_info"]
-            except RuntimeError:
-                continue
-            if registered:
-                break
-        assert registered, "TVM's RPC server did not register with the tracker"
-        assert main(["logits", str(artifacts["e"]), "--rpc", f"127.0.0.1:{tracker_port}", "--rpc-key", "phone",
+    """--rpc TRACKER --rpc-key KEY: the tracker hands out g4c's compiler-free server, registered under KEY
+    with --tracker (one device: it offers itself again after each session)."""
+    with Farm() as farm:
+        farm.add(G4C_SERVER, "g4c-test")
+        farm.wait("g4c-test", 1)
+        assert main(["logits", str(artifacts["e"]), "--rpc", farm.address, "--rpc-key", "phone",
                      "--tokens", "2,3", "-o", str(tmp_path / "x.npy")]) == 1
         assert "has no device under key 'phone'" in capsys.readouterr().err
-        logits, new = run_remotely(artifacts["e"], tracker_port, tmp_path, capsys, ("--rpc-key", "g4c-test"))
-    finally:
-        for process in (server, tracker):
-            if process is not None:
-                process.kill()
+        logits, new = run_remotely(artifacts["e"], farm.port, tmp_path, capsys, ("--rpc-key", "g4c-test"))
+        farm.wait("g4c-test", 1)  # offered again after the two sessions
     assert np.abs(logits - reference_logits(references["e"], PROMPT)).max() <= 1e-4
     assert new == reference_greedy(references["e"], PROMPT[:6], 32)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rpc_farm import G4C_SERVER, TVM_SERVER, Farm
 
 from g4c.cli import main
 from g4c.runtime import load
@@ -195,48 +198,48 @@ def test_bad_tune_usage_is_one_line(tmp_path, capsys):
 
 def test_tuning_through_an_rpc_tracker_spreads_candidates_over_its_devices(tmp_path):
     """--rpc-tracker/--rpc-key: candidates are compiled here, uploaded to every free device registered
-    under the key (two TVM RPC servers on 127.0.0.1 here) and timed there, in parallel."""
-    import socket
-
-    pytest.importorskip("tornado")  # TVM's tracker needs it
-    from tvm import rpc
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    tracker_port = free_port()
-    processes = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
-                                   str(tracker_port), "--port-end", str(tracker_port + 1)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        time.sleep(2)
-        for _ in range(2):
-            port = free_port()
-            processes.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
-                                               f"127.0.0.1:{tracker_port}", "--key", "board", "--host", "127.0.0.1",
-                                               "--port", str(port), "--port-end", str(port + 1)],
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        free = 0
-        for _ in range(60):
-            time.sleep(0.5)
-            try:
-                free = rpc.connect_tracker("127.0.0.1", tracker_port).summary()["queue_info"].get("board", {}).get("free", 0)
-            except RuntimeError:
-                continue
-            if free == 2:
-                break
-        assert free == 2, "the RPC servers did not register with the tracker"
-        db = tmp_path / "db"
+    under the key (TVM's RPC server and g4c's compiler-free one, on 127.0.0.1) and timed there, in parallel."""
+    db = tmp_path / "db"
+    with Farm() as farm:
+        farm.add(TVM_SERVER, "board")
+        farm.add(G4C_SERVER, "board")
+        farm.wait("board", 2)
         assert main(["tune", *MODEL, "--db", str(db), "--kernels", "attention", "--trials", "4",
-                     "--rpc-tracker", f"127.0.0.1:{tracker_port}", "--rpc-key", "board"]) == 0
-        assert main(["tune", *MODEL, "--db", str(db), "--trials", "1", "--rpc-tracker",
-                     f"127.0.0.1:{tracker_port}", "--rpc-key", "phone"]) == 1
-    finally:
-        for process in processes:
-            process.kill()
+                     "--rpc-tracker", farm.address, "--rpc-key", "board"]) == 0
+        assert main(["tune", *MODEL, "--db", str(db), "--trials", "1", "--rpc-tracker", farm.address,
+                     "--rpc-key", "phone"]) == 1
     records = records_of(db)
     assert len(records) == 4
-    assert {r.extra["device"] for r in records} == {f"board@127.0.0.1:{tracker_port}#{i}" for i in (0, 1)}
+    assert {r.extra["device"] for r in records} == {f"board@{farm.address}#{i}" for i in (0, 1)}
     assert all(r.times["decode"] > 0 for r in records)
+
+
+def test_tuning_an_arm_board_through_a_tracker(tmp_path, capsys):
+    """--target arm: candidates are cross-compiled for aarch64 and timed on g4c's RPC server running in
+    qemu-aarch64 (scripts/arm-emu.sh: emulated timings say nothing about speed; this checks the flow), and
+    `compile --target arm --tuning-db` applies the records."""
+    tools = ("qemu-aarch64", "aarch64-linux-gnu-gcc")
+    if not all(shutil.which(t) for t in tools):
+        if os.environ.get("CI"):
+            raise RuntimeError(f"CI must install {', '.join(tools)} (.ci/run does)")
+        pytest.skip(f"needs {', '.join(tools)}")
+    db = tmp_path / "db"
+    emulator = [str(Path(__file__).resolve().parents[1] / "scripts" / "arm-emu.sh"), "python", "-m",
+                "g4c.runtime.rpc_server"]
+    with Farm() as farm:
+        farm.add(emulator, "pi5")
+        farm.wait("pi5", 1, seconds=600)  # (the first use of arm-emu.sh builds its sysroot)
+        assert main(["tune", *MODEL, "--target", "arm", "--db", str(db), "--kernels", "attention", "--trials", "2",
+                     "--rpc-tracker", farm.address, "--rpc-key", "pi5"]) == 0
+    records = records_of(db)
+    assert records and {r.extra["device"] for r in records} == {f"pi5@{farm.address}#0"}
+    assert all("aarch64" in r.key.target and r.times["decode"] > 0 for r in records)
+    capsys.readouterr()
+    artifact = tmp_path / "arm.g4c"
+    assert main(["compile", *MODEL, "--target", "arm", "--tuning-db", str(db), "-o", str(artifact),
+                 "--no-check"]) == 0
+    tuned = json.loads((artifact / "manifest.json").read_text())["tuned_kernels"]
+    winners = TuningDB(db).best_by_kernel()  # (emulated timings: which candidates win is chance)
+    assert bool(tuned) == bool(winners)
+    assert all(entry["knobs"] in [w.candidate for w in winners.values()] for entry in tuned.values())
+    assert f"{len(tuned)} kernels use a tuned schedule" in capsys.readouterr().out

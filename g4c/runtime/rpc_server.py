@@ -14,6 +14,13 @@ without traffic (or at the client's own `-timeout=`), and always exits with `os.
 process reaps it and removes its upload directory. Uploads, downloads and loads stay inside the
 session's directory. SIGTERM/SIGINT stop the server and remove its temporary directory.
 
+With `--tracker HOST:PORT --key KEY` the server registers with a TVM RPC tracker
+(`python -m tvm.exec.rpc_tracker`) as one device under KEY, as TVM's own server does: it offers itself
+with a fresh match key, serves the one client the tracker hands it out to, and offers itself again once
+that session has ended (a device times one kernel at a time: `g4c tune --rpc-tracker` spreads candidates
+over a farm this way). An offer claimed by a client that never connects is renewed after a few seconds;
+a lost tracker is reconnected.
+
 Security: TVM RPC runs the code a client uploads, and its protocol lets a client read and write the
 serving process's memory, so a server is only as safe as the network it listens on: it binds to
 127.0.0.1 by default. `--allow-sha256 HASH` (repeatable) makes every library load check the file's hash.
@@ -23,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import secrets
 import selectors
 import shutil
 import signal
@@ -37,6 +46,12 @@ from pathlib import Path
 RPC_MAGIC = 0xFF271  # tvm.rpc.base
 RPC_CODE_SUCCESS = RPC_MAGIC
 RPC_CODE_MISMATCH = RPC_MAGIC + 2
+RPC_TRACKER_MAGIC = 0x2F271  # tvm.rpc.base
+TRACKER_PUT, TRACKER_UPDATE_INFO, TRACKER_GET_PENDING_MATCHKEYS, TRACKER_SUCCESS = 3, 5, 7, 0  # TrackerCode
+TRACKER_PING_SECONDS = 2.0  # how often an offer is checked while nobody connects
+UNUSED_OFFER_SECONDS = 6.0  # an offer claimed this long without a connection is renewed (TVM: 4 + ping)
+TRACKER_TIMEOUT = 10.0
+TRACKER_RETRY_SECONDS = 5.0
 MAX_KEY_BYTES = 4096  # a handshake key is `client:<key> [-timeout=N]`: a longer length prefix is refused
 MAX_PENDING = 64  # connections in their handshake at once; more are closed at once
 HANDSHAKE_TIMEOUT = 5.0
@@ -117,6 +132,69 @@ class _Pending:
         return (words[0] if words else ""), words[1:]
 
 
+class TrackerLink:
+    """This server's registration with a TVM RPC tracker: the tracker's JSON protocol
+    (`<int32 length><json>` messages after the tracker magic), as tvm.rpc.server speaks it."""
+
+    def __init__(self, address: str, key: str, port: int, custom_addr: str | None = None):
+        host, _, port_text = address.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise ValueError(f"--tracker wants HOST:PORT, not {address!r}")
+        self.address, self.key, self.port, self.custom_addr = (host, int(port_text)), key, port, custom_addr
+        self.sock: socket.socket | None = None
+        self.matchkey: str | None = None  # the key of the current offer; None: not offered (busy)
+        self.unclaimed_since = time.monotonic()
+        self.next_ping = 0.0
+
+    def _call(self, message: list):
+        text = json.dumps(message).encode()
+        self.sock.sendall(struct.pack("<i", len(text)) + text)
+        length = struct.unpack("<i", self._receive(4))[0]
+        return json.loads(self._receive(length))
+
+    def _receive(self, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = self.sock.recv(size - len(data))
+            if not chunk:
+                raise ConnectionError("the tracker closed the connection")
+            data += chunk
+        return data
+
+    def connect(self) -> None:
+        self.close()
+        self.sock = socket.create_connection(self.address, timeout=TRACKER_TIMEOUT)
+        self.sock.sendall(struct.pack("<i", RPC_TRACKER_MAGIC))
+        if struct.unpack("<i", self._receive(4))[0] != RPC_TRACKER_MAGIC:
+            raise ConnectionError(f"{self.address[0]}:{self.address[1]} is not a TVM RPC tracker")
+        info = {"key": f"server:{self.key}", "addr": [self.custom_addr, self.port]}
+        if self._call([TRACKER_UPDATE_INFO, info]) != TRACKER_SUCCESS:
+            raise ConnectionError("the tracker refused the server's information")
+
+    def offer(self) -> None:
+        """Put this device in the tracker's queue under a new match key."""
+        self.matchkey = f"{self.key}:{secrets.token_hex(8)}"
+        if self._call([TRACKER_PUT, self.key, [self.port, self.matchkey], self.custom_addr]) != TRACKER_SUCCESS:
+            raise ConnectionError("the tracker refused the offer")
+        self.unclaimed_since, self.next_ping = time.monotonic(), time.monotonic() + TRACKER_PING_SECONDS
+
+    def check_offer(self) -> None:
+        """Renew an offer a client claimed from the tracker but never used (as TVM's server does)."""
+        now = time.monotonic()
+        if self.matchkey is None or now < self.next_ping:
+            return
+        self.next_ping = now + TRACKER_PING_SECONDS
+        if self.matchkey in self._call([TRACKER_GET_PENDING_MATCHKEYS]):
+            self.unclaimed_since = now
+        elif now - self.unclaimed_since > UNUSED_OFFER_SECONDS:
+            self.offer()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.matchkey = None, None
+
+
 class PacketChannel:
     """The session's socket as the runtime's RPC channel (`rpc.ServerLoop(fsend, frecv)`), one packet at a
     time: every client packet is `<uint64 size><size bytes>`, and the runtime reserves `size` bytes as
@@ -181,8 +259,12 @@ def _session_limit(options: list[str]) -> float | None:
 class Server:
     def __init__(self, host: str, port: int, key: str = "", sessions: int | None = None,
                  timeout: float | None = IDLE_TIMEOUT, handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 allow_sha256: list[str] | None = None, max_packet: int = MAX_PACKET_MIB << 20):
+                 allow_sha256: list[str] | None = None, max_packet: int = MAX_PACKET_MIB << 20,
+                 tracker: str | None = None, custom_addr: str | None = None):
         self.host, self.port, self.key, self.sessions = host, port, key, sessions
+        self.tracker, self.custom_addr = tracker, custom_addr
+        self.link: TrackerLink | None = None
+        self.tracker_retry = 0.0
         self.max_packet = max_packet
         self.timeout, self.handshake_timeout = timeout, handshake_timeout
         self.allowed = {h.lower() for h in allow_sha256 or []}
@@ -257,6 +339,8 @@ class Server:
                 selector.register(listener, selectors.EVENT_READ)
                 port = listener.getsockname()[1]  # (--port 0: the one the system chose)
                 print(f"g4c rpc server listening on {self.host}:{port} (work directory {self.work})", flush=True)
+                if self.tracker:
+                    self.link = TrackerLink(self.tracker, self.key, port, self.custom_addr)
                 while self.sessions is None or self.started < self.sessions:
                     for event, _ in selector.select(POLL_SECONDS):
                         if event.fileobj is listener:
@@ -267,6 +351,7 @@ class Server:
                             break
                     self._expire(selector)
                     self._reap()
+                    self._tend_tracker()
                 for pending in list(self.pending.values()):
                     self._drop(pending, selector)
             while self.children:  # --sessions: wait for the last sessions
@@ -276,6 +361,8 @@ class Server:
             if os.getpid() == self.parent:
                 for number in previous:  # a second signal must not cut the clean-up short
                     signal.signal(number, signal.SIG_IGN)
+                if self.link is not None:
+                    self.link.close()
                 for pending in list(self.pending.values()):
                     self._drop(pending, selector)
                 self._stop_children()
@@ -283,6 +370,24 @@ class Server:
                     shutil.rmtree(self.work, ignore_errors=True)
                 for number, handler in previous.items():
                     signal.signal(number, handler)
+
+    def _tend_tracker(self) -> None:
+        """Registered, offered whenever no session runs, and offers nobody used renewed; a tracker that
+        cannot be reached is retried every few seconds (the server keeps running)."""
+        link = self.link
+        if link is None or time.monotonic() < self.tracker_retry:
+            return
+        try:
+            if link.sock is None:
+                link.connect()
+                log(f"registered with the tracker {self.tracker} under key {self.key!r}")
+            if link.matchkey is None and not self.children:
+                link.offer()
+            link.check_offer()
+        except (OSError, ValueError, struct.error) as exc:  # (ConnectionError and JSON errors are among them)
+            log(f"tracker {self.tracker}: {exc}; retrying in {TRACKER_RETRY_SECONDS:g} s")
+            link.close()
+            self.tracker_retry = time.monotonic() + TRACKER_RETRY_SECONDS
 
     def _stop(self, signum, _frame):
         raise _Stop(signum)
@@ -327,7 +432,8 @@ class Server:
                 return
             word, options = pending.key()
             pending.conn.settimeout(self.handshake_timeout)  # the reply is a few bytes
-            if word != f"client:{self.key}":
+            expected = self.key if self.link is None else self.link.matchkey
+            if expected is None or word != f"client:{expected}":
                 pending.conn.sendall(struct.pack("<i", RPC_CODE_MISMATCH))
                 raise HandshakeRefused("key mismatch")
             reply = f"server:{self.key}".encode()
@@ -339,6 +445,8 @@ class Server:
             return
         self.pending.pop(pending.conn.fileno(), None)
         selector.unregister(pending.conn)
+        if self.link is not None:
+            self.link.matchkey = None  # this device is busy until the session ends
         self._fork(pending, _session_limit(options), server_loop, listener)
 
     def _fork(self, pending: _Pending, limit: float | None, server_loop, listener) -> None:
@@ -366,6 +474,8 @@ class Server:
                     signal.signal(number, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
                 listener.close()
+                if self.link is not None and self.link.sock is not None:
+                    self.link.sock.close()  # (the listening process's registration, not the session's)
                 for other in self.pending.values():
                     other.conn.close()
                 status = self._session(pending, directory, limit, server_loop)
@@ -447,7 +557,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="address to listen on (default 127.0.0.1; clients can run code here: use another "
                              "address only on a trusted network)")
     parser.add_argument("--port", type=int, default=9090)
-    parser.add_argument("--key", default="", help="key the client must present (rpc.connect(..., key=KEY))")
+    parser.add_argument("--key", default="", help="key the client must present (rpc.connect(..., key=KEY)); with "
+                                                  "--tracker, the key the device registers under")
+    parser.add_argument("--tracker", metavar="HOST:PORT",
+                        help="register with this TVM RPC tracker as one device under --key")
+    parser.add_argument("--custom-addr", metavar="HOST",
+                        help="with --tracker: the address clients reach this server at (default: as the tracker sees it)")
     parser.add_argument("--sessions", type=int, default=None, help="exit after serving this many sessions")
     parser.add_argument("--timeout", type=float, default=IDLE_TIMEOUT,
                         help=f"end a session after this many seconds without traffic (0: never; default "
@@ -461,10 +576,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.handshake_timeout <= 0 or args.timeout < 0 or args.max_packet < 1:
         parser.error("--handshake-timeout must be > 0, --timeout >= 0 and --max-packet >= 1")
+    if args.tracker and not args.key:
+        parser.error("--tracker needs --key (the key clients ask the tracker for)")
     try:
         serve(args.host, args.port, args.key, args.sessions, timeout=args.timeout or None,
               handshake_timeout=args.handshake_timeout, allow_sha256=args.allow_sha256,
-              max_packet=args.max_packet << 20)
+              max_packet=args.max_packet << 20, tracker=args.tracker, custom_addr=args.custom_addr)
     except _Stop as stop:
         return 0 if stop.signum == signal.SIGTERM else 128 + stop.signum
     except Exception as exc:  # noqa: BLE001 - the port is taken, no libtvm_runtime.so, ...: one line

@@ -28,7 +28,6 @@ SPACE = "metaschedule"
 OPS = ("linear", "linear_q")
 MAX_ARGUMENT_BYTES = 256 << 20  # larger kernels' inputs (the LM head) are not allocated per candidate
 TOP_K = 3  # MetaSchedule's best schedules re-timed by g4c
-WEIGHT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "q8": 1.0625, "q4": 0.5625}  # with group scales
 
 
 def cost_model() -> str:
@@ -41,8 +40,20 @@ def eligible(target, spec) -> bool:
     enough to allocate for every candidate, on a target that tunes on this machine."""
     if spec.op not in OPS or spec.kwargs.get("rows") != 1 or not target.runs_here:
         return False
-    storage = spec.kwargs.get("scheme") or spec.kwargs.get("dtype", "float32")
-    return spec["n"] * spec["k"] * WEIGHT_BYTES.get(storage, 4) <= MAX_ARGUMENT_BYTES
+    return spec["n"] * spec["k"] * weight_bytes(spec.kwargs.get("scheme") or spec.kwargs.get("dtype", "float32")) \
+        <= MAX_ARGUMENT_BYTES
+
+
+def weight_bytes(storage: str) -> float:
+    """Bytes per weight of a kernel's storage: a float dtype, or a quantization scheme with its group
+    scales (at most fp32 each)."""
+    import numpy as np
+
+    from g4c.quant import BITS, GROUP
+
+    if storage in BITS:
+        return BITS[storage] / 8 + 4 / GROUP
+    return np.dtype("float16" if storage == "bfloat16" else storage).itemsize
 
 
 def search(target, task, work_dir: Path, trials: int) -> list[str]:
