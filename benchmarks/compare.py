@@ -107,6 +107,13 @@ def g4c_artifact(ckpt: Path, precision: str, quant_dot: str = "float") -> Path:
     return path
 
 
+def onnx_export(ckpt: Path) -> Path:
+    out = ckpt.parent / f"{ckpt.name}.onnx"
+    if not (out / "model.onnx").exists():
+        g4c("export-onnx", ckpt, "-o", out, "--overwrite")
+    return out / "model.onnx"
+
+
 def g4c_from_gguf(model: Path) -> Path:
     """A llama.cpp GGUF compiled by g4c as stored: its Q4_0/Q8_0 blocks byte for byte (int8 dot
     products, llama.cpp's arithmetic), its other tensors (F32, and K-quants such as the Q6_K tables
@@ -181,7 +188,8 @@ def gguf_summary(path: Path) -> dict:
 
 
 def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """Bytes of a file, or of a directory's files (an artifact, an ONNX export with its data)."""
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _params(preset: str, layers: int) -> int:
@@ -235,6 +243,8 @@ def engines_for(model_name: str, ckpt: Path, args, work: Path) -> tuple[dict[str
                 plan[f"g4c {p} (GGUF)"] = ("g4c", lambda p=p: g4c_from_gguf(gguf(ckpt, p)), [], "", p)
         else:
             plan[f"g4c {p}"] = ("g4c", lambda p=p: g4c_artifact(ckpt, p), [], contexts if p == "f32" else "", p)
+    if "f32" in precisions and _importable("onnxruntime"):  # g4c's ONNX export, run by onnxruntime
+        plan["onnxruntime f32"] = ("onnxruntime", lambda: onnx_export(ckpt), [], contexts, "f32")
     plan["transformers eager f32"] = ("transformers", lambda: ckpt, ["--attn", "eager"], contexts, "f32")
     plan["transformers sdpa f32"] = ("transformers", lambda: ckpt, ["--attn", "sdpa"], "", "f32")
     if have_llama:
@@ -258,7 +268,7 @@ def engines_for(model_name: str, ckpt: Path, args, work: Path) -> tuple[dict[str
             continue
         jobs[name] = (kind, model, extra, ctx)
         about[name] = {"precision": precision,
-                       "artifact_gb": (_size(model) if model.is_dir() else model.stat().st_size) / 1e9}
+                       "artifact_gb": _size(model.parent if model.suffix == ".onnx" else model) / 1e9}
         if kind == "llama.cpp":
             if precision not in ggufs:
                 ggufs[precision] = gguf_summary(model)

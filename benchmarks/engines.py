@@ -6,6 +6,7 @@ no shared caches or thread pools) with the same thread count and the same random
     python benchmarks/engines.py g4c ARTIFACT --threads 2 --prompt-lens 64,512 --contexts 512,2048
     python benchmarks/engines.py transformers CKPT --attn eager --threads 2 --prompt-lens 64,512
     python benchmarks/engines.py llama.cpp MODEL.gguf --flash-attn --threads 2 --prompt-lens 64,512
+    python benchmarks/engines.py onnxruntime EXPORT/model.onnx --threads 2 --prompt-lens 64,512
 
 Every engine also writes the last-position logits of the first prompt to --logits (a .npy), so
 compare.py can report how far each engine is from transformers fp32 on the same input.
@@ -178,7 +179,54 @@ def run_llama_cpp(args) -> dict:
     return result
 
 
-ENGINES = {"g4c": run_g4c, "transformers": run_transformers, "llama.cpp": run_llama_cpp}
+# -- onnxruntime (a `g4c export-onnx` model) -------------------------------------------------------------
+def run_onnxruntime(args) -> dict:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+    session = ort.InferenceSession(str(args.model), options, providers=["CPUExecutionProvider"])
+    pasts = {i.name: i.shape for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    outputs = [o.name for o in session.get_outputs()]
+    vocab = session.get_outputs()[0].shape[-1]
+    result = {"prefill": {}, "decode": {}, "ttft_s": {}}
+    state: dict = {}
+
+    def run(ids: list[int], start: int, past: dict) -> np.ndarray:
+        feed = {"input_ids": np.array([ids], np.int64),
+                "position_ids": np.arange(start, start + len(ids), dtype=np.int64)[None]}
+        feed.update(past)
+        out = dict(zip(outputs, session.run(None, feed)))
+        state["past"] = {k.replace("present.", "past_key_values."): v for k, v in out.items() if k != "logits"}
+        state["position"] = start + len(ids)
+        return out["logits"][0, -1]
+
+    def empty(positions: int, rng=None) -> dict:
+        make = (lambda shape: rng.standard_normal(shape, dtype=np.float32)) if rng else \
+            (lambda shape: np.zeros(shape, np.float32))
+        return {name: make((1, shape[1], positions, shape[3])) for name, shape in pasts.items()}
+
+    def step(t: int) -> int:
+        return int(np.argmax(run([t], state["position"], state["past"])))
+
+    run(prompt(vocab, 8), 0, empty(0))  # warm-up
+    for n in args.prompt_lens:
+        t0 = time.perf_counter()
+        logits = run(prompt(vocab, n), 0, empty(0))
+        first = int(np.argmax(logits))
+        elapsed = time.perf_counter() - t0
+        result["prefill"][n], result["ttft_s"][n] = n / elapsed, elapsed
+        if n == args.prompt_lens[0] and args.logits:
+            np.save(args.logits, logits)
+        result["decode"][n] = 1 / median_step(step, first, args.gen)
+    for n in args.contexts:  # every layer's cache holds every position (the window is a mask)
+        state["past"], state["position"] = empty(n, np.random.default_rng(0)), n
+        result["decode"][n] = 1 / median_step(step, 5, args.gen)
+    return result
+
+
+ENGINES = {"g4c": run_g4c, "transformers": run_transformers, "llama.cpp": run_llama_cpp,
+           "onnxruntime": run_onnxruntime}
 
 
 def main() -> None:

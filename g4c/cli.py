@@ -278,7 +278,8 @@ def inspect(model: str = typer.Argument(..., help="Checkpoint directory or prese
 @app.command()
 def graph(model: str = typer.Argument(..., help="Checkpoint directory or preset."),
           output: Path = typer.Option(..., "-o", "--output", help="Output file."),
-          fmt: str = typer.Option("dot", "--format", help="dot, svg, png (need graphviz) or text (the IR text form)."),
+          fmt: str = typer.Option("dot", "--format", help="dot, svg, png (need graphviz), text (the IR text form) "
+                                  "or onnx (g4c-domain nodes for viewers such as Netron; not runnable)."),
           mode: str = typer.Option("prefill", "--mode", help="prefill (T tokens after P) or decode (T = 1)."),
           no_params: bool = typer.Option(False, "--no-params", help="Leave weight nodes out of the picture."),
           layers: Optional[int] = LayersOpt,
@@ -301,9 +302,47 @@ def graph(model: str = typer.Argument(..., help="Checkpoint directory or preset.
     g = PassManager(resolve_passes(passes), _split(dump_after), dump_dir).run(g, PassContext(cfg))
     if fmt == "text":
         output.write_text(format_graph(g) + "\n")
+    elif fmt == "onnx":
+        from g4c.onnx_export import graph_view
+
+        graph_view(g, output)
     else:
         write_dot(g, output, fmt, include_params=not no_params)
     out.print(f"wrote {output} ({len(g)} nodes, {len(g.params)} weights)")
+
+
+@app.command("export-onnx")
+def export_onnx(model: str = typer.Argument(..., help="Checkpoint directory or preset (with --random-weights)."),
+                output: Path = typer.Option(..., "-o", "--output", help="Directory to create: model.onnx + "
+                                            "model.onnx.data (external weights)."),
+                opset: int = typer.Option(23, "--opset", help="ONNX opset (18 or newer; 23+ uses the Attention op)."),
+                dtype: str = typer.Option("fp32", "--dtype", help="fp32, or fp16 (matrices stored as float16, cast "
+                                          "to float32 where read; activations and caches float32)."),
+                random_weights: bool = RandomOpt, seed: int = SeedOpt, layers: Optional[int] = LayersOpt,
+                overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory.")):
+    """Export the text decoder as one standard ONNX graph for prefill and decode (input_ids, position_ids,
+    past_key_values.<i>.key/.value → logits, present.<i>.key/.value), for onnxruntime and other ONNX tools.
+
+    Example: g4c export-onnx tiny-e --random-weights -o /tmp/tiny-e.onnx"""
+    from g4c.artifact import is_artifact
+    from g4c.atomic import check_writable
+    from g4c.onnx_export import DTYPES, check_opset, export_decoder
+    from g4c.summary import human_bytes
+
+    if is_artifact(model):
+        raise G4CError(f"{model} is a compiled artifact (target-specific kernels): export-onnx reads a checkpoint "
+                       "or a preset; pass the checkpoint it was compiled from")
+    check_opset(opset)
+    if dtype not in DTYPES:
+        raise G4CError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_writable(output, overwrite)  # before loading weights
+    started = time.perf_counter()
+    loaded = _model(model, random_weights, seed, layers)
+    with _progress() as report:
+        path = export_decoder(loaded.cfg, loaded.weights, output, opset, dtype, overwrite, report)
+    size = sum(f.stat().st_size for f in output.iterdir())
+    out.print(f"wrote {path} (opset {opset}, {dtype}, {loaded.cfg.num_hidden_layers} layers): {human_bytes(size)} "
+              f"with its external data, in {_duration(time.perf_counter() - started)}", markup=False, highlight=False)
 
 
 @app.command()
