@@ -209,7 +209,7 @@ def test_compile_summary_self_check_and_generate_speed(tmp_path):
     import re
 
     art = tmp_path / "t.g4c"
-    result = g4c("compile", "tiny-e", "--random-weights", "-o", str(art))
+    result = g4c("compile", "tiny-e", "--random-weights", "-o", str(art), "--no-embed")  # (embed: tests/test_embed.py)
     assert result.returncode == 0, result.stderr
     progress = result.stderr.splitlines()
     assert "scheduling kernels: 1/" in progress[0]
@@ -232,7 +232,8 @@ def test_compile_summary_self_check_and_generate_speed(tmp_path):
     expected = ReferenceSession(loaded.cfg, loaded.weights).generate([2, 17, 99], 5)
     assert run.stdout.strip().splitlines()[-1] == ",".join(map(str, expected))
 
-    quiet = g4c("compile", "tiny-e", "--random-weights", "--layers", "2", "-o", str(tmp_path / "q"), "--no-check")
+    quiet = g4c("compile", "tiny-e", "--random-weights", "--layers", "2", "-o", str(tmp_path / "q"), "--no-check",
+                "--no-embed")
     assert quiet.returncode == 0, quiet.stderr
     assert "wrote" in quiet.stdout and "self-check" not in quiet.stdout and "tok/s" not in quiet.stdout
     bad = g4c("compile", "tiny-e", "--random-weights", "-o", str(tmp_path / "b"), "--check-tokens", "1,99999")

@@ -414,8 +414,17 @@ def test_written_directories_and_files_follow_the_umask(tmp_path, umask, mask):
                    "tokenizer.json": plain}
 
 
+@pytest.fixture(scope="module")
+def dense_artifact(tmp_path_factory) -> Path:
+    art = tmp_path_factory.mktemp("dense") / "art"
+    command = [sys.executable, "-m", "g4c.cli", "compile", "tiny-dense", "--random-weights", "-o", str(art),
+               "--no-check", "--no-embed"]
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    return art
+
+
 @pytest.mark.parametrize("stage", ["scheduling kernels", "building library", "writing weights", "self-check"])
-def test_compile_overwrite_killed_at_each_stage_keeps_a_whole_artifact(tmp_path, stage):
+def test_compile_overwrite_killed_at_each_stage_keeps_a_whole_artifact(tmp_path, stage, dense_artifact):
     """kill -9 during `compile --overwrite`, at each stage: the target still holds a whole artifact (the
     old one, or the new one once it is in place), and the next compile cleans up after the dead writer."""
     import signal
@@ -423,8 +432,8 @@ def test_compile_overwrite_killed_at_each_stage_keeps_a_whole_artifact(tmp_path,
     import g4c
 
     art = tmp_path / "art"
-    base = [sys.executable, "-m", "g4c.cli", "compile", "tiny-dense", "--random-weights", "-o", str(art)]
-    assert subprocess.run(base + ["--no-check"], capture_output=True).returncode == 0
+    base = [sys.executable, "-m", "g4c.cli", "compile", "tiny-dense", "--random-weights", "-o", str(art), "--no-embed"]
+    shutil.copytree(dense_artifact, art)
     old = g4c.load(art).prefill([2, 17, 99])
     writer = subprocess.Popen(base + ["--overwrite", "--seed", "1"], stderr=subprocess.PIPE, text=True)
     for line in writer.stderr:

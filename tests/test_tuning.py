@@ -41,14 +41,29 @@ def test_tune_measures_candidates_and_resumes(tmp_path):
     assert len(second) == 5 and len(set(ids)) == 5  # resumed: no candidate measured twice
 
 
-def _fake_winner(db: Path, target_name: str, spec, knobs: dict) -> None:
+def _fake_winner(db: Path, target_name: str, spec, knobs: dict, space: str = "knobs") -> None:
     """A record claiming `knobs` beat the hand schedule (what a tuning run writes when they do)."""
     from g4c.targets.registry import get_target
     from g4c.tuning.tuner import kernel_key
 
     key = kernel_key(get_target(target_name), spec)
-    TuningDB(db, create=True).append([Record(key, "knobs", knobs, {"decode": 1e-6, "prefill": 1e-5},
+    TuningDB(db, create=True).append([Record(key, space, knobs, {"decode": 1e-6, "prefill": 1e-5},
                                              {"decode": 2e-6, "prefill": 2e-5}, spec.name, time.time())])
+
+
+def _trace(target, spec) -> str:
+    """A MetaSchedule-style trace (TVM JSON) of a schedule of the unscheduled one-row linear: output
+    columns split by 8 and run in parallel, the reduction split by 16 and its inner loop unrolled."""
+    import tvm
+    from tvm.s_tir import Schedule
+
+    sch = Schedule(tvm.IRModule({"main": target.unscheduled(spec).with_attr("global_symbol", "main")}))
+    _, columns, reduction = sch.get_loops(sch.get_sblock("y"))
+    outer, _ = sch.split(columns, factors=[None, 8])
+    sch.parallel(outer)
+    _, inner = sch.split(reduction, factors=[None, 16])
+    sch.unroll(inner)
+    return tvm.ir.save_json(sch.trace.as_json())
 
 
 def test_compile_applies_records_and_keeps_the_logits(tmp_path):
@@ -66,10 +81,14 @@ def test_compile_applies_records_and_keeps_the_logits(tmp_path):
     db = tmp_path / "db"
     for which, knobs in wins.items():
         _fake_winner(db, "llvm", specs[which], knobs)
+    gemv = next(s for s in lowered.kernels.values()  # another decode GEMV, scheduled by a MetaSchedule trace
+                if s.op == "linear" and s.kwargs.get("rows") == 1 and s.name != specs[("linear", 1)].name)
+    _fake_winner(db, "llvm", gemv, {"trace": _trace(target, gemv)}, space="metaschedule")
     assert main(["compile", *MODEL, "-o", str(tmp_path / "plain"), "--no-embed", "--no-check"]) == 0
     assert main(["compile", *MODEL, "-o", str(tmp_path / "tuned"), "--no-embed", "--no-check",
                  "--tuning-db", str(db)]) == 0
     tuned = json.loads((tmp_path / "tuned" / "manifest.json").read_text())["tuned_kernels"]
+    assert tuned.pop(gemv.name)["space"] == "metaschedule"
     assert tuned == {specs[which].name: {"space": "knobs", "knobs": knobs, "speedup": 2.0}
                      for which, knobs in wins.items()}
     ids = [2, 17, 99, 5, 8, 1, 44, 23, 60, 7, 9, 31]
@@ -79,6 +98,8 @@ def test_compile_applies_records_and_keeps_the_logits(tmp_path):
     assert plain.generate(ids, 16) == other.generate(ids, 16)
 
 
+@pytest.mark.slow  # a MetaSchedule session's worker processes take 1-2 min to start on 2 cores; compile's
+# replay of a trace is in the default run (test_compile_applies_records_and_keeps_the_logits)
 def test_metaschedule_session_is_recorded_and_its_trace_compiles_to_the_same_logits(tmp_path):
     """The second search space: a MetaSchedule session on a decode linear (static shapes), its best
     schedules timed and recorded as traces; a compile that uses one keeps the logits."""
@@ -117,7 +138,7 @@ def test_metaschedule_session_is_recorded_and_its_trace_compiles_to_the_same_log
 
 def test_kill_9_keeps_finished_records_and_the_next_run_resumes(tmp_path):
     db = tmp_path / "db"
-    command = [sys.executable, "-m", "g4c.cli", "tune", *MODEL, "--db", str(db), "--kernels", "linear"]
+    command = [sys.executable, "-m", "g4c.cli", "tune", *MODEL, "--db", str(db), "--kernels", "attention"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and (not (db / "records.jsonl").exists()
@@ -127,7 +148,7 @@ def test_kill_9_keeps_finished_records_and_the_next_run_resumes(tmp_path):
     process.wait()
     kept = records_of(db)
     assert len(kept) >= 2
-    assert main(["tune", *MODEL, "--db", str(db), "--kernels", "linear", "--trials", "1"]) == 0
+    assert main(["tune", *MODEL, "--db", str(db), "--kernels", "attention", "--trials", "1"]) == 0
     after = records_of(db)
     assert len(after) == len(kept) + 1
     assert len({(r.key, tuple(sorted(r.candidate.items()))) for r in after}) == len(after)

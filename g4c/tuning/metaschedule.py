@@ -28,6 +28,7 @@ SPACE = "metaschedule"
 OPS = ("linear", "linear_q")
 MAX_ARGUMENT_BYTES = 256 << 20  # larger kernels' inputs (the LM head) are not allocated per candidate
 TOP_K = 3  # MetaSchedule's best schedules re-timed by g4c
+WORKER_TIMEOUT = 300.0  # seconds for one build or run in MetaSchedule's worker processes, start-up included
 
 
 def cost_model() -> str:
@@ -69,8 +70,12 @@ def search(target, task, work_dir: Path, trials: int) -> list[str]:
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
     ms_logger.handlers = [h for h in ms_logger.handlers if h.get_name()]
     mod = tvm.IRModule({"main": target.unscheduled(task.spec).with_attr("global_symbol", "main")})
+    # MetaSchedule's 30 s timeouts include a worker process's start-up (TVM and its tensor intrinsics):
+    # on a loaded 2-core machine that alone can take longer, and every candidate would fail to build
     database = ms.tune_tir(mod, target.tvm_target(), str(work_dir), max_trials_global=trials,
                            num_trials_per_iter=min(trials, 16), cost_model=cost_model(),
+                           builder=ms.builder.LocalBuilder(timeout_sec=WORKER_TIMEOUT),
+                           runner=ms.runner.LocalRunner(timeout_sec=WORKER_TIMEOUT),
                            num_tuning_cores=os.cpu_count() or 1)
     workload = database.commit_workload(mod)
     return [tvm.ir.save_json(r.trace.as_json()) for r in database.get_top_k(workload, TOP_K)]
