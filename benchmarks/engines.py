@@ -43,6 +43,22 @@ def median_step(step, first: int, gen: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def time_prompts(args, vocab: int, prefill, step, result: dict, reset=lambda: None) -> None:
+    """For each prompt length: `reset()` (untimed), then `prefill(ids)` → the last position's logits, timed
+    up to the first token; then decode steps after it. The first prompt's logits go to --logits."""
+    for n in args.prompt_lens:
+        ids = prompt(vocab, n)
+        reset()
+        t0 = time.perf_counter()
+        logits = prefill(ids)
+        first = int(np.argmax(logits))
+        elapsed = time.perf_counter() - t0
+        result["prefill"][n], result["ttft_s"][n] = n / elapsed, elapsed
+        if n == args.prompt_lens[0] and args.logits:
+            np.save(args.logits, np.asarray(logits, dtype=np.float32))
+        result["decode"][n] = 1 / median_step(step, first, args.gen)
+
+
 # -- g4c ----------------------------------------------------------------------------------------------
 def run_g4c(args) -> dict:
     from g4c.bench import decode_at_context, decode_weight_bytes, kv_read_bytes
@@ -57,17 +73,7 @@ def run_g4c(args) -> dict:
         return int(np.argmax(session.decode(t)))
 
     session.prefill(prompt(vocab, 8))  # page the weights in
-    for n in lens:
-        session.reset()
-        ids = prompt(vocab, n)
-        t0 = time.perf_counter()
-        logits = session.prefill(ids)
-        first = int(np.argmax(logits))
-        elapsed = time.perf_counter() - t0
-        result["prefill"][n], result["ttft_s"][n] = n / elapsed, elapsed
-        if n == lens[0] and args.logits:
-            np.save(args.logits, logits.astype(np.float32))
-        result["decode"][n] = 1 / median_step(step, first, args.gen)
+    time_prompts(args, vocab, session.prefill, step, result, reset=session.reset)
     for n in contexts:
         decode_at_context(session, n)
         result["decode"][n] = 1 / median_step(step, 5, args.gen)
@@ -163,19 +169,12 @@ def run_llama_cpp(args) -> dict:
         llm.eval([t])
         return int(np.argmax(last_logits()))
 
-    llm.eval(prompt(vocab, 8))  # warm-up
-    for n in args.prompt_lens:
-        llm.reset()  # eval() drops the KV cache from n_tokens on
-        ids = prompt(vocab, n)
-        t0 = time.perf_counter()
+    def prefill(ids: list[int]) -> np.ndarray:
         llm.eval(ids)
-        logits = last_logits()
-        first = int(np.argmax(logits))
-        elapsed = time.perf_counter() - t0
-        result["prefill"][n], result["ttft_s"][n] = n / elapsed, elapsed
-        if n == args.prompt_lens[0] and args.logits:
-            np.save(args.logits, logits)
-        result["decode"][n] = 1 / median_step(step, first, args.gen)
+        return last_logits()
+
+    llm.eval(prompt(vocab, 8))  # warm-up
+    time_prompts(args, vocab, prefill, step, result, reset=llm.reset)  # (eval() drops the cache from n_tokens on)
     return result
 
 
@@ -210,15 +209,7 @@ def run_onnxruntime(args) -> dict:
         return int(np.argmax(run([t], state["position"], state["past"])))
 
     run(prompt(vocab, 8), 0, empty(0))  # warm-up
-    for n in args.prompt_lens:
-        t0 = time.perf_counter()
-        logits = run(prompt(vocab, n), 0, empty(0))
-        first = int(np.argmax(logits))
-        elapsed = time.perf_counter() - t0
-        result["prefill"][n], result["ttft_s"][n] = n / elapsed, elapsed
-        if n == args.prompt_lens[0] and args.logits:
-            np.save(args.logits, logits)
-        result["decode"][n] = 1 / median_step(step, first, args.gen)
+    time_prompts(args, vocab, lambda ids: run(ids, 0, empty(0)), step, result)
     for n in args.contexts:  # every layer's cache holds every position (the window is a mask)
         state["past"], state["position"] = empty(n, np.random.default_rng(0)), n
         result["decode"][n] = 1 / median_step(step, 5, args.gen)

@@ -48,7 +48,7 @@ MIN_OPSET = 18  # ReduceMean with axes as an input
 ATTENTION_OPSET = 23  # the Attention op
 GELU_OPSET = 20  # the Gelu op
 DEFAULT_OPSET = 23
-DTYPES = {"fp32": np.float32, "fp16": np.float16}
+DTYPES = ("fp32", "fp16")  # fp16: matrices stored as float16
 DATA_FILE = "model.onnx.data"
 ALIGNMENT = 64  # bytes: each tensor in the data file starts aligned (mmap-friendly)
 HALF_OPS = {"linear": 1, "embedding": 0, "moe_experts": None}  # ops whose matrix inputs fp16 stores as float16
@@ -77,7 +77,7 @@ def export_decoder(cfg: ModelConfig, weights, out_dir: Path, opset: int = DEFAUL
     graph = standard_graph(cfg)
     with atomic_directory(Path(out_dir), overwrite) as tmp:
         with open(tmp / DATA_FILE, "wb") as data:
-            emitter = _Emitter(opset, DTYPES[dtype], data, weights, _half_params(graph) if dtype == "fp16" else set())
+            emitter = _Emitter(opset, data, weights, _half_params(graph) if dtype == "fp16" else set())
             _Translator(emitter, cfg).run(graph, progress or (lambda *_: None))
         model = emitter.model(cfg, graph)
         onnx.save_model(model, str(tmp / "model.onnx"))
@@ -111,8 +111,8 @@ def _half_params(graph: Graph) -> set[str]:
 class _Emitter:
     """Collects ONNX nodes and initializers; weights go to the external data file as they come."""
 
-    def __init__(self, opset: int, dtype, data, weights, half: set[str]):
-        self.opset, self.dtype, self.data, self.weights, self.half = opset, dtype, data, weights, half
+    def __init__(self, opset: int, data, weights, half: set[str]):
+        self.opset, self.data, self.weights, self.half = opset, data, weights, half
         self.nodes: list = []
         self.initializers: list = []
         self.inputs: list = []
@@ -155,7 +155,13 @@ class _Emitter:
         array = np.asarray(self.weights.f32(name), dtype=np.float32)
         if transform is not None:
             array = transform(array)
-        array = np.ascontiguousarray(array, dtype=np.float16 if half else np.float32)
+        if half:
+            with np.errstate(over="ignore"):
+                array = np.ascontiguousarray(array, dtype=np.float16)
+            if not np.isfinite(array).all():
+                raise G4CError(f"--dtype fp16: weight {name} has values beyond float16's range (±65504): "
+                               "export it as fp32")
+        array = np.ascontiguousarray(array)
         stored = self.fresh(name + ("_fp16" if half else ""))
         offset = self.data.seek(0, 2)
         offset += -offset % ALIGNMENT
