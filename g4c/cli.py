@@ -618,6 +618,9 @@ def _tune(model, db, target_name, random_weights, seed, layers, dtype, quant, ti
         elif event["stage"] == "metaschedule":
             err.print(f"{event['kernel']}: MetaSchedule session of {event['trials']} candidates (cost model "
                       f"{event['cost_model']}) · {event['elapsed']:.0f} s", markup=False, highlight=False)
+        elif event["stage"] == "confirm":
+            err.print(f"{event['kernel']}: best {event['candidates']} re-timed against the hand schedule, "
+                      f"interleaved · best {event['best']:.2f}× confirmed", markup=False, highlight=False)
         elif event["stage"] == "tune":
             eta = ""
             if event["budget"]:

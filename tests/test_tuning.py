@@ -26,7 +26,8 @@ MODEL = ["tiny-e", "--random-weights"]
 
 
 def records_of(db: Path) -> list[Record]:
-    return TuningDB(db).records()
+    """The candidates' measurements (not the confirmations of the winners)."""
+    return [r for r in TuningDB(db).records() if not r.confirmed]
 
 
 def test_tune_measures_candidates_and_resumes(tmp_path):
@@ -39,6 +40,27 @@ def test_tune_measures_candidates_and_resumes(tmp_path):
     second = records_of(db)
     ids = [(r.key, tuple(sorted(r.candidate.items()))) for r in second]
     assert len(second) == 5 and len(set(ids)) == 5  # resumed: no candidate measured twice
+    everything = TuningDB(db).records()
+    for key, best in TuningDB(db).best_by_kernel().items():  # a winner is re-timed against the hand schedule
+        assert best.confirmed and best.extra["rounds"] == 3 and best.speedup > 1.0
+        assert any(r.key == key and r.candidate == best.candidate and not r.confirmed for r in everything)
+
+
+def test_only_confirmed_records_win_once_a_kernel_has_them():
+    """One lucky measurement (the machine's bandwidth rose for a moment) loses to the re-timing."""
+    from g4c.tuning.database import best_of
+
+    key = Key("0" * 16, "linear", "llvm", "0")
+
+    def record(knobs: dict, seconds: float, confirmed: bool = False) -> Record:
+        return Record(key, "knobs", knobs, {"decode": seconds}, {"decode": 1.0}, "k", 0.0,
+                      {"confirmed": True} if confirmed else {})
+
+    lucky, steady = record({"columns": 1}, 0.5), record({"columns": 2}, 0.8)
+    assert best_of([lucky, steady]) is lucky
+    retimed = record({"columns": 1}, 1.1, confirmed=True)
+    assert best_of([lucky, steady, retimed]) is None  # the hand schedule stays
+    assert best_of([lucky, steady, retimed, record({"columns": 2}, 0.9, confirmed=True)]).candidate == {"columns": 2}
 
 
 def _fake_winner(db: Path, target_name: str, spec, knobs: dict, space: str = "knobs") -> None:
@@ -122,7 +144,7 @@ def test_metaschedule_session_is_recorded_and_its_trace_compiles_to_the_same_log
     assert [r for r in records_of(db) if r.space == "metaschedule"] == traces  # resumed: no second session
     key = traces[0].key  # make a trace the winner, as a session does when it beats the hand schedule
     TuningDB(db).append([Record(key, "metaschedule", traces[0].candidate, {"decode": 1e-7, "prefill": 1e-7},
-                                {"decode": 1e-6, "prefill": 1e-6}, decode.name, time.time())])
+                                {"decode": 1e-6, "prefill": 1e-6}, decode.name, time.time(), {"confirmed": True})])
     assert main(["compile", *MODEL, "-o", str(tmp_path / "plain"), "--no-embed", "--no-check"]) == 0
     assert main(["compile", *MODEL, "-o", str(tmp_path / "tuned"), "--no-embed", "--no-check",
                  "--tuning-db", str(db)]) == 0

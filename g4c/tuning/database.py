@@ -69,6 +69,11 @@ class Record:
         return sum(self.baseline.values()) / total if total > 0 else 0.0
 
     @property
+    def confirmed(self) -> bool:
+        """Re-timed against the hand schedule in interleaved rounds (`g4c tune` confirms its best candidates)."""
+        return bool(self.extra.get("confirmed"))
+
+    @property
     def never_slower(self) -> bool:
         """Not slower than the hand schedule in any bucket (2% measurement noise allowed)."""
         return all(self.times[b] <= self.baseline[b] * 1.02 for b in self.times)
@@ -204,6 +209,12 @@ class TuningDB:
 
 
 def best_of(records: Iterable[Record]) -> Record | None:
+    """A kernel's fastest record that beats its hand schedule and is never slower in any bucket. Once
+    the kernel has confirmed records, only they count: on a machine whose memory bandwidth drifts, one
+    lucky measurement of a memory-bound kernel is not a win."""
+    records = list(records)
+    if any(r.confirmed for r in records):
+        records = [r for r in records if r.confirmed]
     winners = [r for r in records if r.never_slower and r.speedup > 1.0]
     return max(winners, key=lambda r: r.speedup, default=None)
 
