@@ -38,34 +38,40 @@ def g4c(*args: str, **kw) -> str:
 
 
 def curve(db: Path) -> tuple[list[dict], dict]:
-    """Best-so-far time of the tuned kernels in a decode step and a prefill chunk (Σ calls × best time
-    per kernel, hand schedule until a record beats it), after each record in time order."""
+    """Best-so-far speed-up of the tuned kernels' share of a decode step and a prefill chunk (Σ calls ×
+    hand time / the speed-up of the record `g4c compile` would choose from the records so far: confirmed
+    records only once a kernel has them), after each record in time order."""
     from g4c.tuning import TuningDB
+    from g4c.tuning.database import best_of
 
     records = sorted(TuningDB(db).records(), key=lambda r: r.when)
     if not records:
         return [], {}
     start = records[0].when
-    hand = {r.key: (r.baseline, r.extra.get("calls", {})) for r in records}
-    best: dict = {}
+    hand: dict = {}
+    for r in records:  # each kernel's first hand-schedule timing and calls per step
+        hand.setdefault(r.key, (r.baseline, r.extra.get("calls", {})))
+    so_far: dict = {}
+    speedup: dict = {}
 
-    def step(bucket: str, table: dict) -> float:
-        return sum(calls.get(bucket, 0) * table.get(key, baseline)[bucket] for key, (baseline, calls) in hand.items())
+    def step(bucket: str, speedups: dict) -> float:
+        return sum(calls.get(bucket, 0) * baseline[bucket] / speedups.get(key, {}).get(bucket, 1.0)
+                   for key, (baseline, calls) in hand.items())
+
+    def ratio(bucket: str) -> float:
+        return step(bucket, {}) / step(bucket, speedup) if step(bucket, {}) > 0 else 1.0
 
     points = []
     for r in records:
-        current = best.get(r.key, hand[r.key][0])
-        if r.never_slower and sum(r.times.values()) < sum(current.values()):
-            best[r.key] = r.times
-        points.append({"seconds": r.when - start,
-                       "decode": step("decode", {}) / step("decode", best),
-                       "prefill": step("prefill", {}) / step("prefill", best)})
+        so_far.setdefault(r.key, []).append(r)
+        winner = best_of(so_far[r.key])  # its speed-up per bucket, against the hand time measured with it
+        speedup[r.key] = {b: winner.baseline[b] / winner.times[b] for b in winner.times} if winner else {}
+        points.append({"seconds": r.when - start, "decode": ratio("decode"), "prefill": ratio("prefill")})
     kernels = {r.name: {"knobs": None, "speedup": 1.0} for r in records}
-    for key, times in best.items():
-        name = next(r.name for r in records if r.key == key and r.times == times)
-        record = next(r for r in records if r.key == key and r.times == times)
-        kernels[name] = {"knobs": "MetaSchedule trace" if record.space == "metaschedule" else record.candidate,
-                         "speedup": round(record.speedup, 3)}
+    for rows in so_far.values():
+        if (winner := best_of(rows)) is not None:
+            kernels[winner.name] = {"knobs": "MetaSchedule trace" if winner.space == "metaschedule" else
+                                    winner.candidate, "speedup": round(winner.speedup, 3)}
     return points, kernels
 
 
