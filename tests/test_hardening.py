@@ -423,7 +423,9 @@ def dense_artifact(tmp_path_factory) -> Path:
     return art
 
 
-@pytest.mark.parametrize("stage", ["scheduling kernels", "building library", "writing weights", "self-check"])
+@pytest.mark.parametrize("stage", [  # the default run kills the two stages that write; -m slow adds the others
+    pytest.param("scheduling kernels", marks=pytest.mark.slow), "building library", "writing weights",
+    pytest.param("self-check", marks=pytest.mark.slow)])
 def test_compile_overwrite_killed_at_each_stage_keeps_a_whole_artifact(tmp_path, stage, dense_artifact):
     """kill -9 during `compile --overwrite`, at each stage: the target still holds a whole artifact (the
     old one, or the new one once it is in place), and the next compile cleans up after the dead writer."""
