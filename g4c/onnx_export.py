@@ -217,7 +217,6 @@ class _Translator:
     def __init__(self, emitter: _Emitter, cfg: ModelConfig):
         self.e, self.cfg = emitter, cfg
         self.values: dict[Node, _Value] = {}
-        self.kv_layout: set[Node] = set()  # kv_cache values: [B, H, S, D]
         self.rope_tables: dict[tuple, tuple[str, str]] = {}
         self.masks: dict[int | None, str] = {}
         self.transposed: dict[str, str] = {}  # weight → its Transpose (weights not stored transposed)
@@ -389,7 +388,6 @@ class _Translator:
                                                        ["batch_size", heads, "total_sequence_length", head_dim]))
         new = e.op("Transpose", [x.name], f"{node.name}_bhtd", perm=[0, 2, 1, 3])
         e.op("Concat", [past, new], node.name, out=present, axis=2)
-        self.kv_layout.add(node)
         return _Value(present, True, 3)
 
     def _op_attention(self, node: Node, q: _Value, k: _Value, v: _Value, positions: _Value) -> _Value:
