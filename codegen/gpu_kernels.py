@@ -16,7 +16,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from g4c.codegen.kernel_math import (F32, MASKED_SCORE, causal_window_visible, gelu_tanh, inv_rms,
-                                     online_softmax_update, param, ring_key_position, ring_slot, rope_rotate,
+                                     online_softmax_update, param, ring_key_position, ring_slot, rope_rotate, rope_rotate_axes,
                                      route_top_k, unmasked, weight_at, weight_param)
 
 I32 = "int32"
@@ -52,10 +52,13 @@ def _key_reader(head_dim: int, k_from_v: bool):
 
 
 def _attention_func(body, attrs: dict, q_heads: int, kv_heads: int, head_dim: int, parts: int,
-                    k_from_v: bool) -> tirx.PrimFunc:
-    """The PrimFunc around an attention `body` macro: (q, k, v, positions, out), or for k_eq_v layers
-    (q, v, positions, k_norm, rope freq, out); out is [T, heads, parts, head_dim + 2]."""
+                    k_from_v: bool, reach: bool = False) -> tirx.PrimFunc:
+    """The PrimFunc around an attention `body` macro: (q, k, v, positions, out), with `reach` (q, k, v,
+    positions, reach, out), or for k_eq_v layers (q, v, positions, k_norm, rope freq, out); out is
+    [T, heads, parts, head_dim + 2]. The body's reach is the positions when there is none (causal)."""
     half = head_dim // 2
+    if k_from_v and reach:
+        raise ValueError("attention with a reach input reads K from its cache (no k_eq_v sliding layers)")
     if k_from_v:
         @T.prim_func
         def func(q_h: T.handle, v_h: T.handle, pos_h: T.handle, kn_h: T.handle, f_h: T.handle, out_h: T.handle):
@@ -67,7 +70,7 @@ def _attention_func(body, attrs: dict, q_heads: int, kv_heads: int, head_dim: in
             kn = T.match_buffer(kn_h, (head_dim,), F32)
             freq = T.match_buffer(f_h, (half,), F32)
             out = T.match_buffer(out_h, (t, q_heads, parts, head_dim + 2), F32)
-            body(q, v, v, pos, kn, freq, out, t, s)
+            body(q, v, v, pos, pos, kn, freq, out, t, s)
         return func
 
     @T.prim_func
@@ -79,12 +82,24 @@ def _attention_func(body, attrs: dict, q_heads: int, kv_heads: int, head_dim: in
         v = T.match_buffer(v_h, (s, kv_heads, head_dim), F32)
         pos = T.match_buffer(pos_h, (t,), I32)
         out = T.match_buffer(out_h, (t, q_heads, parts, head_dim + 2), F32)
-        body(q, k, v, pos, q, q, out, t, s)
-    return func_plain
+        body(q, k, v, pos, pos, q, q, out, t, s)
+
+    @T.prim_func
+    def func_reach(q_h: T.handle, k_h: T.handle, v_h: T.handle, pos_h: T.handle, r_h: T.handle, out_h: T.handle):
+        T.func_attr(attrs)
+        t, s = T.int32(), T.int32()
+        q = T.match_buffer(q_h, (t, q_heads, head_dim), F32)
+        k = T.match_buffer(k_h, (s, kv_heads, head_dim), F32)
+        v = T.match_buffer(v_h, (s, kv_heads, head_dim), F32)
+        pos = T.match_buffer(pos_h, (t,), I32)
+        rch = T.match_buffer(r_h, (t,), I32)
+        out = T.match_buffer(out_h, (t, q_heads, parts, head_dim + 2), F32)
+        body(q, k, v, pos, rch, q, q, out, t, s)
+    return func_reach if reach else func_plain
 
 
 def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, name: str,
-              k_from_v: bool = False) -> tirx.PrimFunc:
+              k_from_v: bool = False, reach: bool = False) -> tirx.PrimFunc:
     """Causal GQA attention (same contract as `kernels.attention`, except the output) over one of
     `attention_parts(window)` key ranges per workgroup: workgroup (query, head, range) streams its keys
     in chunks of THREADS (one key's score per thread, in shared memory) with an online softmax
@@ -101,7 +116,7 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, na
     key_at = _key_reader(head_dim, k_from_v)
 
     @T.macro
-    def body(q, k, v, pos, kn, freq, out, t, s):
+    def body(q, k, v, pos, rch, kn, freq, out, t, s):
         for blk in T.thread_binding(t * q_heads * parts, thread="blockIdx.x"):
             for tid in T.thread_binding(nt, thread="threadIdx.x"):
                 sc = T.alloc_buffer((1, nt), F32, scope="shared")
@@ -121,7 +136,7 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, na
                     j = p * chunk + c * nt + tid
                     kp = ring_key_position(j, last, s)
                     dot[1] = T.float32(MASKED_SCORE)
-                    if j < s and j < (p + 1) * chunk and causal_window_visible(j, kp, pos[i], last, window):
+                    if j < s and j < (p + 1) * chunk and causal_window_visible(j, kp, pos[i], last, window, rch[i]):
                         dot[1] = T.float32(0)
                         for d in range(head_dim):
                             dot[1] = dot[1] + q[i, h, d] * key_at(k, v, kn, freq, j, h // group, kp, d)
@@ -145,7 +160,7 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, na
                     out[i, h, p, head_dim] = run[0]
                     out[i, h, p, head_dim + 1] = run[1]
 
-    return _attention_func(body, attrs, q_heads, kv_heads, head_dim, parts, k_from_v)
+    return _attention_func(body, attrs, q_heads, kv_heads, head_dim, parts, k_from_v, reach)
 
 
 PREFILL_TILE_ROWS = 16  # (query, head) rows of one prefill attention workgroup: 16 rows share each K/V load
@@ -161,7 +176,7 @@ def prefill_chunk_keys(head_dim: int, shared_bytes: int) -> int:
 
 
 def prefill_attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, name: str,
-                      k_from_v: bool = False, shared_bytes: int = 16384) -> tirx.PrimFunc:
+                      k_from_v: bool = False, shared_bytes: int = 16384, reach: bool = False) -> tirx.PrimFunc:
     """`attention` for prefill, tiled over queries: a workgroup takes PREFILL_TILE_ROWS (query, head)
     rows that share one KV head (the GQA group of a few consecutive queries) and one key range; per
     chunk of keys it loads K and V into shared memory once for all its rows (the untiled kernel
@@ -177,7 +192,7 @@ def prefill_attention(q_heads: int, kv_heads: int, head_dim: int, window: int | 
     key_at = _key_reader(head_dim, k_from_v)
 
     @T.macro
-    def body(q, k, v, pos, kn, freq, out, t, s):
+    def body(q, k, v, pos, rch, kn, freq, out, t, s):
         for blk in T.thread_binding(T.ceildiv(t * group, rows) * kv_heads * parts, thread="blockIdx.x"):
             for tid in T.thread_binding(nt, thread="threadIdx.x"):
                 ks = T.alloc_buffer((keys, head_dim), F32, scope="shared")
@@ -219,7 +234,7 @@ def prefill_attention(q_heads: int, kv_heads: int, head_dim: int, window: int | 
                             kp = ring_key_position(j, last, s)
                             tmp[1] = T.float32(MASKED_SCORE)
                             if i < t and j < n and j < (p + 1) * chunk and causal_window_visible(
-                                    j, kp, pos[i], last, window):
+                                    j, kp, pos[i], last, window, rch[i]):
                                 tmp[1] = T.float32(0)
                                 for d in range(head_dim):
                                     tmp[1] = tmp[1] + q[i, kvh * group + (tile * rows + r) % group, d] * ks[u, d]
@@ -253,7 +268,7 @@ def prefill_attention(q_heads: int, kv_heads: int, head_dim: int, window: int | 
                         out[(tile * rows + tid) // group, kvh * group + (tile * rows + tid) % group, p,
                             head_dim + 1] = row[1]
 
-    return _attention_func(body, attrs, q_heads, kv_heads, head_dim, parts, k_from_v)
+    return _attention_func(body, attrs, q_heads, kv_heads, head_dim, parts, k_from_v, reach)
 
 
 def attention_merge(q_heads: int, head_dim: int, parts: int, name: str) -> tirx.PrimFunc:
@@ -289,7 +304,7 @@ def attention_merge(q_heads: int, head_dim: int, parts: int, name: str) -> tirx.
 
 
 def head_norm_rope(total: int, offset: int, heads: int, head_dim: int, eps: float, weighted: bool, rope: bool,
-                   name: str) -> tirx.PrimFunc:
+                   name: str, axes: int = 1) -> tirx.PrimFunc:
     """`kernels.head_norm_rope` as one workgroup per (token, head): the threads share the RMS sum
     through shared memory, then each rotates its slice of head_dim (the RoPE partner element is
     normalised again rather than exchanged, which costs one extra load)."""
@@ -302,7 +317,8 @@ def head_norm_rope(total: int, offset: int, heads: int, head_dim: int, eps: floa
         return value * w[d] if weighted else value
 
     def rotated(src, w, pos, freq, i, h, d, inv):
-        return rope_rotate(lambda e: normed(src, w, i, h, e, inv), pos[i], freq, d, head_dim)
+        return rope_rotate_axes(lambda e: normed(src, w, i, h, e, inv), lambda a: pos[i] if axes == 1 else pos[i, a],
+                                freq, d, head_dim, axes)
 
     @T.macro
     def body(src, pos, w, freq, out, t):
@@ -329,6 +345,9 @@ def head_norm_rope(total: int, offset: int, heads: int, head_dim: int, eps: floa
                         else:
                             out[i, h, r * nt + tid] = normed(src, w, i, h, r * nt + tid, inv[0])
 
+    def pos_shape(t):
+        return (t,) if axes == 1 else (t, axes)
+
     # Four signatures (weight? rope?) around one body; absent operands are passed as `src`.
     if weighted and rope:
         @T.prim_func
@@ -336,9 +355,9 @@ def head_norm_rope(total: int, offset: int, heads: int, head_dim: int, eps: floa
             T.func_attr(attrs)
             t = T.int32()
             src = T.match_buffer(s_h, (t, total), F32)
-            pos = T.match_buffer(p_h, (t,), I32)
+            pos = T.match_buffer(p_h, pos_shape(t), I32)
             w = T.match_buffer(w_h, (head_dim,), F32)
-            freq = T.match_buffer(f_h, (max(half, 1),), F32)
+            freq = T.match_buffer(f_h, (max(half // axes, 1),), F32)
             out = T.match_buffer(o_h, (t, heads, head_dim), F32)
             body(src, pos, w, freq, out, t)
         return func_wr

@@ -62,6 +62,17 @@ def rope_rotate(element, position, inv_freq, d, head_dim: int):
     return element(d) * tirx.cos(angle) + partner * tirx.sin(angle)
 
 
+def rope_rotate_axes(element, position, inv_freq, d, head_dim: int, axes: int = 1):
+    """`rope_rotate` for axial RoPE: the head is cut into `axes` parts of head_dim/axes channels and
+    part a is rotated on its own at `position(a)` (the vision tower: x, then y); `axes` 1 is plain RoPE
+    at `position(0)`. `inv_freq` has head_dim/axes/2 entries."""
+    if axes == 1:
+        return rope_rotate(element, position(0), inv_freq, d, head_dim)
+    sub = head_dim // axes
+    part = tirx.floordiv(d, sub)
+    return rope_rotate(lambda e: element(part * sub + e), position(part), inv_freq, tirx.floormod(d, sub), sub)
+
+
 def ring_slot(position, slots):
     """The cache slot of `position` in a cache of `slots` slots: position mod slots. A ring buffer
     keeps the newest positions; a full cache has more slots than positions, so the slot is the
@@ -76,11 +87,12 @@ def ring_key_position(slot, last, slots):
     return slot + slots * tirx.floordiv(last - slot, slots)
 
 
-def causal_window_visible(slot, key_position, query_position, last, window: int | None):
+def causal_window_visible(slot, key_position, query_position, last, window: int | None, reach=None):
     """Whether the key in `slot` (at `key_position`, see `ring_key_position`) is visible to the query
-    at `query_position`: the slot is written (slot ≤ last), causal (key ≤ query) and, for a sliding
+    at `query_position`: the slot is written (slot ≤ last), not past the query's reach (default:
+    causal, key ≤ query; an image's soft tokens reach the end of their block) and, for a sliding
     layer, within `window` positions back."""
-    visible = tirx.all(slot <= last, key_position <= query_position)
+    visible = tirx.all(slot <= last, key_position <= (query_position if reach is None else reach))
     if window:
         visible = tirx.all(visible, query_position - key_position < window)
     return visible

@@ -19,7 +19,7 @@ from tvm.script import tirx as T_
 
 from g4c.codegen.kernel_math import (F32, MASKED_SCORE, STORAGE, causal_window_visible, dequant, gelu_tanh,
                                      inv_rms, load_weight, param, quant_data_dtype, quant_scale_dtype, quant_shapes, ring_key_position,
-                                     ring_slot, rope_rotate, route_top_k, weight_at, weight_param)
+                                     ring_slot, rope_rotate, rope_rotate_axes, route_top_k, weight_at, weight_param)
 
 I64 = "int64"
 
@@ -126,13 +126,14 @@ def add_rms_norm(dim: int, eps: float, name: str) -> tirx.PrimFunc:
 
 
 def head_norm_rope(total: int, offset: int, heads: int, head_dim: int, eps: float, weighted: bool, rope: bool,
-                   name: str) -> tirx.PrimFunc:
+                   name: str, axes: int = 1) -> tirx.PrimFunc:
     """Heads [offset, offset+heads) of a fused projection [T, total], RMS-normalised per head, then
-    rotated (rotate_half RoPE with per-pair inverse frequencies `inv_freq`)."""
+    rotated (rotate_half RoPE with per-pair inverse frequencies `inv_freq`). `axes` 2: axial RoPE
+    (`kernel_math.rope_rotate_axes`) at positions [T, 2]."""
     t = _t()
     src = te.placeholder((t, total), F32, name="src")
-    pos = te.placeholder((t,), I64, name="positions")
-    half = head_dim // 2
+    pos = te.placeholder((t,) if axes == 1 else (t, axes), I64, name="positions")
+    half = head_dim // 2 // axes
 
     def at(i, h, d):
         return src[i, (offset + h) * head_dim + d]
@@ -150,8 +151,9 @@ def head_norm_rope(total: int, offset: int, heads: int, head_dim: int, eps: floa
         return _prim(args + [out], name)
     inv_freq = te.placeholder((half,), F32, name="inv_freq")
     args.append(inv_freq)
-    out = te.compute((t, heads, head_dim), lambda i, h, d: rope_rotate(
-        lambda e: normed[i, h, e], pos[i], inv_freq, d, head_dim), name="out")
+    out = te.compute((t, heads, head_dim), lambda i, h, d: rope_rotate_axes(
+        lambda e: normed[i, h, e], lambda a: pos[i] if axes == 1 else pos[i, a], inv_freq, d, head_dim, axes),
+        name="out")
     return _prim(args + [out], name)
 
 
@@ -172,11 +174,14 @@ def cache_write(kv_heads: int, head_dim: int, name: str) -> tirx.PrimFunc:
 
 
 def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, name: str,
-              k_from_v: bool = False) -> tirx.PrimFunc:
+              k_from_v: bool = False, reach: bool = False) -> tirx.PrimFunc:
     """Causal GQA attention of T queries over a cache view of S slots, unscaled (Gemma 4's q·k scaling
     is 1.0). The cache holds positions `0 .. L-1` (L = positions[T-1] + 1) either directly (full:
     slot = position, S = L) or as a ring of S slots (slot s holds the newest position p ≤ L-1 with
     p ≡ s mod S); one formula (`kernel_math.ring_key_position`) covers both.
+
+    `reach` adds an input reach [T] after the positions: query i sees keys up to position reach[i]
+    instead of its own (a media prompt's image blocks; an encoder, whose queries reach every key).
 
     `k_from_v` (k_eq_v global layers): only V is cached and K is rebuilt as rope(V * k_norm) at each
     key's position — exact, since both come from the same normalised raw projection."""
@@ -200,9 +205,13 @@ def attention(q_heads: int, kv_heads: int, head_dim: int, window: int | None, na
     else:
         kc = te.placeholder((s, kv_heads, head_dim), F32, name="k_cache")
         inputs = [q, kc, vc, pos]
+    limit = pos
+    if reach:
+        limit = te.placeholder((t,), I64, name="reach")
+        inputs.insert(inputs.index(pos) + 1, limit)
 
     def visible(i, j):
-        return causal_window_visible(j, key_pos(j), pos[i], last, window)
+        return causal_window_visible(j, key_pos(j), pos[i], last, window, limit[i])
 
     d = te.reduce_axis((0, head_dim), name="d")
     neg = tirx.const(MASKED_SCORE, F32)
@@ -230,6 +239,28 @@ def take_last(count: int, trailing: tuple[int, ...], dtype: str, name: str) -> t
     x = te.placeholder((t, *trailing), dtype, name="x")
     out = te.compute((count, *trailing), lambda i, *rest: x[(t - count + i, *rest)], name="out")
     return _prim([x, out], name)
+
+
+def pool_rows(dim: int, k: int, name: str) -> tirx.PrimFunc:
+    """out[s] = mean of the k rows x[index[s, :]] (the vision pooler: each soft token averages its k×k
+    patches; S symbolic)."""
+    t, s = _t(), tirx.Var("S", _INDEX.get())
+    x = te.placeholder((t, dim), F32, name="x")
+    index = te.placeholder((s, k), _INDEX.get(), name="index")
+    j = te.reduce_axis((0, k), name="j")
+    total = te.compute((s, dim), lambda r, d: te.sum(x[index[r, j], d], axis=j), name="total")
+    out = te.compute((s, dim), lambda r, d: total[r, d] / tirx.const(k, F32), name="out")
+    return _prim([x, index, out], name)
+
+
+def where_rows(dim: int, name: str) -> tirx.PrimFunc:
+    """out[t] = a[t] where mask[t] ≠ 0, else b[t] (a media prompt's soft tokens over its embedded ids)."""
+    t = _t()
+    mask = te.placeholder((t,), _INDEX.get(), name="mask")
+    a = te.placeholder((t, dim), F32, name="a")
+    b = te.placeholder((t, dim), F32, name="b")
+    out = te.compute((t, dim), lambda i, j: tirx.if_then_else(mask[i] != 0, a[i, j], b[i, j]), name="out")
+    return _prim([mask, a, b, out], name)
 
 
 def gelu_mul(inter: int, name: str) -> tirx.PrimFunc:

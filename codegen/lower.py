@@ -73,6 +73,11 @@ class _Lowering:
             axis = node.attrs["axis"]
             self.out.recipes.setdefault(name, {"concat": parts, "axis": axis})
             return f"w:{name}"
+        if node.op == "select" and node.inputs[0].op == "param":  # a slice of a stacked table
+            source, axis, index = node.inputs[0].attrs["name"], node.attrs["axis"], node.attrs["index"]
+            name = f"{source}.{axis}_{index}"
+            self.out.recipes.setdefault(name, {"select": [source, axis, index]})
+            return f"w:{name}"
         raise NotImplementedError(f"weight operand %{node.name} is a {node.op}")
 
     def rope_table(self, spec: RopeSpec, head_dim: int) -> str:
@@ -265,6 +270,72 @@ class _Lowering:
         self.call(kern, logits, out)
         return out
 
+    def op_linear(self, n: Node) -> str:
+        x, w = n.inputs
+        rows, k = x.type.shape
+        return self.linear(self.ref(x), self.weight(w), k, w.type.shape[0], n.name, rows)
+
+    def op_pool_rows(self, n: Node) -> str:
+        x, index = n.inputs
+        kern = self.kernel("pool_rows", dim=x.type.shape[1], k=index.type.shape[1])
+        out = self.buf(n.name, n.type.shape)
+        self.call(kern, self.ref(x), self.ref(index), out)
+        return out
+
+    def op_where_rows(self, n: Node) -> str:
+        mask, a, b = n.inputs
+        out = self.buf(n.name, n.type.shape)
+        self.call(self.kernel("where_rows", dim=a.type.shape[1]), self.ref(mask), self.ref(a), self.ref(b), out)
+        return out
+
+    def op_encoder_attention(self, n: Node) -> str:
+        """A vision-encoder layer: the projections as in `op_fused_attention`, q and k rotated by axial
+        RoPE, and the attention kernels read this call's K and V as a full cache of T slots, every
+        query reaching the last one (`reach`)."""
+        x, xy, positions, reach, in_norm, w_qkv, q_norm, k_norm, w_o = n.inputs
+        a = n.attrs
+        rows, hidden = x.type.shape
+        nh, nkv, hd, eps = a["q_heads"], a["kv_heads"], a["head_dim"], a["eps"]
+        h = self.rms(self.ref(x), self.weight(in_norm), hidden, eps, f"{n.name}_in", rows)
+        total = (nh + 2 * nkv) * hd
+        proj = self.linear(h, self.weight(w_qkv), hidden, total, f"{n.name}_proj", rows)
+        inv_freq = self.rope_table(RopeSpec("default", a["theta"]), hd // 2)
+        heads = []
+        for tag, offset, count, norm in (("q", 0, nh, q_norm), ("k", nh, nkv, k_norm), ("v", nh + nkv, nkv, None)):
+            rotate = norm is not None
+            kern = self.kernel("head_norm_rope", total=total, offset=offset, heads=count, head_dim=hd, eps=eps,
+                               weighted=rotate, rope=rotate, **({"axes": 2} if rotate else {}))
+            out = self.buf(f"{n.name}_{tag}", (rows, count, hd))
+            args = [proj, self.ref(xy), self.weight(norm), inv_freq] if rotate else [proj, self.ref(positions)]
+            self.call(kern, *args, out)
+            heads.append(out)
+        attn = self.attend(n.name, heads, self.ref(positions), self.ref(reach), dict(
+            q_heads=nh, kv_heads=nkv, head_dim=hd, window=None, k_from_v=False), rows)
+        flat = self.buf(f"{n.name}_attn_flat", (rows, nh * hd))
+        self.call("reshape", attn, flat)
+        return self.linear(flat, self.weight(w_o), nh * hd, hidden, n.name, rows)
+
+    def attend(self, name: str, qkv: list[str], pos: str, reach: str | None, shape: dict, rows,
+               rebuild: list[str] = ()) -> str:
+        """The attention kernel(s) of q over K/V (buffers or cache slots) → [rows, heads, head_dim]: one
+        kernel, or split-K ranges and their merge (`LoweringOptions.split_attention`); `reach` adds each
+        query's last visible position, `rebuild` the k_norm and RoPE table that rebuild K from V (k_eq_v)."""
+        extra = {"reach": True} if reach else {}
+        if not self.opt.split_attention:
+            kern = self.kernel("attention", **shape, **extra)
+        elif self.decode:
+            kern = self.kernel("attention_split", **shape, **extra)
+        else:  # many queries: tiled over queries
+            kern = self.kernel("prefill_attention_split", **shape, shared_bytes=self.opt.shared_memory, **extra)
+        nh, hd = shape["q_heads"], shape["head_dim"]
+        attn = self.buf(f"{name}_attn", (rows, nh, hd))
+        parts = attention_parts(shape["window"]) if self.opt.split_attention else None
+        result = self.buf(f"{name}_attn_parts", (rows, nh, parts, hd + 2)) if parts else attn
+        self.call(kern, *qkv, pos, *([reach] if reach else []), *rebuild, result)
+        if parts:
+            self.call(self.kernel("attention_merge", q_heads=nh, head_dim=hd, parts=parts), result, attn)
+        return attn
+
     def op_fused_attention(self, n: Node) -> str:
         a = n.attrs
         x, positions, in_norm = n.inputs[:3]
@@ -293,27 +364,13 @@ class _Lowering:
             for slot, new in cached:
                 self.out.kv_slots[slot] = KVSlot(slot, a["layer"], nkv, hd, ring, a["window"])
                 self.call(self.kernel("cache_write", kv_heads=nkv, head_dim=hd), f"kv:{slot}", new, pos)
-        window = a["window"]
-        shape = dict(q_heads=nh, kv_heads=nkv, head_dim=hd, window=window, k_from_v=k_from_v)
-        if not self.opt.split_attention:
-            kern = self.kernel("attention", **shape)
-        elif self.decode:
-            kern = self.kernel("attention_split", **shape)
-        else:  # many queries: tiled over queries
-            kern = self.kernel("prefill_attention_split", **shape, shared_bytes=self.opt.shared_memory)
-        attn = self.buf(f"{n.name}_attn", (rows, nh, hd))
-        parts = None
-        if self.opt.split_attention:  # split-K: the key ranges' partial softmaxes, merged by a second kernel
-            parts = attention_parts(window)
-            partial = self.buf(f"{n.name}_attn_parts", (rows, nh, parts, hd + 2))
-        result = partial if parts else attn
+        shape = dict(q_heads=nh, kv_heads=nkv, head_dim=hd, window=a["window"], k_from_v=k_from_v)
         if k_from_v:  # the k_norm that rebuilds K: this layer's own, or its donor's (input 7 of a reuse node)
             k_norm = n.inputs[5] if a["role"] == "own" else n.inputs[7]
-            self.call(kern, q, f"kv:{a['v_slot']}", pos, self.weight(k_norm), inv_freq, result)
+            attn = self.attend(n.name, [q, f"kv:{a['v_slot']}"], pos, None, shape, rows, [self.weight(k_norm), inv_freq])
         else:
-            self.call(kern, q, f"kv:{a['k_slot']}", f"kv:{a['v_slot']}", pos, result)
-        if parts:
-            self.call(self.kernel("attention_merge", q_heads=nh, head_dim=hd, parts=parts), partial, attn)
+            reach = self.ref(n.inputs[-1]) if a.get("reach") else None  # a media prompt's sliding layer
+            attn = self.attend(n.name, [q, f"kv:{a['k_slot']}", f"kv:{a['v_slot']}"], pos, reach, shape, rows)
         w_o = n.inputs[5] if a["role"] == "reuse" else n.inputs[6]
         flat = self.buf(f"{n.name}_attn_flat", (rows, nh * hd))
         self.call("reshape", attn, flat)
@@ -434,6 +491,10 @@ def lower(cfg: ModelConfig, graphs: dict[str, Graph], options: LoweringOptions, 
                   stored_scheme=stored_scheme)
     for mode, graph in graphs.items():
         program = Program(mode)
+        names = [n.attrs["name"] for n in graph.inputs]
+        if names != ["ids", "positions"]:  # a media prefill or an encoder: its inputs are listed
+            program.inputs = [(n.attrs["name"], list(n.type.shape),
+                               options.index_dtype if n.type.dtype == "int64" else n.type.dtype) for n in graph.inputs]
         _Lowering(cfg, out, program).lower(graph)
         out.programs[mode] = program
     if not out.host_tables:

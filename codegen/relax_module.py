@@ -1,8 +1,10 @@
-"""The model as a Relax IRModule: one entry function per program (`prefill`, `prefill_all`, `decode`).
+"""The model as a Relax IRModule: one entry function per program (`prefill`, `prefill_all`, `decode`;
+a multimodal model's `prefill_media`, `prefill_all_media`, `encode_image`, `encode_audio`).
 
-Each function takes the token ids and positions (T symbolic), the gathered PLE rows when the model
-has PLE (the table stays in host memory; the runtime fetches one row per token), every weight, and
-every KV cache buffer, and returns `(logits, *caches)`. Kernel steps become `R.call_tir` of the
+Each function takes the token ids and positions (T symbolic) or the inputs its program lists, the
+gathered PLE rows when the model has PLE (the table stays in host memory; the runtime fetches one row
+per token), every weight, and every KV cache buffer, and returns `(logits, *caches)` (an encoder:
+`(embeddings, *caches)`, the caches untouched). Kernel steps become `R.call_tir` of the
 scheduled TensorIR kernels; cache writes are `R.call_tir_inplace`, so the caches the runtime passes
 in are updated in place (they are returned too, which keeps the writes alive through dead-code
 elimination). Full caches are passed whole: the attention kernel's ring formula treats a cache
@@ -54,9 +56,13 @@ def _entry(bb, program: Program, lowered: Lowered, sig: EntrySignature, gvars, w
     tokens = tirx.IntImm("int64", 1) if static else tirx.Var("T", "int64")
     dims = {"T": tokens}
     env: dict[str, relax.Expr] = {}
-    params = [relax.Var("ids", _tensor((tokens,), index)), relax.Var("positions", _tensor((tokens,), index))]
-    env["in:ids"], env["in:positions"] = params
-    if PLE_ROWS in sig.inputs:
+    inputs = program.inputs or [("ids", ["T"], index), ("positions", ["T"], index)]
+    params = []
+    for name, shape, dtype in inputs:  # symbolic dims (T, and an encoder's S) are shared by name
+        shape = [dims.setdefault(d, tirx.Var(d, "int64")) if isinstance(d, str) else d for d in shape]
+        params.append(relax.Var(name, _tensor(shape, dtype)))
+        env[f"in:{name}"] = params[-1]
+    if PLE_ROWS in sig.inputs and program.ple_width() is not None:
         width = program.ple_width()
         params.append(relax.Var(PLE_ROWS, _tensor((tokens, width), "float32")))
     for name in sig.weights:
@@ -75,7 +81,8 @@ def _entry(bb, program: Program, lowered: Lowered, sig: EntrySignature, gvars, w
         with bb.dataflow():
             for step in program.steps:
                 _emit(bb, step, program, lowered, env, dims, gvars, params, last_kernels)
-            outputs = [env[program.outputs["logits"]]] + [env[f"kv:{s}"] for s in sig.caches]
+            (result_ref,) = program.outputs.values()  # logits, or an encoder's embeddings
+            outputs = [env[result_ref]] + [env[f"kv:{s}"] for s in sig.caches]
             result = bb.emit_output(relax.Tuple(outputs))
         bb.emit_func_output(result)
 

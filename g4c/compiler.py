@@ -46,10 +46,18 @@ PROGRAMS = {"prefill": ("prefill", 1), "prefill_all": ("prefill", None), "decode
 Progress = Callable[[str, int, int], None]
 
 
+MEDIA_PROGRAMS = {"prefill_media": 1, "prefill_all_media": None}  # a prompt with soft tokens: logits kept
+
+
 def optimized_graphs(cfg: ModelConfig, weights: Weights) -> dict:
+    """The programs' optimized graphs: the text model's, and with a multimodal checkpoint's encoders
+    (`weights.media`) the media prefills and the encoders (`encode_image`, `encode_audio`)."""
     ctx = PassContext(cfg, weights.f32)
-    return {name: PassManager(DEFAULT_PIPELINE).run(build_graph(cfg, mode, keep), ctx)
-            for name, (mode, keep) in PROGRAMS.items()}
+    graphs = {name: build_graph(cfg, mode, keep) for name, (mode, keep) in PROGRAMS.items()}
+    if weights.media is not None:
+        graphs.update({name: build_graph(cfg, "prefill", keep, media=True) for name, keep in MEDIA_PROGRAMS.items()})
+        graphs.update(weights.media.graphs())
+    return {name: PassManager(DEFAULT_PIPELINE).run(graph, ctx) for name, graph in graphs.items()}
 
 
 def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir: str | Path,
@@ -109,7 +117,7 @@ def compile_model(cfg: ModelConfig, weights: Weights, target_name: str, out_dir:
         manifest = _manifest(cfg, target, lowered, entry, static_decode, **built.manifest, weights_from_seed=seed,
                              converted_tensors=_converted_tensors(lowered, weights.source) if seed is None else {},
                              kv_plan=graphs["decode"].meta.get("kv_plan", []), build_seconds=round(build_seconds, 2),
-                             tuned_kernels=tuned)
+                             tuned_kernels=tuned, media=weights.media)
         manifest.write(tmp)
         if toolchain is not None:
             from g4c.embed import write_embed
@@ -171,7 +179,9 @@ def _manifest(cfg: ModelConfig, target, lowered, entry, static_decode: bool, **f
     import tvm
 
     requirements = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(target.requirements()).items()}
+    media = fields.pop("media", None)
     return Manifest(target=target.name, target_spec=str(target.tvm_target()), config=cfg.to_hf_dict(),
+                    media=media.spec.to_json() if media is not None else None,
                     runtime=target.runtime, entry=entry,
                     kernels={name: spec.to_json() for name, spec in lowered.kernels.items()},
                     programs=lowered.programs, kv_slots=lowered.kv_slots, **requirements,

@@ -44,26 +44,44 @@ class _Builder:
 
 
 def build_graph(cfg: ModelConfig, mode: str = "prefill", logits_to_keep: int | None = None,
-                weight_dtype: str = "float32", compute_dtype: str = "float32") -> Graph:
+                weight_dtype: str = "float32", compute_dtype: str = "float32", media: bool = False) -> Graph:
     """The full text model. `logits_to_keep=None` returns logits for every new token [T, vocab];
     an integer keeps only the last ones (generation needs 1). `compute_dtype` is the activation dtype
-    the embedding scales are rounded to (transformers rounds sqrt(H) to the weight dtype)."""
+    the embedding scales are rounded to (transformers rounds sqrt(H) to the weight dtype).
+
+    `media` (prefill only): a prompt holding soft tokens (`Gemma4Model.forward` with images or audio).
+    Inputs `soft` [T, H] (the encoders' embeddings) and `soft_mask` [T] (1 at soft tokens, whose ids
+    the runtime sets to the pad token, as transformers does for the PLE table lookup) replace those
+    rows of the embedded prompt, which the PLE projection then reads; with `use_bidirectional_attention="vision"`, input
+    `reach` [T] (the last position each token sees: an image's soft tokens see their whole block)
+    masks the sliding layers (transformers' `create_masks_for_vision_model`: global layers stay causal)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if media and mode != "prefill":
+        raise ValueError("media inputs enter a prompt through prefill")
     tokens = "T" if mode == "prefill" else 1
-    g = Graph(f"gemma4_{mode}", meta={"mode": mode, "model_type": cfg.model_type,
-                                       "num_layers": cfg.num_hidden_layers, "weight_dtype": weight_dtype})
+    g = Graph(f"gemma4_{mode}{'_media' if media else ''}",
+              meta={"mode": mode, "model_type": cfg.model_type, "num_layers": cfg.num_hidden_layers,
+                    "weight_dtype": weight_dtype, "media": media})
     b = _Builder(g, cfg, weight_dtype)
     ids = g.input("ids", (tokens,), "int64")
     positions = g.input("positions", (tokens,), "int64")
+    reach = None
+    if media:
+        soft = g.input("soft", (tokens, cfg.hidden_size), "float32")
+        soft_mask = g.input("soft_mask", (tokens,), "int64")
+        if cfg.use_bidirectional_attention == "vision":
+            reach = g.input("reach", (tokens,), "int64")
 
     x = g.call("embedding", b.w("embed_tokens.weight"), ids, name="embed")
     x = g.call("scale", x, value=round_to_dtype(math.sqrt(cfg.hidden_size), compute_dtype), name="embed_scaled")
+    if media:
+        x = g.call("where_rows", soft_mask, soft, x, name="embed_media")
     ple = _per_layer_inputs(b, x, ids, tokens, compute_dtype) if cfg.has_ple else None
 
     kv: dict[int, tuple[Node, Node]] = {}
     for spec in cfg.layers:
-        x = _decoder_layer(b, spec, x, positions, kv, ple, tokens)
+        x = _decoder_layer(b, spec, x, positions, kv, ple, tokens, reach if spec.is_sliding else None)
 
     x = b.norm(x, "norm.weight", name="final_norm")
     if logits_to_keep is not None:
@@ -92,12 +110,12 @@ def _per_layer_inputs(b: _Builder, x: Node, ids: Node, tokens, compute_dtype: st
 
 
 def _decoder_layer(b: _Builder, spec: LayerSpec, x: Node, positions: Node, kv: dict[int, tuple[Node, Node]],
-                   ple: Node | None, tokens) -> Node:
+                   ple: Node | None, tokens, reach: Node | None = None) -> Node:
     g, cfg, i = b.g, b.cfg, spec.index
     p = f"layers.{i}."
     residual = x
     h = b.norm(x, p + "input_layernorm.weight", name=f"l{i}_attn_in")
-    attn = _attention(b, spec, h, positions, kv, tokens)
+    attn = _attention(b, spec, h, positions, kv, tokens, reach)
     attn = b.norm(attn, p + "post_attention_layernorm.weight", name=f"l{i}_attn_post")
     x = g.call("add", residual, attn, name=f"l{i}_attn_res")
 
@@ -117,7 +135,7 @@ def _decoder_layer(b: _Builder, spec: LayerSpec, x: Node, positions: Node, kv: d
 
 
 def _attention(b: _Builder, spec: LayerSpec, h: Node, positions: Node, kv: dict[int, tuple[Node, Node]],
-               tokens) -> Node:
+               tokens, reach: Node | None = None) -> Node:
     g, cfg, i = b.g, b.cfg, spec.index
     p = f"layers.{i}.self_attn."
     nh, hd, nkv = cfg.num_attention_heads, spec.head_dim, spec.num_kv_heads
@@ -146,7 +164,8 @@ def _attention(b: _Builder, spec: LayerSpec, h: Node, positions: Node, kv: dict[
         v = g.call("kv_cache", v, slot=f"layers.{i}.v", name=f"l{i}_v_cache")
         kv[i] = (k, v)
 
-    a = g.call("attention", q, k, v, positions, scaling=1.0, window=spec.window, name=f"l{i}_attn")
+    mask = (positions,) if reach is None else (positions, reach)
+    a = g.call("attention", q, k, v, *mask, scaling=1.0, window=spec.window, name=f"l{i}_attn")
     a = g.call("reshape", a, shape=(tokens, nh * hd), name=f"l{i}_attn_flat")
     return b.linear(a, p + "o_proj.weight", name=f"l{i}_o")
 

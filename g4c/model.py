@@ -57,14 +57,26 @@ def load_model(model: str, random_weights: bool = False, seed: int = 0, num_laye
     path = Path(model)
     if path.is_dir():
         if random_weights:
-            return LoadedModel(path.name, cfg, Weights(cfg, RandomWeights(cfg, seed, dtype)), path)
-        if num_layers is not None:
+            weights = Weights(cfg, RandomWeights(cfg, seed, dtype))
+        elif num_layers is not None:
             raise G4CError("--layers only applies to presets or with --random-weights")
-        return LoadedModel(path.name, cfg, Weights(cfg, checkpoint_source(path)), path)
+        else:
+            weights = Weights(cfg, checkpoint_source(path))
+        _attach_media(weights, path, cfg, seed if random_weights else None)
+        return LoadedModel(path.name, cfg, weights, path)
     if not random_weights:
         raise G4CError(f"preset {model!r} has no weights here: add --random-weights (with --seed) or pass a "
                        "checkpoint directory")
     return LoadedModel(model.lower(), cfg, Weights(cfg, RandomWeights(cfg, seed, dtype)))
+
+
+def _attach_media(weights: Weights, path: Path, cfg: ModelConfig, seed: int | None) -> None:
+    """A multimodal checkpoint's encoders (g4c/multimodal.py), with seeded random tensors when `seed`."""
+    from g4c.multimodal import load_media_model
+
+    media = load_media_model(path, cfg, seed)
+    if media is not None:
+        weights.attach_media(media)
 
 
 def checkpoint_source(path: Path):

@@ -148,14 +148,20 @@ class Checkpoint:
         return stored, next((p for p in TEXT_PREFIXES if any(k.startswith(p) for k in stored)), "")
 
     def _scan(self) -> str:
-        stored, prefix = self._stored_tensors()
+        stored, self.prefix = self._stored_tensors()
         for key, (path, shape, code) in stored.items():
-            name = key if key == "lm_head.weight" else key[len(prefix):] if key.startswith(prefix) else None
+            name = self._keep(key)
             if name is None:
                 continue  # vision/audio towers and other non-text tensors of a multimodal checkpoint
             self._location[name] = (path, key)
             self._info[name] = (shape, _st_dtype(code, key))
-        return prefix
+        return self.prefix
+
+    def _keep(self, key: str) -> str | None:
+        """The canonical name of a stored key, None for tensors this source does not serve."""
+        if key == "lm_head.weight":
+            return key
+        return key[len(self.prefix):] if key.startswith(self.prefix) else None
 
     def names(self) -> list[str]:
         return list(self._location)
@@ -175,6 +181,20 @@ class Checkpoint:
         path, key = self._location[name]
         view = self._open(path).get_slice(key)
         return np.concatenate([view[int(i): int(i) + 1] for i in ids], axis=0)
+
+
+class TowerCheckpoint(Checkpoint):
+    """The tensors of a multimodal checkpoint's encoder towers, lazily read like `Checkpoint`: stored
+    as `model.<tower>.…` (`model.vision_tower.…`, `model.embed_vision.…`, `model.audio_tower.…`,
+    `model.embed_audio.…`), named `<tower>.…` here."""
+
+    def __init__(self, directory: str | Path, towers: tuple[str, ...]):
+        self.towers = tuple(f"{t}." for t in towers)
+        super().__init__(directory)
+
+    def _keep(self, key: str) -> str | None:
+        name = key[len("model."):] if key.startswith("model.") else None
+        return name if name is not None and name.startswith(self.towers) else None
 
 
 def check_regular_file(path: Path, what: str) -> None:
@@ -234,16 +254,21 @@ class RandomWeights:
         return self._dtype
 
     def get(self, name: str) -> np.ndarray:
-        shape = self._shapes[name]
-        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
-        values = rng.random(size=shape, dtype=np.float32)  # uniform: 3x faster than normal for big tables
-        values -= np.float32(0.5)
-        if len(shape) == 1:
-            values *= np.float32(0.5)
-            values += np.float32(1.0)
-        else:
-            values *= np.float32(2 * 0.02 * 3**0.5)  # std 0.02
-        return values.astype(numpy_dtype(self._dtype), copy=False)
+        return random_tensor(self._shapes[name], self.seed, name, numpy_dtype(self._dtype))
+
+
+def random_tensor(shape: tuple[int, ...], seed: int, name: str, dtype) -> np.ndarray:
+    """The seeded random tensor `name` (see `RandomWeights`): vectors ~ 1 + U(-0.25, 0.25), the rest
+    uniform with std 0.02."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    values = rng.random(size=shape, dtype=np.float32)  # uniform: 3x faster than normal for big tables
+    values -= np.float32(0.5)
+    if len(shape) == 1:
+        values *= np.float32(0.5)
+        values += np.float32(1.0)
+    else:
+        values *= np.float32(2 * 0.02 * 3**0.5)  # std 0.02
+    return values.astype(dtype, copy=False)
 
 
 class Weights:
@@ -255,7 +280,14 @@ class Weights:
         self.cfg, self.source = cfg, source
         self.shapes = expected_shapes(cfg)
         self._f32: dict[str, np.ndarray] = {}
+        self.media = None  # a multimodal checkpoint's encoders (g4c.multimodal.MediaModel)
         validate(cfg, source)
+
+    def attach_media(self, media) -> None:
+        """Add a multimodal checkpoint's encoders: their tensors are served beside the text model's
+        (`source`), and `media` says how to build and use them."""
+        self.media = media
+        self.source = _Union(self.source, media.source)
 
     def get(self, name: str) -> np.ndarray:
         return self.source.get(name)
@@ -276,6 +308,32 @@ class Weights:
     def dtype(self) -> str:
         """The storage dtype of the embedding table (the checkpoint's working dtype)."""
         return self.source.dtype("embed_tokens.weight")
+
+
+class _Union:
+    """Two weight sources with disjoint names as one (the text model and its encoder towers)."""
+
+    def __init__(self, first: WeightSource, second: WeightSource):
+        self.first, self.second = first, second
+        self._second = set(second.names())
+
+    def _of(self, name: str) -> WeightSource:
+        return self.second if name in self._second else self.first
+
+    def names(self) -> list[str]:
+        return list(self.first.names()) + list(self.second.names())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._of(name).shape(name)
+
+    def dtype(self, name: str) -> str:
+        return self._of(name).dtype(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._of(name).get(name)
+
+    def __getattr__(self, attr: str):  # rows(), native blocks, ... of the text model's source
+        return getattr(self.first, attr)
 
 
 def validate(cfg: ModelConfig, source: WeightSource) -> None:
@@ -308,4 +366,4 @@ def _ignorable(cfg: ModelConfig, name: str) -> bool:
     return False
 
 
-__all__ = ["Checkpoint", "RandomWeights", "Weights", "check_regular_file", "expected_shapes", "validate"]
+__all__ = ["Checkpoint", "RandomWeights", "TowerCheckpoint", "Weights", "check_regular_file", "expected_shapes", "validate"]

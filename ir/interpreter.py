@@ -96,8 +96,16 @@ class Interpreter:
         if missing:
             raise ValueError(f"missing graph input {missing[0]!r}")
         first = self.graph.inputs[0]
-        tokens = int(np.asarray(inputs[first.attrs["name"]]).shape[0])
-        return {"T": tokens, "P": state.length}
+        env = {"P": state.length}
+        tokens = int(np.shape(inputs[first.attrs["name"]])[0])  # the call's new tokens (decode: T = 1, literal)
+        for node in self.graph.inputs:  # every bare symbolic dim of an input is bound by its array
+            shape = np.shape(inputs[node.attrs["name"]])
+            for dim, size in zip(node.type.shape, shape):
+                if isinstance(dim, str) and dim.isidentifier():
+                    if env.setdefault(dim, int(size)) != int(size):
+                        raise ValueError(f"input {node.attrs['name']!r}: {dim} = {size}, another input says {env[dim]}")
+        env.setdefault("T", tokens)
+        return env
 
     def _execute(self, node: Node, values, inputs, state: KVState, pending, env) -> np.ndarray:
         if node.op == "input":
@@ -145,9 +153,20 @@ def rope(x: np.ndarray, positions: np.ndarray, *, rope_type: str, theta: float,
     return x * cos + rotated * sin
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, *, scaling: float,
-              window: int | None, key_start: int = 0) -> np.ndarray:
-    """Causal GQA attention; query i sits at positions[i], key j at position key_start + j."""
+def rope_axial(x: np.ndarray, positions: np.ndarray, *, theta: float) -> np.ndarray:
+    """Axial RoPE: part a of each head (D/A channels) rotated at positions[:, a] (transformers'
+    `apply_multidimensional_rope` with the vision tower's per-part frequencies)."""
+    axes = positions.shape[1]
+    part = x.shape[-1] // axes
+    rope_attrs = dict(rope_type="default", theta=theta, partial_rotary_factor=1.0)
+    return np.concatenate([rope(x[..., a * part:(a + 1) * part], positions[:, a], **rope_attrs)
+                           for a in range(axes)], axis=-1)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray, reach: np.ndarray | None = None,
+              *, scaling: float, window: int | None, key_start: int = 0) -> np.ndarray:
+    """GQA attention; query i sits at positions[i] and sees keys up to reach[i] (default: causal,
+    reach = positions), key j at position key_start + j."""
     t, hq, d = q.shape
     s, hk, _ = k.shape
     group = hq // hk  # query head h reads KV head h // group (transformers' repeat_kv)
@@ -156,7 +175,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray
     scores = np.matmul(q.transpose(1, 0, 2), kh) * np.float32(scaling)  # [Hq, T, S]
     qpos = np.asarray(positions)[:, None]
     kpos = key_start + np.arange(s)[None, :]
-    visible = kpos <= qpos
+    visible = kpos <= (qpos if reach is None else np.asarray(reach)[:, None])
     if window is not None:
         visible &= (qpos - kpos) < window
     scores = np.where(visible[None], scores, -np.inf)
@@ -202,8 +221,8 @@ class _SlotView:
         self.pending[slot] = (start, rows)
 
 
-def _gqa_out(q, k, v, positions, attrs, key_start, w_o) -> np.ndarray:
-    out = attention(q, k, v, positions, scaling=1.0, window=attrs["window"], key_start=key_start)
+def _gqa_out(q, k, v, positions, attrs, key_start, w_o, reach=None) -> np.ndarray:
+    out = attention(q, k, v, positions, reach, scaling=1.0, window=attrs["window"], key_start=key_start)
     return np.matmul(out.reshape(out.shape[0], -1), w_o.T)
 
 
@@ -212,13 +231,14 @@ def fused_attention(args: list[np.ndarray], attrs: dict, slots: _SlotView) -> np
     rope_attrs = {k: attrs[k] for k in ("rope_type", "theta", "partial_rotary_factor")}
     eps, hd, nh, nkv = attrs["eps"], attrs["head_dim"], attrs["q_heads"], attrs["kv_heads"]
     x, positions, in_norm = args[0], args[1], args[2]
+    reach = args.pop() if attrs.get("reach") else None  # a media prompt's sliding layer: its last input
     h = rms_norm(x, in_norm, eps=eps)
     t = h.shape[0]
     if attrs["role"] == "reuse":
         w_q, q_norm, w_o = args[3], args[4], args[5]
         q = rope(rms_norm((h @ w_q.T).reshape(t, nh, hd), q_norm, eps=eps), positions, **rope_attrs)
         k, v, start = _read_kv(attrs, slots, args[7] if len(args) > 7 else None, rope_attrs)
-        return _gqa_out(q, k, v, positions, attrs, start, w_o)
+        return _gqa_out(q, k, v, positions, attrs, start, w_o, reach)
     w_qkv, q_norm, k_norm, w_o = args[3], args[4], args[5], args[6]
     proj = h @ w_qkv.T
     q = rope(rms_norm(proj[:, : nh * hd].reshape(t, nh, hd), q_norm, eps=eps), positions, **rope_attrs)
@@ -231,7 +251,21 @@ def fused_attention(args: list[np.ndarray], attrs: dict, slots: _SlotView) -> np
         k_all = rope(v_all * k_norm, start + np.arange(v_all.shape[0]), **rope_attrs)
     else:
         _, k_all = _append(slots, attrs["k_slot"], k_new, int(positions[0]))
-    return _gqa_out(q, k_all, v_all, positions, attrs, start, w_o)
+    return _gqa_out(q, k_all, v_all, positions, attrs, start, w_o, reach)
+
+
+def encoder_attention(x, xy, positions, reach, in_norm, w_qkv, q_norm, k_norm, w_o, *, q_heads: int, kv_heads: int,
+                      head_dim: int, eps: float, theta: float) -> np.ndarray:
+    """A vision-encoder layer's attention block (see `g4c.ir.ops`)."""
+    h = rms_norm(x, in_norm, eps=eps)
+    proj = h @ w_qkv.T
+    t, q_width, kv_width = h.shape[0], q_heads * head_dim, kv_heads * head_dim
+    q = rope_axial(rms_norm(proj[:, :q_width].reshape(t, q_heads, head_dim), q_norm, eps=eps), xy, theta=theta)
+    k = rope_axial(rms_norm(proj[:, q_width:q_width + kv_width].reshape(t, kv_heads, head_dim), k_norm, eps=eps), xy,
+                   theta=theta)
+    v = rms_norm(proj[:, q_width + kv_width:].reshape(t, kv_heads, head_dim), eps=eps)
+    out = attention(q, k, v, positions, reach, scaling=1.0, window=None)
+    return out.reshape(t, -1) @ w_o.T
 
 
 def _append(slots: _SlotView, slot: str, new: np.ndarray, first_position: int) -> tuple[int, np.ndarray]:
@@ -293,6 +327,96 @@ def lm_head(x, norm, w, *, eps, softcap) -> np.ndarray:
     return logits if softcap is None else np.float32(softcap) * np.tanh(logits / np.float32(softcap))
 
 
+# ---- audio tower ops (g4c.audio) ---------------------------------------------------------------
+def conv2d(x: np.ndarray, w: np.ndarray, rows: np.ndarray, *, stride: int, padding: int) -> np.ndarray:
+    """torch `Conv2d` (no bias, weights [Cout, Cin, kh, kw]) on channels-last x [T, F, Cin], summed
+    tap by tap; `rows` only carries the output length (the IR has no symbolic arithmetic)."""
+    t, f, _ = x.shape
+    cout, _, kh, kw = w.shape
+    t_out, f_out = (t + 2 * padding - kh) // stride + 1, (f + 2 * padding - kw) // stride + 1
+    xp = np.pad(_f32(x), ((padding, padding), (padding, padding), (0, 0)))
+    out = np.zeros((t_out, f_out, cout), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            taps = xp[i: i + stride * (t_out - 1) + 1: stride, j: j + stride * (f_out - 1) + 1: stride]
+            out += taps @ _f32(w[:, :, i, j]).T
+    return out
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, *, eps: float) -> np.ndarray:
+    centred = _f32(x) - np.mean(_f32(x), axis=-1, keepdims=True)
+    var = np.mean(centred * centred, axis=-1, keepdims=True)
+    return centred * np.power(var + np.float32(eps), np.float32(-0.5)) * w
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(np.float32(0.0), -_f32(x)))  # no overflow for large |x|
+
+
+def glu(x: np.ndarray) -> np.ndarray:
+    a, b = np.split(_f32(x), 2, axis=-1)
+    return a * sigmoid(b)
+
+
+def depthwise_conv1d(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Causal depthwise conv (torch `Conv1d(groups=C)` after K-1 zero rows on the left)."""
+    t, k = x.shape[0], w.shape[-1]
+    xp = np.pad(_f32(x), ((k - 1, 0), (0, 0)))
+    return np.sum([xp[j: j + t] * _f32(w[:, 0, j]) for j in range(k)], axis=0, dtype=np.float32)
+
+
+def rel_positions(*, count: int, dim: int) -> np.ndarray:
+    """`Gemma4AudioRelPositionalEncoding`: rows for the distances count-1 … 0; the timescales are
+    fp32, as transformers builds them."""
+    half = dim // 2
+    inv = np.exp(np.arange(half, dtype=np.float32) * np.float32(-np.log(1e4) / max(half - 1, 1)))
+    angle = np.arange(count - 1, -1, -1, dtype=np.float64)[:, None] * inv.astype(np.float64)
+    return np.concatenate([np.sin(angle), np.cos(angle)], axis=-1).astype(np.float32)
+
+
+def local_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_k: np.ndarray, *, chunk: int,
+                    context_left: int, context_right: int, softcap: float, invalid_logit: float) -> np.ndarray:
+    """transformers' `Gemma4AudioAttention` core (after the projections and q/k scales) for one clip.
+
+    Queries go in blocks of `chunk` rows (the last block padded); block b sees the `width = chunk +
+    past + future` key rows from b·chunk - past on (`past = context_left - 1`, `future =
+    context_right`; zero rows outside the clip). Logits `softcap·tanh((q·k + rel_shift(q·rel_k)) /
+    softcap)`; a key s is visible to query t when it lies in the clip and d = t - s has 0 ≤ d < past or
+    0 < -d < future (transformers' sliding-window mask, which leaves out the block's farthest past
+    key); the others become `invalid_logit` (a row with no visible key averages all `width` rows)."""
+    s, heads, dim = q.shape
+    past, future = context_left - 1, context_right
+    width = chunk + past + future
+    blocks = -(-s // chunk)
+    starts = np.arange(blocks)[:, None] * chunk
+    query = starts + np.arange(chunk)  # [B, chunk]: the clip rows of each block's queries
+    key = starts + np.arange(width) - past  # [B, width]: the clip rows of each block's keys
+    qb = _pad_rows(_f32(q), 0, blocks * chunk - s)[query]
+    kb, vb = (_pad_rows(_f32(a), past, future + chunk - 1)[key + past] for a in (k, v))
+    logits = np.einsum("bihd,bjhd->hbij", qb, kb)
+    logits += _rel_shift(np.einsum("bihd,rhd->hbir", qb, _f32(rel_k)), width)
+    logits = np.float32(softcap) * np.tanh(logits / np.float32(softcap))
+    dist = query[:, :, None] - key[:, None, :]
+    inside = (key[:, None, :] >= 0) & (key[:, None, :] < s) & (query[:, :, None] < s)
+    visible = inside & (((dist >= 0) & (dist < past)) | ((dist < 0) & (-dist < future)))
+    probs = softmax(np.where(visible, logits, np.float32(invalid_logit)))
+    out = np.einsum("hbij,bjhd->bihd", probs, vb)
+    return out.reshape(blocks * chunk, heads, dim)[:s]
+
+
+def _pad_rows(x: np.ndarray, before: int, after: int) -> np.ndarray:
+    return np.pad(x, [(before, after)] + [(0, 0)] * (x.ndim - 1))
+
+
+def _rel_shift(x: np.ndarray, width: int) -> np.ndarray:
+    """transformers' `_rel_shift` of [..., chunk, R] → [..., chunk, width]: pad to width + 1 columns,
+    flatten the block, keep chunk·width entries. Entry (i, j) is x[i, j - i] for j ≥ i (zero past R);
+    entries j < i read the previous row, and are always masked."""
+    *lead, rows, count = x.shape
+    x = np.pad(x, [(0, 0)] * (len(lead) + 1) + [(0, width + 1 - count)])
+    return x.reshape(*lead, rows * (width + 1))[..., : rows * width].reshape(*lead, rows, width)
+
+
 KERNELS: dict[str, Callable[..., np.ndarray]] = {
     "embedding": lambda table, ids: table[np.asarray(ids, dtype=np.int64)],
     "linear": lambda x, w: np.matmul(_f32(x), _f32(w).T),
@@ -306,13 +430,28 @@ KERNELS: dict[str, Callable[..., np.ndarray]] = {
     "select": lambda x, axis, index: np.take(x, index, axis=axis),
     "take_last": lambda x, count: x[-count:],
     "rope": rope,
+    "rope_axial": rope_axial,
     "attention": attention,
+    "pool_rows": lambda x, index: np.mean(_f32(x)[np.asarray(index, dtype=np.int64)], axis=1),
+    "where_rows": lambda mask, a, b: np.where(np.asarray(mask)[:, None] != 0, _f32(a), _f32(b)),
     "softmax": softmax,
     "topk": topk,
     "take_along": lambda x, idx: np.take_along_axis(x, idx, axis=-1),
     "reduce_sum": lambda x: np.sum(_f32(x), axis=-1, keepdims=True),
     "moe_experts": moe_experts,
     "concat": lambda *xs, axis: np.concatenate(xs, axis=axis),
+    "conv2d": conv2d,
+    "layer_norm": layer_norm,
+    "relu": lambda x: np.maximum(_f32(x), np.float32(0.0)),
+    "silu": lambda x: _f32(x) * sigmoid(x),
+    "softplus": lambda x: np.logaddexp(np.float32(0.0), _f32(x)),
+    "clamp": lambda x, lo, hi: np.minimum(np.maximum(_f32(x), _f32(lo)), _f32(hi)),
+    "clip": lambda x, limit: np.clip(_f32(x), np.float32(-limit), np.float32(limit)),
+    "glu": glu,
+    "depthwise_conv1d": depthwise_conv1d,
+    "rel_positions": rel_positions,
+    "local_attention": local_attention,
+    "encoder_attention": encoder_attention,
     "add_rms_norm": lambda residual, y, w, eps: residual + rms_norm(y, w, eps=eps),
     "gated_mlp": gated_mlp,
     "moe": moe,

@@ -9,7 +9,8 @@ Matches, per `attention` node, the frontend's attention block:
     out = linear(reshape(attention(q, k, v, pos)), Wo)
 Produces `fused_attention(x, pos, in_norm, concat(Wq, Wk[, Wv]), q_norm, k_norm, Wo)` for own layers
 and `fused_attention(x, pos, in_norm, Wq, q_norm, Wo, donor)` for KV-sharing layers, with attributes
-kind, window, head_dim, q/kv heads, RoPE parameters, KV source layer and cache slots.
+kind, window, head_dim, q/kv heads, RoPE parameters, KV source layer and cache slots; an attention
+with a `reach` input (a media prompt's sliding layer) passes it as the fused op's last input (`reach`).
 
 Exact: q, k, v come from one GEMM over the row-concatenated weights, which computes the same dot
 products as three GEMMs; the fused op's reference kernel then applies exactly the matched sequence
@@ -43,7 +44,7 @@ def _fuse(graph: Graph, attn: Node, donors: dict[str, Node]) -> list[Node]:
     (flat,) = users
     expect(flat, "reshape")
     (o_proj,) = _single_user(graph, flat, "linear")
-    q_rope, k_node, v_node, positions = attn.inputs
+    q_rope, k_node, v_node, positions, *reach = attn.inputs
     q_norm_node, _ = expect(q_rope, "rope")
     q_heads, q_norm = expect(q_norm_node, "rms_norm", 2)
     (q_lin,) = expect(q_heads, "reshape")
@@ -55,6 +56,8 @@ def _fuse(graph: Graph, attn: Node, donors: dict[str, Node]) -> list[Node]:
     common = dict(layer=layer, kind="sliding" if attn.attrs["window"] is not None else "global",
                   window=attn.attrs["window"], head_dim=head_dim, q_heads=q_heads.type.shape[1],
                   kv_heads=k_node.type.shape[1], eps=h.attrs["eps"], **rope)
+    if reach:  # a media prompt's sliding layer: the reach input is the fused op's last
+        common["reach"] = True
     absorbed = [o_proj, flat, attn, q_rope, q_norm_node, q_heads, q_lin]
 
     k_slot, v_slot = _slot(k_node), _slot(v_node)
@@ -71,7 +74,7 @@ def _fuse(graph: Graph, attn: Node, donors: dict[str, Node]) -> list[Node]:
         attrs = dict(common, role="own", kv_source=layer, k_eq_v=k_eq_v, k_slot=k_slot, v_slot=v_slot)
         inputs = (x, positions, in_norm, w_qkv, q_norm, k_norm, o_proj.inputs[1])
         absorbed += kv_nodes
-    fused = graph.call("fused_attention", *inputs, name=f"l{layer}_attention", before=o_proj, **attrs)
+    fused = graph.call("fused_attention", *inputs, *reach, name=f"l{layer}_attention", before=o_proj, **attrs)
     if attrs["role"] == "own":
         donors[v_slot] = fused
     graph.replace_all_uses(o_proj, fused)

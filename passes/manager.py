@@ -56,7 +56,7 @@ def available_passes() -> dict[str, Pass]:
 
 
 # The pipeline every target runs; the order matters (fusions match the frontend's unfused patterns).
-DEFAULT_PIPELINE = ("fuse_ple", "fuse_attention", "fuse_moe", "fuse_mlp", "fuse_lm_head",
+DEFAULT_PIPELINE = ("fuse_ple", "fuse_attention", "fuse_encoder_attention", "fuse_moe", "fuse_mlp", "fuse_lm_head",
                     "fuse_residual_norm", "fold_layer_scalar", "prune_kv_shared_prefill",
                     "plan_kv_cache", "cse", "dce")
 

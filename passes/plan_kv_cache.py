@@ -70,8 +70,8 @@ def run(graph: Graph, ctx: PassContext) -> None:
         donor = by_layer.get(node.attrs["kv_source"])
         if node.attrs["role"] == "reuse" and donor is not None and donor.attrs["k_from_v"]:
             node.attrs["k_from_v"] = True
-            if len(node.inputs) == 7:
-                node.inputs = node.inputs + (donor.inputs[5],)  # the donor's k_norm rebuilds K from V
+            if len(node.inputs) == 7 + bool(node.attrs.get("reach")):  # the donor's k_norm rebuilds K from V
+                node.inputs = node.inputs[:7] + (donor.inputs[5],) + node.inputs[7:]
     graph.meta["kv_plan"] = [asdict(p) for p in plan.values()]
 
 

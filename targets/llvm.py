@@ -166,7 +166,8 @@ def cpu_builders() -> dict:
     from g4c.codegen import kernels
 
     ops = ("embed", "embed_q", "linear", "linear_q", "rms_norm", "add_rms_norm", "head_norm_rope", "cache_write", "attention", "gelu_mul",
-           "scale_rows", "add", "softcap", "ple_mix", "ple_gate", "router_input", "router_topk", "moe_experts")
+           "scale_rows", "add", "softcap", "ple_mix", "ple_gate", "router_input", "router_topk", "moe_experts",
+           "pool_rows", "where_rows")
     # prefill's MoE: the same math as moe_experts, scheduled as grouped GEMMs (`cpu_gemm`)
     return {**{op: getattr(kernels, op) for op in ops}, "moe_experts_grouped": kernels.moe_experts}
 

@@ -86,7 +86,7 @@ def test_verifier_rejects_broken_graphs():
     with pytest.raises(IRTypeError, match="does not match weight"):
         g.call("linear", x, g.param("w2", (3, 5), "float32"))
     with pytest.raises(IRTypeError, match="unknown op"):
-        g.call("conv2d", x)
+        g.call("conv3d", x)
 
 
 def test_attention_sliding_window_masks_old_keys():

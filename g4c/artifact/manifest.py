@@ -22,7 +22,7 @@ from g4c import __version__
 from g4c.artifact.tensors import ArtifactError, sha256_file
 
 FORMAT = "g4c-artifact"
-FORMAT_VERSION = 4  # 4: tuned_kernels; 3: typed manifest (kernel specs, executor requirements); 2: Relax VM entry functions
+FORMAT_VERSION = 5  # 5: media (encoders, media prefill, program inputs); 4: tuned_kernels; 3: typed manifest (kernel specs, executor requirements); 2: Relax VM entry functions
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 HOST = "host.safetensors"
@@ -43,15 +43,24 @@ class Program:
     steps: list[Step] = field(default_factory=list)
     buffers: dict[str, tuple[Shape, str]] = field(default_factory=dict)  # activation → (shape, dtype)
     outputs: dict[str, str] = field(default_factory=dict)
+    # the runtime inputs [name, shape, dtype] of a program that takes more than ids and positions (a
+    # media prefill, an encoder); empty: ids, positions (and the PLE rows)
+    inputs: list[tuple[str, Shape, str]] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"name": self.name, "steps": [asdict(s) for s in self.steps],
-                "buffers": {k: [list(v[0]), v[1]] for k, v in self.buffers.items()}, "outputs": self.outputs}
+                "buffers": {k: [list(v[0]), v[1]] for k, v in self.buffers.items()}, "outputs": self.outputs,
+                "inputs": [[n, list(shape), dtype] for n, shape, dtype in self.inputs]}
 
     @classmethod
     def from_json(cls, data: dict) -> Program:
         return cls(data["name"], [Step(**s) for s in data["steps"]],
-                   {k: (list(v[0]), v[1]) for k, v in data["buffers"].items()}, dict(data["outputs"]))
+                   {k: (list(v[0]), v[1]) for k, v in data["buffers"].items()}, dict(data["outputs"]),
+                   [(n, list(shape), dtype) for n, shape, dtype in data.get("inputs", [])])
+
+    @property
+    def input_names(self) -> list[str]:
+        return [n for n, _, _ in self.inputs] or ["ids", "positions"]
 
     def ple_width(self) -> int | None:
         """Width of the PLE rows the runtime gathers for this program (None: no PLE)."""
@@ -118,6 +127,9 @@ class Manifest:
     decode_graph: dict[str, int] | None = None  # CUDA graphs: kernels captured / launched outside
     weights_from_seed: dict | None = None  # {"seed", "dtype"}: weights regenerated at load time
     tuned_kernels: dict[str, dict] = field(default_factory=dict)  # kernel → {"space", "knobs", "speedup"} from a tuning DB
+    # images/audio (g4c.runtime.media.MediaSpec as JSON: processor config, special tokens, pad id, mask rule,
+    # towers): the artifact has the encode_image/encode_audio and prefill(_all)_media programs; None: text only
+    media: dict | None = None
     build_seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)  # file name → SHA-256
     tvm_version: str = ""

@@ -19,7 +19,7 @@ def derived_weight(name: str, recipes: dict[str, dict], base: Callable[[str], np
     """A weight as the kernels take it: `base(name)` (a checkpoint tensor, fp32), or made by its recipe
     from the lowering — {"concat": parts, "axis": k} (packed q/k/v, gate/up), {"rope": [type, theta,
     partial, head_dim]} (inverse frequencies), {"rows": [source, lo, hi]} (a slice of a table split
-    for a GPU binding), {"const": value}, {"quant": [source, scheme, "data" | "scales", dtype]} (a
+    for a GPU binding), {"select": [source, axis, index]} (one entry of a stacked table), {"const": value}, {"quant": [source, scheme, "data" | "scales", dtype]} (a
     group-quantized weight, `g4c.quant`; dtype: the data's word, uint32 by default, or the scales' float
     dtype, float32 by default). Compile time and seeded load time share it."""
     from g4c.config import RopeSpec
@@ -35,6 +35,9 @@ def derived_weight(name: str, recipes: dict[str, dict], base: Callable[[str], np
     if "rows" in recipe:
         source, lo, hi = recipe["rows"]
         return derived_weight(source, recipes, base)[lo:hi]
+    if "select" in recipe:
+        source, axis, index = recipe["select"]
+        return np.ascontiguousarray(np.take(derived_weight(source, recipes, base), index, axis=axis))
     if "const" in recipe:
         return np.array([recipe["const"]], np.float32)
     if "quant" in recipe:  # [source, scheme, "data" | "scales"(, storage dtype)]: g4c.quant's layout
@@ -57,6 +60,8 @@ def source_tensors(name: str, recipes: dict[str, dict]) -> list[str]:
         return [leaf for part in recipe["concat"] for leaf in source_tensors(part, recipes)]
     if "rows" in recipe:
         return source_tensors(recipe["rows"][0], recipes)
+    if "select" in recipe:
+        return source_tensors(recipe["select"][0], recipes)
     if "quant" in recipe:
         return source_tensors(recipe["quant"][0], recipes)
     return []
@@ -76,6 +81,10 @@ def derived_shape(name: str, recipes: dict[str, dict], base: Callable[[str], tup
     if "rows" in recipe:
         source, lo, hi = recipe["rows"]
         return (hi - lo, *derived_shape(source, recipes, base)[1:])
+    if "select" in recipe:
+        source, axis, _ = recipe["select"]
+        shape = derived_shape(source, recipes, base)
+        return shape[:axis] + shape[axis + 1:]
     if "quant" in recipe:
         from g4c.quant import packed_shapes, part_dtype
 

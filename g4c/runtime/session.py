@@ -23,6 +23,7 @@ from g4c.artifact import (HOST, MANIFEST, WEIGHTS, ArtifactError, Manifest, alig
                           read_aligned_safetensors, read_manifest)
 from g4c.config import config_from_dict
 from g4c.errors import G4CError
+from g4c.runtime.media import MediaSpec, build_prompt, longest_image_block
 from g4c.runtime.sampling import Sampler
 
 
@@ -34,13 +35,50 @@ class Session:
     position: int = 0  # tokens already in the KV cache
     prefill_chunk: int = 64  # compiled backends run a long prompt as chunks of this many tokens
     context_full: bool = False  # the last `generate` stopped because the context reached max_context
+    media: MediaSpec | None = None  # a multimodal model's media settings (None: text only)
+    hidden_size: int = 0  # the text width: the rows encoders produce
 
-    def prefill(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Feed tokens after the cached ones; logits of the last token [vocab] (or [T, vocab])."""
+    def prefill(self, tokens: Sequence[int], all_logits: bool = False, images: Sequence = (),
+                audio: Sequence = ()) -> np.ndarray:
+        """Feed tokens after the cached ones; logits of the last token [vocab] (or [T, vocab]).
+
+        `images` (paths, PIL images or HxWx3 uint8 arrays) and `audio` (WAV paths or float waveforms at
+        the model's sampling rate) go with one placeholder id each in `tokens` (`g4c.runtime.media`);
+        the prompt is then expanded, and `all_logits` has one row per expanded position."""
+        if images or audio or self._has_placeholders(tokens):
+            return self._prefill_media(tokens, all_logits, images, audio)
         ids = self.check_tokens(tokens)
         outputs = [self._run("prefill_all" if all_logits else "prefill", ids[start: start + self.prefill_chunk])
                    for start in range(0, ids.size, self.prefill_chunk)]
         return np.concatenate(outputs) if all_logits else outputs[-1][-1]
+
+    def _has_placeholders(self, tokens: Sequence[int]) -> bool:
+        marks = {self.media.tokens.get("image"), self.media.tokens.get("audio")} - {None} if self.media else set()
+        return bool(marks) and any(int(t) in marks for t in tokens)
+
+    def _prefill_media(self, tokens: Sequence[int], all_logits: bool, images: Sequence, audio: Sequence) -> np.ndarray:
+        if self.media is None:
+            raise G4CError("this model is text-only (its checkpoint has no vision or audio encoder): it takes no "
+                           "images or audio")
+        encoders = {kind: functools.partial(self.encode, kind) for kind in self.media.towers}
+        prompt = build_prompt(self.media, self.check_tokens(tokens), images, audio, encoders, self.hidden_size)
+        self.check_tokens(prompt.ids)
+        base, outputs = self.position, []
+        for start, end in prompt.chunks(self.prefill_chunk):
+            arrays = {"ids": prompt.ids[start:end], "soft": prompt.soft[start:end],
+                      "soft_mask": prompt.soft_mask[start:end]}
+            if self.media.bidirectional_vision:
+                arrays["reach"] = prompt.reach[start:end] + base
+            outputs.append(self._run_media("prefill_all_media" if all_logits else "prefill_media", arrays))
+        return np.concatenate(outputs) if all_logits else outputs[-1][-1]
+
+    def encode(self, kind: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Run the `kind` ("image", "audio") encoder on its inputs: the soft tokens' rows [S, hidden]."""
+        raise NotImplementedError
+
+    def _run_media(self, program: str, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Run a media prefill program on one chunk (ids, soft, soft_mask(, reach)); advances the position."""
+        raise NotImplementedError
 
     def decode(self, token: int) -> np.ndarray:
         """Feed one token; its logits [vocab]."""
@@ -67,9 +105,11 @@ class Session:
         return ids
 
     def generate(self, tokens: Sequence[int], max_new_tokens: int, sampler: Sampler | None = None,
-                 stop_tokens: Sequence[int] = (), on_token: Callable[[int], None] | None = None) -> list[int]:
-        """Continue `tokens`; returns the new ids (ending with a stop token if one was sampled). At the
-        context limit generation stops early and sets `context_full` (what was generated is kept)."""
+                 stop_tokens: Sequence[int] = (), on_token: Callable[[int], None] | None = None,
+                 images: Sequence = (), audio: Sequence = ()) -> list[int]:
+        """Continue `tokens` (with `images`/`audio` as in `prefill`); returns the new ids (ending with a
+        stop token if one was sampled). At the context limit generation stops early and sets
+        `context_full` (what was generated is kept)."""
         if max_new_tokens < 0:
             raise G4CError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
         sampler = sampler or Sampler()
@@ -78,7 +118,7 @@ class Session:
         self.context_full = False
         if max_new_tokens == 0:
             return new
-        logits = self.prefill(tokens)
+        logits = self.prefill(tokens, images=images, audio=audio)
         while True:
             token = sampler(logits)
             new.append(token)
@@ -120,8 +160,12 @@ class ArtifactSession(Session):
         self.config = self.manifest.config
         model = config_from_dict(self.config, source=str(self.directory / MANIFEST))  # numpy-only module
         self.vocab_size = model.input_vocab_size
+        self.hidden_size = model.hidden_size
         self.max_context = min(max_context or 4096, model.max_position_embeddings)
         self.prefill_chunk = max(1, prefill_chunk)
+        self.media = MediaSpec.from_json(self.manifest.media) if self.manifest.media else None
+        # an image block is never split across chunks: the rings hold the longest chunk it can make
+        ring_chunk = max(self.prefill_chunk, longest_image_block(self.media)) if self.media else self.prefill_chunk
         self.index_dtype = np.dtype(self.manifest.index_dtype)
         self.executor = executor(self)
         weights, self._host_tables = artifact_weights(self.directory, self.manifest, model)
@@ -135,7 +179,7 @@ class ArtifactSession(Session):
         self.weights = {n: np.broadcast_to(np.zeros((), a.dtype), a.shape) for n, a in weights.items()}
         del weights
         slots = self.manifest.kv_slots
-        self.cache_shapes = {s: (slots[s].capacity(self.max_context, self.prefill_chunk), slots[s].kv_heads,
+        self.cache_shapes = {s: (slots[s].capacity(self.max_context, ring_chunk), slots[s].kv_heads,
                                  slots[s].head_dim) for s in self.manifest.entry.caches}
         self.executor.allocate_caches(self.cache_shapes)
         self.reset()
@@ -169,28 +213,50 @@ class ArtifactSession(Session):
         self.executor.clear_caches()
         self.position = 0
 
-    def _run(self, name: str, ids: np.ndarray) -> np.ndarray:
+    def _run(self, name: str, ids: np.ndarray, media: dict[str, np.ndarray] | None = None) -> np.ndarray:
         length = self.position + ids.size
-        inputs = [aligned(np.ascontiguousarray(ids, dtype=self.index_dtype)),
-                  aligned(np.arange(self.position, length, dtype=self.index_dtype))]
+        arrays = {"ids": ids, "positions": np.arange(self.position, length), **(media or {})}
+        inputs = self._inputs(name, arrays)
         if self.manifest.has_ple:
             inputs.append(self._ple_rows(ids))
         whole = name == "decode" and self.manifest.static_decode  # fixed shapes: caches passed whole
         rows = {s: shape[0] if whole or self.manifest.kv_slots[s].ring else length
                 for s, shape in self.cache_shapes.items()}
+        logits = self._execute(name, inputs, rows, "logits")
+        self.position = length
+        return logits
+
+    def _run_media(self, program: str, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        ids = arrays.pop("ids")
+        return self._run(program, ids, arrays)
+
+    def encode(self, kind: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        name = f"encode_{kind}"
+        if name not in self.manifest.programs:
+            raise G4CError(f"this artifact has no {kind} encoder")
+        rows = {s: shape[0] for s, shape in self.cache_shapes.items()}  # passed, not used
+        return self._execute(name, self._inputs(name, inputs), rows, f"{kind} embeddings")
+
+    def _inputs(self, name: str, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """A program's inputs in its order: integers in the artifact's index dtype, the rest fp32."""
+        program = self.manifest.programs[name]
+        dtypes = {n: d for n, _, d in program.inputs}
+        return [aligned(np.ascontiguousarray(arrays[n], dtype=np.dtype(dtypes.get(n, self.index_dtype))))
+                for n in program.input_names]
+
+    def _execute(self, name: str, inputs: list[np.ndarray], rows: dict[str, int], what: str) -> np.ndarray:
         try:
-            logits = self.executor.run(name, inputs, rows)
+            result = self.executor.run(name, inputs, rows)
         except G4CError:
             raise
         except Exception as exc:  # noqa: BLE001 - a TVM/wgpu failure inside the artifact: one line
             message = str(exc).strip().splitlines()
             raise ArtifactError(f"the compiled model failed in {name}: {message[-1] if message else type(exc).__name__}") \
                 from None
-        if not np.isfinite(logits).all():
-            raise ArtifactError(f"the compiled model produced non-finite logits in {name} (NaN/Inf weights, or a "
+        if not np.isfinite(result).all():
+            raise ArtifactError(f"the compiled model produced non-finite {what} in {name} (NaN/Inf weights, or a "
                                 "damaged artifact)")
-        self.position = length
-        return logits
+        return result
 
     def _ple_rows(self, ids: np.ndarray) -> np.ndarray:
         """Per-layer-embedding rows of these tokens, read from the host table (memory-mapped file)."""
