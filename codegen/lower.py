@@ -148,8 +148,8 @@ class _Lowering:
     # -- ops ---------------------------------------------------------------------------------------
     def lower(self, graph: Graph) -> None:
         for node in graph.nodes:
-            if node.op in ("param", "concat"):
-                continue
+            if node.op in ("param", "concat") or (node.op == "select" and node.inputs[0].op == "param"):
+                continue  # weights, made at compile time (`weight`)
             if node.op == "input":
                 self.refs[id(node)] = f"in:{node.attrs['name']}"
                 continue

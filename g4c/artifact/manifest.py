@@ -230,24 +230,32 @@ class Manifest:
         _check(len(self.host_tables) == (1 if self.has_ple else 0), "host_tables must hold the one PLE table")
 
     def _validate_programs(self) -> None:
-        _check(set(self.programs) == set(PROGRAMS), f"programs must be {', '.join(PROGRAMS)}")
+        expected = set(PROGRAMS) | (set(MEDIA_PROGRAMS) | {f"encode_{t}" for t in self.media["towers"]}
+                                    if self.media else set())
+        _check(set(self.programs) == expected, f"programs must be {', '.join(sorted(expected))}")
+        _check(self.media is None or (isinstance(self.media, dict) and set(self.media.get("towers", ()))
+                                      <= set(ENCODERS)), f"media.towers must be among {ENCODERS}")
         weights, slots = set(self.entry.weights), set(self.kv_slots)
         for name, program in self.programs.items():
+            _check(all(isinstance(n, str) and n.isidentifier() and isinstance(shape, list) and dtype in BUFFER_DTYPES
+                       and all(_dim(d) for d in shape) for n, shape, dtype in program.inputs),
+                   f"programs.{name}.inputs")
             for ref, value in program.buffers.items():
                 shape, dtype = value
                 _check(_strings([ref]) and dtype in BUFFER_DTYPES and isinstance(shape, list)
-                       and all(d == "T" or (_is_int(d) and 0 <= d <= MAX_ELEMENTS) for d in shape),
-                       f"programs.{name}.buffers.{ref}")
+                       and all(_dim(d) for d in shape), f"programs.{name}.buffers.{ref}")
             for step in program.steps:
                 _check(isinstance(step.kernel, str) and (step.kernel in self.kernels or step.kernel in RUNTIME_STEPS),
                        f"programs.{name}: unknown kernel {step.kernel!r}")
                 _check(_strings(step.args) and isinstance(step.attrs, dict), f"programs.{name}: bad step")
                 for ref in step.args:
                     kind, _, rest = ref.partition(":")
-                    known = {"in": rest in ("ids", "positions"), "w": rest in weights, "kv": rest in slots,
+                    known = {"in": rest in program.input_names, "w": rest in weights, "kv": rest in slots,
                              "a": rest in program.buffers}
                     _check(known.get(kind, False), f"programs.{name}: unknown buffer {ref!r}")
-            _check(program.outputs.get("logits", "")[2:] in program.buffers, f"programs.{name}: no logits output")
+            output = "embeddings" if name.startswith("encode_") else "logits"
+            _check(list(program.outputs) == [output] and program.outputs[output][2:] in program.buffers,
+                   f"programs.{name}: no {output} output")
 
     def write(self, directory: Path) -> None:
         """Hash every file of `directory` into `files`, then write manifest.json beside them (folders, such as
@@ -262,6 +270,8 @@ class Manifest:
 
 
 PROGRAMS = ("prefill", "prefill_all", "decode")
+MEDIA_PROGRAMS = ("prefill_media", "prefill_all_media")  # with `media`: a prompt with soft tokens
+ENCODERS = ("image", "audio")  # with `media`: encode_image, encode_audio
 QUANT_SCHEMES = ("q8", "q4")  # g4c.quant.SCHEMES (the artifact format does not import the compiler's modules)
 HOST_QUANT_SCHEMES = ("q8", "q4", "q3")  # g4c.quant.HOST_SCHEMES
 RUNTIME_STEPS = ("rows", "last", "reshape")
@@ -288,6 +298,11 @@ def _is_int(value) -> bool:
 
 def _strings(values) -> bool:
     return isinstance(values, list) and all(isinstance(v, str) for v in values)
+
+
+def _dim(d) -> bool:
+    """A buffer or input dim: a size, or a symbol the runtime binds (T tokens, S soft tokens)."""
+    return d in ("T", "S") or (_is_int(d) and 0 <= d <= MAX_ELEMENTS)
 
 
 def _plain_file_name(name) -> bool:
