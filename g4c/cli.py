@@ -67,6 +67,10 @@ MaxContextOpt = typer.Option(4096, "--max-context", help="Compiled runs: KV capa
 PassesOpt = typer.Option("all", "--passes", help="Optimization passes: all (default), none, or a comma list (see `g4c passes`).")
 DumpAfterOpt = typer.Option(None, "--dump-after", help="Write the IR (text + DOT) after these passes (comma list; 'input' = before any).")
 DumpDirOpt = typer.Option(None, "--dump-dir", help="Folder for --dump-after files.")
+ImageOpt = typer.Option(None, "--image", help="An image for the prompt (PNG, JPEG, ...; repeat for more): one "
+                        "image_token_id placeholder per image in --tokens, expanded as transformers' processor does.")
+AudioOpt = typer.Option(None, "--audio", help="A WAV clip for the prompt at the model's sampling rate (repeat for "
+                        "more): one audio_token_id placeholder per clip in --tokens.")
 
 
 def _model(model: str, random_weights: bool, seed: int, layers: Optional[int]):
@@ -117,7 +121,7 @@ def _session(model: str, backend: str, random_weights: bool, seed: int, layers: 
     loaded = _model(model, random_weights, seed, layers)
     if backend == "tvm":
         return loaded.directory, loaded.cfg.eos_token_id, _compile_in_memory(loaded, target, max_context)
-    session = ReferenceSession(loaded.cfg, loaded.weights, names, _split(dump_after), dump_dir)
+    session = ReferenceSession(loaded.cfg, loaded.weights, names, _split(dump_after), dump_dir, loaded.weights.media)
     return loaded.directory, loaded.cfg.eos_token_id, session
 
 
@@ -352,16 +356,19 @@ def logits(model: str = typer.Argument(..., help="Checkpoint directory or preset
            backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
            layers: Optional[int] = LayersOpt, passes: str = PassesOpt, dump_after: Optional[str] = DumpAfterOpt,
            dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt, max_context: int = MaxContextOpt,
-           rpc: Optional[str] = RpcOpt, rpc_key: Optional[str] = RpcKeyOpt):
-    """Float32 logits [T, vocab] of the prompt, saved as .npy (MODEL may be a compiled artifact).
+           rpc: Optional[str] = RpcOpt, rpc_key: Optional[str] = RpcKeyOpt,
+           image: Optional[list[Path]] = ImageOpt, audio: Optional[list[Path]] = AudioOpt):
+    """Float32 logits [T, vocab] of the prompt, saved as .npy (MODEL may be a compiled artifact). With
+    --image/--audio, one row per position of the expanded prompt.
 
     Example: g4c logits tiny-e --random-weights --tokens 2,17,99 -o out.npy"""
     from g4c.atomic import check_output_file
 
     check_output_file(output if str(output).endswith(".npy") else Path(f"{output}.npy"))  # np.save adds .npy
+    images, clips = _media_files(image, "--image"), _media_files(audio, "--audio")
     _, _, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir, target,
                              max_context, rpc, rpc_key)
-    result = session.prefill(parse_tokens(tokens), all_logits=True).astype(np.float32)
+    result = session.prefill(parse_tokens(tokens), all_logits=True, images=images, audio=clips).astype(np.float32)
     np.save(output, result)
     out.print(f"wrote {output}: logits {list(result.shape)}, last-token argmax {int(np.argmax(result[-1]))}")
 
@@ -378,9 +385,10 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
              backend: str = BackendOpt, random_weights: bool = RandomOpt, seed: int = SeedOpt,
              layers: Optional[int] = LayersOpt, passes: str = PassesOpt, dump_after: Optional[str] = DumpAfterOpt,
              dump_dir: Optional[Path] = DumpDirOpt, target: str = TargetOpt, max_context: int = MaxContextOpt,
-             rpc: Optional[str] = RpcOpt, rpc_key: Optional[str] = RpcKeyOpt):
-    """Continue a prompt; the new token ids are the last line of stdout, comma-separated. Compiled runs
-    print their prefill and decode speed on stderr first.
+             rpc: Optional[str] = RpcOpt, rpc_key: Optional[str] = RpcKeyOpt,
+             image: Optional[list[Path]] = ImageOpt, audio: Optional[list[Path]] = AudioOpt):
+    """Continue a prompt (with --image/--audio: images and clips in it); the new token ids are the last
+    line of stdout, comma-separated. Compiled runs print their prefill and decode speed on stderr first.
 
     Example: g4c generate tiny-e --random-weights --tokens 2,17,99 --max-new-tokens 8"""
     from g4c.runtime import ArtifactSession, Sampler
@@ -388,6 +396,7 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
     if (tokens is None) == (prompt is None):
         raise G4CError("give exactly one of --tokens or --prompt")
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    images, clips = _media_files(image, "--image"), _media_files(audio, "--audio")
     directory, eos, session = _session(model, backend, random_weights, seed, layers, passes, dump_after, dump_dir,
                                        target, max_context, rpc, rpc_key)
     tokenizer = None
@@ -405,13 +414,15 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
 
     start = time.perf_counter()
     try:
-        new = session.generate(ids, max_new_tokens, sampler, stop_tokens=_stop_tokens(stop, eos), on_token=on_token)
+        new = session.generate(ids, max_new_tokens, sampler, stop_tokens=_stop_tokens(stop, eos), on_token=on_token,
+                               images=images, audio=clips)
     except G4CError:
         if produced:  # a failure mid-generation (a dropped RPC session): what was generated is not lost
             print(",".join(map(str, produced)), flush=True)
         raise
     if sampled and isinstance(session, ArtifactSession):  # compiled: artifact, --rpc or --backend tvm
-        print(_speed(len(ids), sampled[0] - start, len(sampled) - 1, sampled[-1] - sampled[0]), file=sys.stderr,
+        prompt_length = session.position - (len(sampled) - 1)  # the prompt as run (media expand it)
+        print(_speed(prompt_length, sampled[0] - start, len(sampled) - 1, sampled[-1] - sampled[0]), file=sys.stderr,
               flush=True)
     if session.context_full:
         print(f"g4c: warning: stopped after {len(new)} new tokens at the context limit ({session.max_context} "
@@ -419,6 +430,17 @@ def generate(model: str = typer.Argument(..., help="Checkpoint directory or pres
     if tokenizer is not None:
         out.print(tokenizer.decode(new), markup=False, highlight=False)
     print(",".join(map(str, new)))
+
+
+def _media_files(paths: Optional[list[Path]], option: str) -> list[Path]:
+    """The files of --image/--audio, checked before the model loads (a typo costs no compile)."""
+    from g4c.weights import check_regular_file
+
+    for path in paths or []:
+        if not path.exists():
+            raise G4CError(f"{option} {path}: no such file")
+        check_regular_file(path, f"{option} file")
+    return list(paths or [])
 
 
 def _copy_tokenizer(model: str, directory: Optional[Path], artifact: Path) -> None:

@@ -90,3 +90,104 @@ def reference_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
         out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
                              eos_token_id=None, pad_token_id=0, use_cache=True)
     return out[0, len(ids):].tolist()
+
+
+# ---- multimodal (Gemma4ForConditionalGeneration) -----------------------------------------------
+# A tiny vision tower (2 layers, GQA 4/2 heads of 8, axial RoPE); images get at most 70 soft tokens.
+VISION: dict[str, Any] = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, position_embedding_size=64)
+MAX_SOFT_TOKENS = 70
+
+
+def media_token_ids(vocab: int) -> dict[str, int]:
+    """Special ids near the top of a tiny vocabulary (transformers' defaults are out of its range)."""
+    names = ("image_token_id", "boi_token_id", "eoi_token_id", "audio_token_id", "boa_token_id", "eoa_token_index")
+    return {name: vocab - 10 + i for i, name in enumerate(names)}
+
+
+def make_multimodal_checkpoint(directory: Path, text: dict[str, Any], vision: dict[str, Any] | None = VISION,
+                               audio: dict[str, Any] | None = None, seed: int = 0) -> Path:
+    """A random `Gemma4ForConditionalGeneration` saved with its processor settings (image processor,
+    audio feature extractor), as a Hub checkpoint is."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers.models.gemma4 import Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil
+
+    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=audio,
+                          **media_token_ids(text["vocab_size"]))
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration(config)
+    randomize_(model, seed)
+    model.save_pretrained(directory)
+    if vision is not None:
+        Gemma4ImageProcessorPil(max_soft_tokens=MAX_SOFT_TOKENS).save_pretrained(directory)
+    if audio is not None:
+        Gemma4AudioFeatureExtractor().save_pretrained(directory)
+    return directory
+
+
+def load_multimodal_reference(directory: Path, dtype=torch.float64):
+    from transformers import Gemma4ForConditionalGeneration
+
+    return Gemma4ForConditionalGeneration.from_pretrained(directory, dtype=dtype, attn_implementation="eager").eval()
+
+
+def multimodal_inputs(directory: Path, ids: list[int], images: list = (), clips: list = ()) -> dict[str, Any]:
+    """transformers' model inputs for a prompt with one placeholder per image / clip: the processors'
+    outputs and the placeholders expanded as `Gemma4Processor` expands them."""
+    from transformers.models.gemma4 import Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil
+
+    tokens = media_token_ids(_vocab(directory))
+    inputs: dict[str, Any] = {}
+    counts = {"image": [], "audio": []}
+    if images:
+        out = Gemma4ImageProcessorPil.from_pretrained(directory)(list(images), return_tensors="pt")
+        inputs.update(pixel_values=out["pixel_values"], image_position_ids=out["image_position_ids"])
+        counts["image"] = list(out["num_soft_tokens_per_image"])
+    if clips:
+        out = Gemma4AudioFeatureExtractor.from_pretrained(directory)([np.asarray(c) for c in clips], return_tensors="pt")
+        inputs.update(input_features=out["input_features"], input_features_mask=out["input_features_mask"])
+        counts["audio"] = [_audio_tokens(m.numpy()) for m in out["input_features_mask"]]
+    expanded: list[int] = []
+    queues = {k: list(v) for k, v in counts.items()}
+    for t in ids:
+        if t == tokens["image_token_id"]:
+            expanded += [tokens["boi_token_id"]] + [t] * int(queues["image"].pop(0)) + [tokens["eoi_token_id"]]
+        elif t == tokens["audio_token_id"]:
+            expanded += [tokens["boa_token_id"]] + [t] * int(queues["audio"].pop(0)) + [tokens["eoa_token_index"]]
+        else:
+            expanded.append(t)
+    input_ids = torch.tensor([expanded])
+    mm = torch.zeros_like(input_ids)
+    mm[input_ids == tokens["image_token_id"]] = 1
+    mm[input_ids == tokens["audio_token_id"]] = 3
+    return {"input_ids": input_ids, "mm_token_type_ids": mm, **inputs}
+
+
+def _vocab(directory: Path) -> int:
+    import json
+
+    return json.loads((Path(directory) / "config.json").read_text())["text_config"]["vocab_size"]
+
+
+def _audio_tokens(mask: np.ndarray) -> int:
+    """`Gemma4Processor.replace_audio_token`: the mask after two stride-2 convolutions."""
+    for _ in range(2):
+        t_out = (len(mask) + 2 - 3) // 2 + 1
+        mask = mask[::2][:t_out]
+    return int(mask.sum())
+
+
+def multimodal_logits(model, inputs: dict[str, Any]) -> np.ndarray:
+    dtype = next(model.parameters()).dtype
+    cast = {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        return model(**cast).logits[0].double().numpy()
+
+
+def multimodal_greedy(model, inputs: dict[str, Any], new_tokens: int) -> list[int]:
+    dtype = next(model.parameters()).dtype
+    cast = {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        out = model.generate(**cast, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+                             use_cache=True)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()

@@ -301,8 +301,8 @@ def _strings(values) -> bool:
 
 
 def _dim(d) -> bool:
-    """A buffer or input dim: a size, or a symbol the runtime binds (T tokens, S soft tokens)."""
-    return d in ("T", "S") or (_is_int(d) and 0 <= d <= MAX_ELEMENTS)
+    """A buffer or input dim: a size, or a symbol the runtime binds from the inputs (T tokens, S soft tokens)."""
+    return (isinstance(d, str) and d.isidentifier()) or (_is_int(d) and 0 <= d <= MAX_ELEMENTS)
 
 
 def _plain_file_name(name) -> bool:
