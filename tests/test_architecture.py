@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"g4c": ROOT / "g4c", "g4c.ir": ROOT / "ir", "g4c.passes": ROOT / "passes",
             "g4c.codegen": ROOT / "codegen", "g4c.targets": ROOT / "targets"}
-COMPILER = ("g4c.ir", "g4c.passes", "g4c.codegen", "g4c.targets", "g4c.frontend", "g4c.compiler", "g4c.reference")
+COMPILER = ("g4c.ir", "g4c.passes", "g4c.codegen", "g4c.targets", "g4c.frontend", "g4c.compiler", "g4c.reference",
+            "g4c.vision", "g4c.audio", "g4c.multimodal")
 
 
 def _modules() -> dict[str, Path]:
