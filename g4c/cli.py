@@ -277,6 +277,32 @@ def inspect(model: str = typer.Argument(..., help="Checkpoint directory or prese
               f"layers {human_count(totals['layers'])}" + (f", experts {human_count(totals['experts'])}" if totals['experts'] else ""))
     out.print(f"KV cache: {human_bytes(kv_bytes_per_token(cfg, dt))} per token in {dt} for the layers that own a "
               f"cache, at full length (`g4c plan` gives the ring-buffer/shared plan)")
+    _print_encoders(model, cfg)
+
+
+def _print_encoders(model: str, cfg) -> None:
+    """A multimodal checkpoint's vision/audio encoders (config only; no tensors are read)."""
+    from g4c.multimodal import has_towers, read_raw_config
+    from g4c.summary import human_count
+
+    path = Path(model)
+    if not (path / "config.json").is_file() or not has_towers(raw := read_raw_config(path)):
+        return
+    if raw.get("vision_config"):
+        from g4c.vision import VisionTowerConfig, vision_tower_shapes
+
+        v = VisionTowerConfig.from_dict(raw["vision_config"])
+        params = sum(int(np.prod(s)) for s in vision_tower_shapes(v, cfg.hidden_size).values())
+        out.print(f"vision encoder: {v.num_hidden_layers} layers, hidden {v.hidden_size}, {v.num_attention_heads} heads "
+                  f"of {v.head_dim}, {v.patch_size}-px patches pooled {v.pooling_kernel_size}×{v.pooling_kernel_size}; "
+                  f"{human_count(params)} parameters")
+    if raw.get("audio_config"):
+        from g4c.audio import AudioTowerConfig, audio_tower_shapes
+
+        a = AudioTowerConfig.from_dict(raw["audio_config"])
+        params = sum(int(np.prod(s)) for s in audio_tower_shapes(a, cfg.hidden_size).values())
+        out.print(f"audio encoder: {a.num_hidden_layers} conformer layers, hidden {a.hidden_size}; "
+                  f"{human_count(params)} parameters")
 
 
 @app.command()

@@ -249,6 +249,9 @@ def _stored_scheme(source) -> Callable[[str], str | None] | None:
 def _seed_of(weights: Weights) -> dict:
     from g4c.weights import RandomWeights
 
+    if weights.media is not None:
+        raise G4CError("--weights-from-seed does not regenerate the vision/audio encoders: compile this multimodal "
+                       "model without it (its weights are then written)")
     if not isinstance(weights.source, RandomWeights):
         raise G4CError("--weights-from-seed needs --random-weights (a checkpoint's weights cannot be regenerated)")
     return {"seed": weights.source.seed, "dtype": weights.source.dtype("")}
