@@ -3,7 +3,8 @@
 The client (this machine, with the compiler installed) uploads the artifact's kernel library to an
 RPC server on the device (`python -m g4c.runtime.rpc_server`, which needs no compiler, or TVM's
 own), loads it there as a Relax VM, copies the weights into device memory once, keeps the KV caches
-there, and per step sends the token ids, positions and PLE rows and reads back the logits. The
+there, and per step sends the program's inputs (token ids, positions, PLE rows; a media prefill's soft
+rows; an image encoder's patches) and reads back its output (logits, or the encoder's embeddings). The
 library must be built for the device (e.g. `--target arm` for an aarch64 board).
 """
 
@@ -203,4 +204,4 @@ class RemoteExecutor:
         # whole caches: the attention kernels treat slots past the last position as empty
         with self._calls(f"run {program}"):
             result = self.vm[program](*[self._tensor(a) for a in inputs], *self._weights, *self._caches)
-            return self._item(result, 0).numpy()  # the returned tuple stays remote: fetch the logits from it
+            return self._item(result, 0).numpy()  # the returned tuple stays remote: fetch the output from it

@@ -145,9 +145,10 @@ class Executor(Protocol):
     def clear_caches(self) -> None: ...
 
     def run(self, program: str, inputs: list[np.ndarray], cache_rows: dict[str, int]) -> np.ndarray:
-        """Run `program` on `inputs` (ids, positions(, PLE rows)) and the first `cache_rows[slot]` rows
-        of each cache (an executor may pass a cache whole: the kernels bound themselves by position);
-        returns the logits as a float32 numpy array."""
+        """Run `program` on `inputs` (the program's `input_names`, then the PLE rows for programs with a
+        `rows` step) and the first `cache_rows[slot]` rows of each cache (an executor may pass a cache
+        whole: the kernels bound themselves by position); returns its single output (logits, or an
+        encoder's embeddings) as a float32 numpy array."""
 
 
 class ArtifactSession(Session):

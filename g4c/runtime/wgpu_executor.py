@@ -4,7 +4,8 @@ The artifact holds the WGSL of every kernel (`kernels.wgsl`) and, in the manifes
 kernel calls and each kernel's launches (bindings, uniform words, grid; see `g4c.codegen.wgsl`).
 This executor uploads the weights once, holds the KV caches the session plans, and runs a program by
 recording every launch of it into one command buffer: one submission (and one read-back of the
-logits) per prefill chunk or decode step. Activation buffers are kept per token count and reused.
+logits) per prefill chunk or decode step. Activation buffers are kept per program and input sizes
+(tokens T; an encoder's patches T and soft tokens S) and reused.
 
 Nothing here imports TVM: numpy, safetensors and `wgpu` only. `WGPU_BACKEND_TYPE=Vulkan` forces
 the Vulkan backend (CI runs on Mesa's lavapipe).
@@ -114,7 +115,7 @@ class WgpuExecutor:
             self.sources = split_source((session.directory / SHADERS).read_text())
         except OSError as exc:
             raise ArtifactError(f"cannot read {SHADERS}: {exc}") from None
-        self._activations: dict[tuple[str, int], dict[str, tuple]] = {}
+        self._activations: dict[tuple, dict[str, tuple]] = {}
 
     def upload_weights(self, weights: list[np.ndarray]) -> None:
         import wgpu
@@ -140,11 +141,12 @@ class WgpuExecutor:
 
     def run(self, name: str, inputs: list[np.ndarray], cache_rows: dict[str, int]) -> np.ndarray:
         program = self.manifest.programs[name]
-        count = inputs[0].size
-        buffers = self._program_buffers(program, count)
+        names = program.input_names
+        sizes = self._sizes(program, inputs)
+        buffers = self._program_buffers(program, sizes, inputs[:len(names)])
         queue = self.device.queue
-        queue.write_buffer(buffers["in:ids"][0], 0, inputs[0])
-        queue.write_buffer(buffers["in:positions"][0], 0, inputs[1])
+        for input_name, array in zip(names, inputs):
+            queue.write_buffer(buffers[f"in:{input_name}"][0], 0, array)
         for slot, rows in cache_rows.items():  # bound as the rows the program needs
             buffer, shape = self._caches[f"kv:{slot}"]
             buffers[f"kv:{slot}"] = (buffer, (rows, *shape[1:]), 4)
@@ -152,11 +154,11 @@ class WgpuExecutor:
         compute = None
         for step in program.steps:
             kernel, args = step.kernel, step.args
-            if kernel == "rows":
-                queue.write_buffer(buffers[args[1]][0], 0, inputs[2])
+            if kernel == "rows":  # the PLE rows follow the program's inputs
+                queue.write_buffer(buffers[args[1]][0], 0, inputs[len(names)])
             elif kernel == "reshape":
                 src = buffers[args[0]]
-                buffers[args[1]] = (src[0], self._shape(program, args[1], count), src[2])
+                buffers[args[1]] = (src[0], self._shape(program, args[1], sizes), src[2])
             elif kernel == "last":
                 compute = self._end(compute)
                 src, dst = buffers[args[0]], buffers[args[1]]
@@ -166,10 +168,11 @@ class WgpuExecutor:
                 compute = compute or encoder.begin_compute_pass()
                 self.kernels.dispatch(compute, kernel, [buffers[a] for a in args])
         self._end(compute)
-        logits = buffers[program.outputs["logits"]]
+        (output,) = program.outputs.values()  # logits, or an encoder's embeddings
+        result = buffers[output]
         queue.submit([encoder.finish()])
-        data = queue.read_buffer(logits[0], 0, int(np.prod(logits[1])) * 4)
-        return np.frombuffer(data, dtype=np.float32).reshape(logits[1]).copy()
+        data = queue.read_buffer(result[0], 0, int(np.prod(result[1])) * 4)
+        return np.frombuffer(data, dtype=np.float32).reshape(result[1]).copy()
 
     @staticmethod
     def _end(compute):
@@ -178,23 +181,32 @@ class WgpuExecutor:
         return None
 
     @staticmethod
-    def _shape(program, ref: str, count: int) -> tuple[int, ...]:
-        shape, _ = program.buffers[ref[2:]]
-        return tuple(count if d == "T" else int(d) for d in shape)
+    def _sizes(program, inputs: list[np.ndarray]) -> dict[str, int]:
+        """The symbolic dims bound by this call's inputs: T (tokens or patches), S (an encoder's soft tokens)."""
+        sizes = {"T": int(inputs[0].shape[0])}
+        for (_, shape, _), array in zip(program.inputs, inputs):
+            sizes.update({d: int(n) for d, n in zip(shape, array.shape) if isinstance(d, str)})
+        return sizes
 
-    def _program_buffers(self, program, count: int) -> dict[str, tuple]:
+    @staticmethod
+    def _shape(program, ref: str, sizes: dict[str, int]) -> tuple[int, ...]:
+        shape, _ = program.buffers[ref[2:]]
+        return tuple(sizes[d] if isinstance(d, str) else int(d) for d in shape)
+
+    def _program_buffers(self, program, sizes: dict[str, int], inputs: list[np.ndarray]) -> dict[str, tuple]:
         """(buffer, shape, itemsize) of every reference of the program: weights, inputs and the
-        activations for `count` tokens (allocated once per program and token count)."""
-        key = (program.name, count)
+        activations for these sizes (allocated once per program and sizes)."""
+        key = (program.name, *sorted(sizes.items()))
         if key not in self._activations:
             made = {}
             for ref, (shape, dtype) in program.buffers.items():
-                dims = self._shape(program, f"a:{ref}", count)
+                dims = self._shape(program, f"a:{ref}", sizes)
                 size = max(4, int(np.prod(dims)) * np.dtype(dtype).itemsize)
                 made[f"a:{ref}"] = (self.device.create_buffer(size=size, usage=self._storage), dims,
                                     np.dtype(dtype).itemsize)
-            made["in:ids"] = (self.device.create_buffer(size=count * 4, usage=self._storage), (count,), 4)
-            made["in:positions"] = (self.device.create_buffer(size=count * 4, usage=self._storage), (count,), 4)
+            for name, array in zip(program.input_names, inputs):
+                made[f"in:{name}"] = (self.device.create_buffer(size=max(4, array.nbytes), usage=self._storage),
+                                      array.shape, array.itemsize)
             made.update(self._weights)
             self._activations[key] = made
         return dict(self._activations[key])
