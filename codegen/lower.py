@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from g4c.artifact import KVSlot, Program, Step, source_tensors
 from g4c.quant import BITS, GROUP, SCHEMES
 from g4c.codegen.gpu_kernels import GEMM_TILE, attention_parts
+from g4c.codegen.lower_audio import AudioLowering
 from g4c.codegen.spec import KernelSpec, LoweringOptions
 from g4c.config import ModelConfig, RopeSpec
 from g4c.ir import Graph, Node
@@ -40,7 +41,7 @@ class Lowered:
         return self.options.index_dtype
 
 
-class _Lowering:
+class _Lowering(AudioLowering):
     def __init__(self, cfg: ModelConfig, lowered: Lowered, program: Program):
         self.cfg, self.out, self.prog = cfg, lowered, program
         self.opt = lowered.options

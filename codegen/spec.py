@@ -53,6 +53,19 @@ OPS = {
     "moe_gate_up_grouped": "moe_gate_up as a GEMM over per-expert tiles",
     "moe_down_grouped": "moe_down as a GEMM over per-expert tiles (per-slot outputs)",
     "moe_combine": "sum each token's top-k expert outputs",
+    # the audio tower (codegen/audio_kernels.py; `shape`: the op's shape, its symbolic rows written "T")
+    "conv2d": "2-D convolution over [rows, freq, channels] (the audio subsampling: 3x3, stride 2, zero padding, no bias)",
+    "layer_norm": "layer norm over the last axis with a weight, no bias",
+    "relu": "max(x, 0)",
+    "silu": "x · sigmoid(x)",
+    "softplus": "log(1 + eˣ) (of a weight: a recipe instead)",
+    "clamp": "x clamped to the 0-d bounds lo, hi (the clippable linears' checkpoint buffers)",
+    "clip": "x clamped to ±limit",
+    "glu": "a · sigmoid(b) of the halves of the last axis",
+    "depthwise_conv1d": "causal per-channel 1-D convolution over rows",
+    "local_attention": "the audio tower's chunked local attention with relative-position logits and a softcap",
+    "add_channels": "x + w along the last axis (a bias)",
+    "mul_channels": "x · w along the last axis (a per-channel scale)",
 }
 
 

@@ -113,6 +113,10 @@ def load_media_model(directory: str | Path, text_cfg: ModelConfig, seed: int | N
     model = MediaModel(media_spec(raw, text_cfg, processor.to_dict(), towers), vision, audio,
                        text_cfg.hidden_size, None)
     model.source = RandomTowerWeights(model.shapes(), seed) if seed is not None else TowerCheckpoint(directory, prefixes)
+    if audio is not None:  # transformers' ±inf clip bounds, finite (weights must be)
+        from g4c.audio import FiniteClipBounds
+
+        model.source = FiniteClipBounds(model.source)
     model.validate()
     return model
 
@@ -125,7 +129,9 @@ def _check_processor(processor, towers: tuple[str, ...], directory: Path) -> Non
 
 
 class RandomTowerWeights:
-    """Seeded random tower tensors (same law as `g4c.weights.RandomWeights`): benchmarks and presets."""
+    """Seeded random tower tensors (same law as `g4c.weights.RandomWeights`): benchmarks and presets.
+    The clippable linears' bounds are left open (±inf, as transformers initialises them), so random
+    weights are not clamped to a point."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], seed: int = 0):
         from g4c.weights import random_tensor
@@ -142,4 +148,7 @@ class RandomTowerWeights:
         return "float32"
 
     def get(self, name: str) -> np.ndarray:
+        bound = name.rpartition(".")[2]
+        if bound in ("input_min", "output_min", "input_max", "output_max"):
+            return np.full(self._shapes[name], -np.inf if bound.endswith("min") else np.inf, np.float32)
         return self._make(self._shapes[name], self._seed, name, np.float32)

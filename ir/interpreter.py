@@ -451,6 +451,8 @@ KERNELS: dict[str, Callable[..., np.ndarray]] = {
     "depthwise_conv1d": depthwise_conv1d,
     "rel_positions": rel_positions,
     "local_attention": local_attention,
+    "add_channels": lambda x, w: _f32(x) + _f32(w),
+    "mul_channels": lambda x, w: _f32(x) * _f32(w),
     "encoder_attention": encoder_attention,
     "add_rms_norm": lambda residual, y, w, eps: residual + rms_norm(y, w, eps=eps),
     "gated_mlp": gated_mlp,

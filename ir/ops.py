@@ -37,6 +37,7 @@ Semantics (executed by `g4c.ir.interpreter.Interpreter`, the reference) in brief
 | depthwise_conv1d | x [T, C], w [C, 1, K] | – | causal per-channel conv: `out[t, c] = Σ_j w[c, 0, j] · x[t - K + 1 + j, c]` (zeros before 0) |
 | rel_positions | – | count, dim | [count, dim] sinusoids of the distances count-1 … 0: `[sin(p·f), cos(p·f)]`, f_i = 1e4^(-i/(dim/2-1)) |
 | local_attention | q, k, v [S, H, D], rel_k [R, H, D] | chunk, context_left, context_right, softcap, invalid_logit | the audio tower's chunked attention (see `interpreter.local_attention`): blocks of `chunk` queries, each with the context_left-1 + chunk + context_right keys around; query t sees key s when 0 ≤ t-s < context_left-1 or 0 < s-t < context_right (transformers' mask); logits `softcap·tanh((q·k + rel_shift(q·rel_k)) / softcap)`, masked ones set to `invalid_logit`; softmax; · v |
+| add_channels, mul_channels | x [..., C], w [C] | – | `x + w`, `x · w` along the last axis (the audio tower's output bias, its per-dim query scale) |
 
 Fused ops (produced by `g4c.passes`; each is defined as the composition of the ops above):
 
@@ -288,6 +289,13 @@ def _local_attention(inputs, attrs) -> TensorType:
     return q.type
 
 
+def _channels(inputs, attrs) -> TensorType:
+    x, w = inputs
+    if w.type.shape != (x.type.shape[-1],):
+        raise IRTypeError(f"add_channels/mul_channels: w {w.type} does not match the last axis of x {x.type}")
+    return TensorType(x.type.shape, "float32")
+
+
 OPS: dict[str, OpDef] = {
     "input": OpDef((0,), ("name",), None),
     "param": OpDef((0,), ("name",), None),
@@ -328,6 +336,8 @@ OPS: dict[str, OpDef] = {
     "rel_positions": OpDef((0,), ("count", "dim"), _rel_positions),
     "local_attention": OpDef((4,), ("chunk", "context_left", "context_right", "softcap", "invalid_logit"),
                              _local_attention),
+    "add_channels": OpDef((2,), (), _channels),
+    "mul_channels": OpDef((2,), (), _channels),
     # fused ops
     "fused_attention": OpDef((7, 8, 9), ("role", "layer", "kind", "window", "head_dim", "q_heads", "kv_heads",
                                       "rope_type", "theta", "partial_rotary_factor", "eps", "kv_source",

@@ -163,13 +163,16 @@ def cpu_knob_space(spec: KernelSpec) -> dict[str, list[int]]:
 
 def cpu_builders() -> dict:
     """op → TensorIR builder of the CPU kernels (GPU targets start from these too)."""
-    from g4c.codegen import kernels
+    from g4c.codegen import audio_kernels, kernels
 
     ops = ("embed", "embed_q", "linear", "linear_q", "rms_norm", "add_rms_norm", "head_norm_rope", "cache_write", "attention", "gelu_mul",
            "scale_rows", "add", "softcap", "ple_mix", "ple_gate", "router_input", "router_topk", "moe_experts",
            "pool_rows", "where_rows")
+    audio = ("conv2d", "layer_norm", "relu", "silu", "softplus", "clamp", "clip", "glu", "depthwise_conv1d",
+             "local_attention", "add_channels", "mul_channels")  # the audio tower
     # prefill's MoE: the same math as moe_experts, scheduled as grouped GEMMs (`cpu_gemm`)
-    return {**{op: getattr(kernels, op) for op in ops}, "moe_experts_grouped": kernels.moe_experts}
+    return {**{op: getattr(kernels, op) for op in ops}, **{op: getattr(audio_kernels, op) for op in audio},
+            "moe_experts_grouped": kernels.moe_experts}
 
 
 def schedule_cpu(spec: KernelSpec, func, knobs: dict | None = None):

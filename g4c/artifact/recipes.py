@@ -21,7 +21,10 @@ def derived_weight(name: str, recipes: dict[str, dict], base: Callable[[str], np
     partial, head_dim]} (inverse frequencies), {"rows": [source, lo, hi]} (a slice of a table split
     for a GPU binding), {"select": [source, axis, index]} (one entry of a stacked table), {"const": value}, {"quant": [source, scheme, "data" | "scales", dtype]} (a
     group-quantized weight, `g4c.quant`; dtype: the data's word, uint32 by default, or the scales' float
-    dtype, float32 by default). Compile time and seeded load time share it."""
+    dtype, float32 by default), {"softplus": source} (log(1 + eˣ) of a weight in fp32: the audio tower's
+    per-dim query scale), {"rel_positions": [count, dim]} (the audio tower's relative-position sinusoids,
+    the IR op `rel_positions`), {"reshape": [source, shape]} (a weight with a new shape, e.g. a 0-d
+    checkpoint scalar as [1]: artifacts hold no 0-d tensors). Compile time and seeded load time share it."""
     from g4c.config import RopeSpec
 
     recipe = recipes.get(name)
@@ -40,6 +43,13 @@ def derived_weight(name: str, recipes: dict[str, dict], base: Callable[[str], np
         return np.ascontiguousarray(np.take(derived_weight(source, recipes, base), index, axis=axis))
     if "const" in recipe:
         return np.array([recipe["const"]], np.float32)
+    if "softplus" in recipe:  # as the interpreter's `softplus`: fp32, no overflow
+        return np.logaddexp(np.float32(0.0), np.asarray(derived_weight(recipe["softplus"], recipes, base), np.float32))
+    if "rel_positions" in recipe:
+        return rel_positions(*recipe["rel_positions"])
+    if "reshape" in recipe:
+        source, shape = recipe["reshape"]
+        return np.reshape(derived_weight(source, recipes, base), tuple(shape))
     if "quant" in recipe:  # [source, scheme, "data" | "scales"(, storage dtype)]: g4c.quant's layout
         from g4c.quant import as_words, part_dtype, quantize
 
@@ -64,6 +74,10 @@ def source_tensors(name: str, recipes: dict[str, dict]) -> list[str]:
         return source_tensors(recipe["select"][0], recipes)
     if "quant" in recipe:
         return source_tensors(recipe["quant"][0], recipes)
+    if "softplus" in recipe:
+        return source_tensors(recipe["softplus"], recipes)
+    if "reshape" in recipe:
+        return source_tensors(recipe["reshape"][0], recipes)
     return []
 
 
@@ -91,4 +105,20 @@ def derived_shape(name: str, recipes: dict[str, dict], base: Callable[[str], tup
         source, scheme, part, *stored = recipe["quant"]
         word = part_dtype(part, *stored) if part == "data" else "uint32"  # the scales' shape has no word
         return packed_shapes(derived_shape(source, recipes, base), scheme, word)[part == "scales"]
+    if "softplus" in recipe:
+        return derived_shape(recipe["softplus"], recipes, base)
+    if "rel_positions" in recipe:
+        return tuple(recipe["rel_positions"])
+    if "reshape" in recipe:
+        return tuple(recipe["reshape"][1])
     return (1,)
+
+
+def rel_positions(count: int, dim: int) -> np.ndarray:
+    """[count, dim] sinusoids of the distances count-1 … 0, `[sin(p·f), cos(p·f)]` with fp32 timescales
+    f_i = exp(-i·ln(1e4) / max(dim/2 - 1, 1)) (transformers' `Gemma4AudioRelPositionalEncoding`; the IR op
+    `rel_positions`, which the interpreter computes the same way)."""
+    half = dim // 2
+    inv = np.exp(np.arange(half, dtype=np.float32) * np.float32(-np.log(1e4) / max(half - 1, 1)))
+    angle = np.arange(count - 1, -1, -1, dtype=np.float64)[:, None] * inv.astype(np.float64)
+    return np.concatenate([np.sin(angle), np.cos(angle)], axis=-1).astype(np.float32)

@@ -130,7 +130,23 @@ def image_encoder_inputs(image, cfg=None) -> dict[str, np.ndarray]:
 
 
 def audio_encoder_inputs(clip, cfg=None) -> dict[str, np.ndarray]:
-    """`encode_audio`'s inputs for one clip's features (`g4c.audio` documents them)."""
-    from g4c.audio import encoder_inputs
+    """`encode_audio`'s inputs for one preprocessed clip (a `g4c.media.AudioInputs`): its valid
+    feature rows (the feature extractor's masked padding rows left out; transformers masks them, so
+    the tower computes the same rows without them)."""
+    return audio_feature_inputs(clip.features[np.asarray(clip.mask).astype(bool)])
 
-    return encoder_inputs(clip)
+
+def audio_feature_inputs(features: np.ndarray) -> dict[str, np.ndarray]:
+    """`encode_audio`'s inputs for one clip's T valid log-mel frames [T, n_mels] (`g4c.audio` documents
+    them): the features, and two ranges that carry the lengths after each stride-2 convolution
+    (T1 = ceil(T/2) rows, then S = ceil(T1/2): the clip's soft tokens)."""
+    t = int(np.shape(features)[0])
+    t1 = _conv_out(t) if t else 0
+    return {"features": np.ascontiguousarray(features, dtype=np.float32),
+            "conv0_frames": np.arange(t1, dtype=np.int64),
+            "frames": np.arange(_conv_out(t1) if t1 else 0, dtype=np.int64)}
+
+
+def _conv_out(size: int) -> int:
+    """Output length of the audio subsampling's kernel-3, stride-2, padding-1 convolution."""
+    return (size + 2 - 3) // 2 + 1
