@@ -2,10 +2,10 @@
 language (TE) like `g4c.codegen.kernels`.
 
 One builder per IR op; each returns a `tirx.PrimFunc` for one static configuration, with symbolic
-row counts (`tirx.Var("T", "int64")` for an op's input rows, `"S"` for the rows a convolution
-produces), so one build serves every clip length. Kernels are destination-passing: the output is the
+row counts (`tirx.Var("T")` for an op's input rows, `"S"` for the rows a convolution produces, in the
+target's index dtype), so one build serves every clip length. Kernels are destination-passing: the output is the
 last parameter. All arithmetic is fp32. Shapes given as tuples may hold symbol names (`("T", 4, 8)`):
-each name becomes one int64 `tirx.Var` of the kernel.
+each name becomes one `tirx.Var` of the kernel.
 
 The semantics are `g4c.ir.interpreter`'s (the tests check every kernel against it). `conv2d` reads
 no `rows` buffer: its output buffer's shape carries the length. `local_attention` computes each
@@ -22,7 +22,6 @@ from tvm import te, tirx
 
 from g4c.codegen.kernel_math import F32
 
-I64 = "int64"
 Shape = tuple[int | str, ...]
 
 
@@ -34,10 +33,17 @@ def _const(value: float):
     return tirx.const(value, F32)
 
 
+def _var(name: str) -> tirx.Var:
+    """A row count in the target's index dtype (GPU targets: int32, like every other kernel's T)."""
+    from g4c.codegen.kernels import _INDEX
+
+    return tirx.Var(name, _INDEX.get())
+
+
 def _dims(shape: Shape, symbols: dict[str, tirx.Var] | None = None) -> tuple:
     """`shape` with each symbol name replaced by one int64 Var (shared through `symbols`)."""
     symbols = {} if symbols is None else symbols
-    return tuple(symbols.setdefault(d, tirx.Var(d, I64)) if isinstance(d, str) else d for d in shape)
+    return tuple(symbols.setdefault(d, _var(d)) if isinstance(d, str) else d for d in shape)
 
 
 def _clamp_index(index, size):
@@ -53,7 +59,7 @@ def conv2d(freq: int, cin: int, cout: int, kernel: int, stride: int, padding: in
     """Buffers: x [T, freq, cin], w [cout, cin, kernel, kernel], out [S, F', cout] with
     F' = (freq + 2·padding - kernel) // stride + 1; S is the output buffer's length (the IR op's
     `rows`): rows or columns outside x read zero."""
-    t, rows = tirx.Var("T", I64), tirx.Var("S", I64)
+    t, rows = _var("T"), _var("S")
     f_out = (freq + 2 * padding - kernel) // stride + 1
     x = te.placeholder((t, freq, cin), F32, name="x")
     w = te.placeholder((cout, cin, kernel, kernel), F32, name="w")
@@ -156,7 +162,7 @@ def glu(shape: Shape, name: str) -> tirx.PrimFunc:
 def depthwise_conv1d(channels: int, kernel: int, name: str) -> tirx.PrimFunc:
     """Buffers: x [T, channels], w [channels, 1, kernel], out [T, channels] (causal: rows before 0
     read zero)."""
-    t = tirx.Var("T", I64)
+    t = _var("T")
     x = te.placeholder((t, channels), F32, name="x")
     w = te.placeholder((channels, 1, kernel), F32, name="w")
     j = te.reduce_axis((0, kernel), name="j")
@@ -192,7 +198,7 @@ def local_attention(heads: int, head_dim: int, rel_rows: int, chunk: int, contex
     past. Only visible entries (s in the clip, d = t - s with 0 ≤ d < past or 0 < -d < future) have
     j > i, so transformers' rel_shift reads rel_k row j - i there (zero from rel_rows on); the rest
     are `invalid_logit`, softmax over all `width` entries, keys outside the clip weigh zero rows."""
-    s = tirx.Var("S", I64)
+    s = _var("S")
     past, future = context_left - 1, context_right
     width = chunk + past + future
     q, k, v = (te.placeholder((s, heads, head_dim), F32, name=n) for n in ("q", "k", "v"))

@@ -778,3 +778,61 @@ def place_columns(lo: int, width: int, total: int, name: str) -> tirx.PrimFunc:
                     out[(blk * nt + tid) // width, lo + (blk * nt + tid) % width] = part[
                         (blk * nt + tid) // width, (blk * nt + tid) % width]
     return func
+
+
+def local_attention(heads: int, head_dim: int, rel_rows: int, chunk: int, context_left: int, context_right: int,
+                    softcap: float, invalid_logit: float, name: str) -> tirx.PrimFunc:
+    """`audio_kernels.local_attention` (the audio conformer's chunked attention) as one thread per
+    (query, head): its `width` = chunk + context logits in registers, then the softmax and P·V, the
+    same formula term by term (masked logits are `invalid_logit` and stay in the softmax, keys outside
+    the clip weigh zero rows). The TE form's [S, heads, width] stages would be global scratch buffers
+    here, which WGSL launches cannot bind."""
+    past, future = context_left - 1, context_right
+    width = chunk + past + future
+    attrs = _attrs(name)
+
+    @T.prim_func
+    def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, r_h: T.handle, o_h: T.handle):
+        T.func_attr(attrs)
+        s = T.int32()
+        q = T.match_buffer(q_h, (s, heads, head_dim), F32)
+        k = T.match_buffer(k_h, (s, heads, head_dim), F32)
+        v = T.match_buffer(v_h, (s, heads, head_dim), F32)
+        rel = T.match_buffer(r_h, (rel_rows, heads, head_dim), F32)
+        out = T.match_buffer(o_h, (s, heads, head_dim), F32)
+        for blk in T.thread_binding(T.ceildiv(s * heads, THREADS), thread="blockIdx.x"):
+            for tid in T.thread_binding(THREADS, thread="threadIdx.x"):
+                sc = T.alloc_buffer((width,), F32, scope="local")
+                acc = T.alloc_buffer((head_dim,), F32, scope="local")
+                st = T.alloc_buffer((3,), F32, scope="local")  # max, denominator, scratch
+                if blk * THREADS + tid < s * heads:
+                    t = (blk * THREADS + tid) // heads
+                    h = (blk * THREADS + tid) % heads
+                    st[0] = T.float32(-3.0e38)
+                    for j in range(width):
+                        sc[j] = T.float32(invalid_logit)
+                        if t - t % chunk + j - past >= 0 and t - t % chunk + j - past < s and (
+                                (t % chunk - j + past >= 0 and t % chunk - j + past < past)
+                                or (t % chunk - j + past < 0 and j - past - t % chunk < future)):
+                            st[2] = T.float32(0)
+                            for d in range(head_dim):
+                                if j - t % chunk >= 0 and j - t % chunk < rel_rows:
+                                    st[2] = st[2] + q[t, h, d] * (k[t - t % chunk + j - past, h, d]
+                                                                  + rel[j - t % chunk, h, d])
+                                else:
+                                    st[2] = st[2] + q[t, h, d] * k[t - t % chunk + j - past, h, d]
+                            sc[j] = T.float32(softcap) * T.tanh(st[2] / T.float32(softcap))
+                        st[0] = T.max(st[0], sc[j])
+                    st[1] = T.float32(0)
+                    for e in range(head_dim):
+                        acc[e] = T.float32(0)
+                    for j in range(width):
+                        st[2] = T.exp(sc[j] - st[0])
+                        st[1] = st[1] + st[2]
+                        if t - t % chunk + j - past >= 0 and t - t % chunk + j - past < s:
+                            for e in range(head_dim):
+                                acc[e] = acc[e] + st[2] * v[t - t % chunk + j - past, h, e]
+                    for e in range(head_dim):
+                        out[t, h, e] = acc[e] / st[1]
+
+    return func

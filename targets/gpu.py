@@ -32,7 +32,7 @@ def gpu_builders() -> dict:
             "linear_tiled": gpu.linear_tiled, "place_columns": gpu.place_columns, "embed_rows": gpu.embed_rows,
             "moe_gate_up": gpu.moe_gate_up, "moe_down": gpu.moe_down, "moe_align": gpu.moe_align,
             "moe_gate_up_grouped": gpu.moe_gate_up_grouped, "moe_down_grouped": gpu.moe_down_grouped,
-            "moe_combine": gpu.moe_combine}
+            "moe_combine": gpu.moe_combine, "local_attention": gpu.local_attention}
 
 
 def gpu_schedule(tvm_target, name: str, func, matmul: bool = True):

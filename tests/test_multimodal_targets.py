@@ -1,7 +1,8 @@
-"""Images in the prompt on the other targets: a tiny multimodal checkpoint (Gemma4ForConditionalGeneration
-with a vision tower, bidirectional image blocks) compiled for Vulkan (run through wgpu) and ARM (run in
-an RPC server under qemu-aarch64) matches the reference interpreter; CUDA and Metal artifacts compile
-with the image encoder and the media prefills. Tools that are absent skip their tests, as in
+"""Images and audio in the prompt on the other targets: a tiny multimodal checkpoint
+(Gemma4ForConditionalGeneration with a vision tower, bidirectional image blocks, and an audio tower)
+compiled for Vulkan (run through wgpu) and ARM (run in an RPC server under qemu-aarch64) matches the
+reference interpreter on an image + audio prompt; CUDA and Metal artifacts compile with both encoders
+and the media prefills. Tools that are absent skip their tests, as in
 test_vulkan.py, test_arm.py, test_cuda.py; CI must have them."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hf_reference import randomize_
+from test_audio_compiled import AUDIO, CLIP
 
 from g4c.compiler import compile_model
 from g4c.model import load_model
@@ -23,7 +25,8 @@ from g4c.runtime.session import ArtifactSession
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = (np.random.default_rng(0).random((100, 160, 3)) * 255).astype(np.uint8)  # 60 soft tokens
-PROMPT = [2, 17, 290, 5, 9]  # 290: the image placeholder
+PROMPT = [2, 17, 290, 5, 293, 9]  # 290: the image placeholder, 293: the audio placeholder
+MEDIA = dict(images=[IMAGE], audio=[CLIP])
 NEW_TOKENS = 8
 os.environ.setdefault("WGPU_BACKEND_TYPE", "Vulkan")
 
@@ -46,8 +49,10 @@ def _vulkan_adapter():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """As /tmp/mm/full_check.py: 4 text layers (sliding/full, KV sharing, PLE), a 2-layer vision tower."""
+    """4 text layers (sliding/full, KV sharing, PLE), a 2-layer vision tower, a 2-layer audio tower; both
+    processors' settings in one processor_config.json, as Gemma4Processor writes them."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+    from transformers.models.gemma4 import Gemma4AudioFeatureExtractor
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
     text = dict(vocab_size=300, hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -56,24 +61,28 @@ def checkpoint(tmp_path_factory) -> Path:
                 vocab_size_per_layer_input=300, use_bidirectional_attention="vision", final_logit_softcapping=30.0)
     vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=8, position_embedding_size=64)
-    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, image_token_id=290,
-                          boi_token_id=291, eoi_token_id=292)
+    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=AUDIO, image_token_id=290,
+                          boi_token_id=291, eoi_token_id=292, audio_token_id=293, boa_token_id=294,
+                          eoa_token_index=295)
     model = Gemma4ForConditionalGeneration(config)
     randomize_(model, 0)
     directory = tmp_path_factory.mktemp("mm_targets") / "ckpt"
     model.save_pretrained(directory)
-    Gemma4ImageProcessorPil(max_soft_tokens=70).save_pretrained(directory)
+    sections = {"image_processor": json.loads(Gemma4ImageProcessorPil(max_soft_tokens=70).to_json_string()),
+                "feature_extractor": json.loads(Gemma4AudioFeatureExtractor().to_json_string())}
+    (directory / "processor_config.json").write_text(json.dumps(sections))
     return directory
 
 
 @pytest.fixture(scope="module")
 def expected(checkpoint) -> tuple[np.ndarray, list[int]]:
-    """The reference interpreter's logits of PROMPT with IMAGE (one row per expanded position) and its greedy tokens."""
+    """The reference interpreter's logits of PROMPT with IMAGE and CLIP (one row per expanded position) and
+    its greedy tokens."""
     loaded = load_model(str(checkpoint))
     session = ReferenceSession(loaded.cfg, loaded.weights, media=loaded.weights.media)
-    logits = session.prefill(PROMPT, all_logits=True, images=[IMAGE])
+    logits = session.prefill(PROMPT, all_logits=True, **MEDIA)
     session.reset()
-    return logits, session.generate(PROMPT, NEW_TOKENS, images=[IMAGE])
+    return logits, session.generate(PROMPT, NEW_TOKENS, **MEDIA)
 
 
 def _compile(checkpoint: Path, target: str, directory: Path) -> Path:
@@ -83,12 +92,12 @@ def _compile(checkpoint: Path, target: str, directory: Path) -> Path:
 
 def _check(session: ArtifactSession, expected: tuple[np.ndarray, list[int]]) -> None:
     logits, tokens = expected
-    assert np.abs(session.prefill(PROMPT, all_logits=True, images=[IMAGE]) - logits).max() <= 1e-4
+    assert np.abs(session.prefill(PROMPT, all_logits=True, **MEDIA) - logits).max() <= 1e-4
     session.reset()
-    assert session.generate(PROMPT, NEW_TOKENS, images=[IMAGE]) == tokens
+    assert session.generate(PROMPT, NEW_TOKENS, **MEDIA) == tokens
 
 
-def test_vulkan_image_prompt_matches_reference(checkpoint, expected, tmp_path):
+def test_vulkan_media_prompt_matches_reference(checkpoint, expected, tmp_path):
     """The encoder's two symbolic sizes (patches T, soft tokens S) and the media prefill's extra inputs
     go through the wgpu executor's launch records."""
     _require(_vulkan_adapter() is not None, "a Vulkan device (apt-get install mesa-vulkan-drivers) and wgpu")
@@ -97,11 +106,11 @@ def test_vulkan_image_prompt_matches_reference(checkpoint, expected, tmp_path):
     assert "Vulkan" in session.executor.device_name
     _check(session, expected)
     chunked = load(artifact, prefill_chunk=2)  # 2-token chunks around the image's one 62-token chunk
-    assert np.abs(chunked.prefill(PROMPT, all_logits=True, images=[IMAGE]) - expected[0]).max() <= 1e-4
+    assert np.abs(chunked.prefill(PROMPT, all_logits=True, **MEDIA) - expected[0]).max() <= 1e-4
 
 
-def test_arm_image_prompt_over_rpc_in_qemu_matches_reference(checkpoint, expected, tmp_path):
-    """The host preprocesses the image; the aarch64 encoder and prefills run in g4c's RPC server under qemu."""
+def test_arm_media_prompt_over_rpc_in_qemu_matches_reference(checkpoint, expected, tmp_path):
+    """The host preprocesses the media; the aarch64 encoders and prefills run in g4c's RPC server under qemu."""
     _require(all(shutil.which(t) for t in ("qemu-aarch64", "aarch64-linux-gnu-gcc")),
              "qemu-aarch64 and aarch64-linux-gnu-gcc (apt-get install qemu-user gcc-aarch64-linux-gnu)")
     from rpc_farm import free_port
@@ -121,14 +130,14 @@ def test_arm_image_prompt_over_rpc_in_qemu_matches_reference(checkpoint, expecte
 
 
 @pytest.mark.parametrize("target", ["cuda:sm_90", "metal"])
-def test_gpu_targets_compile_the_image_encoder_and_media_prefills(target, checkpoint, tmp_path):
+def test_gpu_targets_compile_the_encoders_and_media_prefills(target, checkpoint, tmp_path):
     if target.startswith("cuda"):
         _require(shutil.which("nvcc") is not None, "nvcc (the CUDA toolkit, or pip install nvidia-cuda-nvcc)")
     manifest = json.loads((_compile(checkpoint, target, tmp_path) / "manifest.json").read_text())
     programs = manifest["programs"]
-    assert {"encode_image", "prefill_media", "prefill_all_media"} <= set(programs)
-    assert list(programs["encode_image"]["outputs"]) == ["embeddings"]
+    assert {"encode_image", "encode_audio", "prefill_media", "prefill_all_media"} <= set(programs)
+    assert list(programs["encode_image"]["outputs"]) == list(programs["encode_audio"]["outputs"]) == ["embeddings"]
     assert programs["encode_image"]["inputs"][-1][:2] == ["pool", ["S", 9]]  # soft tokens: a second symbolic size
     assert [n for n, _, _ in programs["prefill_media"]["inputs"]] == ["ids", "positions", "soft", "soft_mask", "reach"]
     ops = {spec["op"] for spec in manifest["kernels"].values()}
-    assert {"pool_rows", "where_rows", "head_norm_rope"} <= ops
+    assert {"pool_rows", "where_rows", "head_norm_rope", "conv2d", "local_attention"} <= ops
