@@ -6,6 +6,7 @@ model is saved with `save_pretrained`, and g4c reads it back through its real lo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +119,14 @@ def make_multimodal_checkpoint(directory: Path, text: dict[str, Any], vision: di
     model = Gemma4ForConditionalGeneration(config)
     randomize_(model, seed)
     model.save_pretrained(directory)
+    # both processors' settings in one processor_config.json, as Gemma4Processor writes them (their own
+    # save_pretrained would both write preprocessor_config.json)
+    sections = {}
     if vision is not None:
-        Gemma4ImageProcessorPil(max_soft_tokens=MAX_SOFT_TOKENS).save_pretrained(directory)
+        sections["image_processor"] = json.loads(Gemma4ImageProcessorPil(max_soft_tokens=MAX_SOFT_TOKENS).to_json_string())
     if audio is not None:
-        Gemma4AudioFeatureExtractor().save_pretrained(directory)
+        sections["feature_extractor"] = json.loads(Gemma4AudioFeatureExtractor().to_json_string())
+    (Path(directory) / "processor_config.json").write_text(json.dumps(sections))
     return directory
 
 
@@ -164,8 +169,6 @@ def multimodal_inputs(directory: Path, ids: list[int], images: list = (), clips:
 
 
 def _vocab(directory: Path) -> int:
-    import json
-
     return json.loads((Path(directory) / "config.json").read_text())["text_config"]["vocab_size"]
 
 
