@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hf_reference import randomize_
+from hf_reference import VISION, make_multimodal_checkpoint
 from test_audio_compiled import AUDIO, CLIP
 
 from g4c.compiler import compile_model
@@ -49,29 +49,13 @@ def _vulkan_adapter():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """4 text layers (sliding/full, KV sharing, PLE), a 2-layer vision tower, a 2-layer audio tower; both
-    processors' settings in one processor_config.json, as Gemma4Processor writes them."""
-    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
-    from transformers.models.gemma4 import Gemma4AudioFeatureExtractor
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
-
+    """4 text layers (sliding/full, KV sharing, PLE, bidirectional image blocks), a 2-layer vision tower,
+    a 2-layer audio tower (special ids 290..295: image 290, audio 293)."""
     text = dict(vocab_size=300, hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=1, head_dim=12, global_head_dim=24, sliding_window=5, num_kv_shared_layers=2,
                 layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=8,
                 vocab_size_per_layer_input=300, use_bidirectional_attention="vision", final_logit_softcapping=30.0)
-    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, position_embedding_size=64)
-    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=AUDIO, image_token_id=290,
-                          boi_token_id=291, eoi_token_id=292, audio_token_id=293, boa_token_id=294,
-                          eoa_token_index=295)
-    model = Gemma4ForConditionalGeneration(config)
-    randomize_(model, 0)
-    directory = tmp_path_factory.mktemp("mm_targets") / "ckpt"
-    model.save_pretrained(directory)
-    sections = {"image_processor": json.loads(Gemma4ImageProcessorPil(max_soft_tokens=70).to_json_string()),
-                "feature_extractor": json.loads(Gemma4AudioFeatureExtractor().to_json_string())}
-    (directory / "processor_config.json").write_text(json.dumps(sections))
-    return directory
+    return make_multimodal_checkpoint(tmp_path_factory.mktemp("mm_targets") / "ckpt", text, VISION, AUDIO, seed=0)
 
 
 @pytest.fixture(scope="module")
