@@ -236,3 +236,38 @@ def test_channel_kernels_and_one_element_clamp_bounds():
     lo, hi = np.array([-0.5], np.float32), np.array([0.3], np.float32)
     got = run(ak.clamp(("T", 16), name="clamp", bounds=(1,)), [x, lo, hi], x.shape)
     np.testing.assert_array_equal(got, KERNELS["clamp"](x, lo[0], hi[0]))
+
+
+def _wav(path: Path, rate: int = 16000, body: bytes | None = None) -> Path:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((CLIP * 20000).astype("<i2").tobytes())
+    if body is not None:  # a damaged file: its header, then garbage
+        path.write_bytes(path.read_bytes()[:20] + body)
+    return path
+
+
+@pytest.mark.parametrize("problem", ["corrupt", "44.1kHz", "missing", "two-placeholders"])
+def test_bad_audio_input_fails_in_one_line(problem, artifact, tmp_path, capsys):
+    """A damaged WAV, another sample rate (refused, not resampled), a missing file, more placeholders
+    than clips: one line on stderr, non-zero exit."""
+    from g4c.cli import main
+
+    clip, ids = _wav(tmp_path / "clip.wav"), f"2,{AUDIO_ID},5"
+    expected = {"corrupt": "clip.wav", "44.1kHz": "44100 Hz", "missing": "no such file",
+                "two-placeholders": "placeholders"}[problem]
+    if problem == "corrupt":
+        _wav(clip, body=b"\x00garbage")
+    elif problem == "44.1kHz":
+        _wav(clip, rate=44100)
+    elif problem == "missing":
+        clip = tmp_path / "nope.wav"
+    else:
+        ids = f"2,{AUDIO_ID},5,{AUDIO_ID}"
+    code = main(["generate", str(artifact), "--tokens", ids, "--audio", str(clip), "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and expected in err[0], err
