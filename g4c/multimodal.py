@@ -124,7 +124,7 @@ def load_media_model(directory: str | Path, text_cfg: ModelConfig, seed: int | N
 def _check_processor(processor, towers: tuple[str, ...], directory: Path) -> None:
     for kind, part in (("image", processor.image), ("audio", processor.audio)):
         if kind in towers and part is None:
-            raise ConfigError(f"{directory}: the checkpoint has a {kind} encoder but no {kind} processor settings "
+            raise ConfigError(f"{directory}: the checkpoint has an {kind} encoder but no {kind} processor settings "
                               "(processor_config.json / preprocessor_config.json)")
 
 

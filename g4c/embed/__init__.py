@@ -19,6 +19,7 @@ compile rebuilds only model.cpp.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -41,7 +42,17 @@ CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-DNDEBUG")
 DEFAULT_MAX_CONTEXT = 4096  # g4c.runtime.session: a session's context unless asked otherwise
 DTYPES = {"float32": "F32", "float16": "F16", "uint16": "BF16", "int32": "I32", "int64": "I64", "uint32": "U32",
           "uint8": "U8"}  # numpy storage → internal.h DType (bf16 is stored as uint16)
-REF_KINDS = {"in": None, "w": "Weight", "a": "Activation", "kv": "Cache"}
+REF_KINDS = {"in": "Input", "w": "Weight", "a": "Activation", "kv": "Cache"}
+PROGRAM_ORDER = ("prefill", "prefill_all", "decode", "prefill_media", "prefill_all_media", "encode_image",
+                 "encode_audio")  # internal.h enum Program
+# the inputs session.cpp makes for each program: name → "index" (the artifact's index dtype) or a dtype
+_TEXT = {"ids": "index", "positions": "index"}
+_MEDIA = {**_TEXT, "soft": "float32", "soft_mask": "index", "reach": "index"}
+PROGRAM_INPUTS = {"prefill": _TEXT, "prefill_all": _TEXT, "decode": _TEXT, "prefill_media": _MEDIA,
+                  "prefill_all_media": _MEDIA,
+                  "encode_image": {"patches": "float32", "patch_positions": "index", "patch_x": "index",
+                                   "patch_y": "index", "positions": "index", "reach": "index", "pool": "index"},
+                  "encode_audio": {"features": "float32", "conv0_frames": "index", "frames": "index"}}
 RUNTIME_STEPS = {"rows": "Rows", "last": "Last", "reshape": "Reshape"}
 
 Progress = Callable[[str, int, int], None]
@@ -87,19 +98,52 @@ def _grid(tree) -> str:
     return f"{calls[op]}({x}, {y})" if op in calls else f"({x} {op} {y})"
 
 
-def _programs(manifest: Manifest, kernel_index: dict[str, int]) -> list[dict]:
+def _program_inputs(manifest: Manifest, name: str) -> list[tuple[str, list, str]]:
+    """A program's runtime inputs [name, shape, dtype] in entry order (text programs: ids, positions)."""
+    program = manifest.programs[name]
+    return [tuple(i) for i in program.inputs] or [("ids", ["T"], manifest.index_dtype),
+                                                  ("positions", ["T"], manifest.index_dtype)]
+
+
+def _unsupported(manifest: Manifest, name: str) -> str | None:
+    """Why session.cpp cannot feed this program's inputs (a name or dtype it does not make), or None."""
+    index = manifest.index_dtype
+    for input_name, _, dtype in _program_inputs(manifest, name):
+        expected = PROGRAM_INPUTS[name].get(input_name)
+        if expected is None or dtype != (index if expected == "index" else expected):
+            return f"the C runtime of g4c {__version__} cannot make input {input_name} ({dtype}) of {name}"
+    return None
+
+
+def _symbols(manifest: Manifest) -> list[str]:
+    """The symbolic dims of the programs' inputs and activations: T first, S second, then the others."""
+    found = {d for name in PROGRAM_ORDER if name in manifest.programs
+             for shape, _ in [*manifest.programs[name].buffers.values(),
+                              *((s, d) for _, s, d in _program_inputs(manifest, name))]
+             for d in shape if isinstance(d, str)}
+    return ["T", "S", *sorted(found - {"T", "S"})]
+
+
+def _programs(manifest: Manifest, kernel_index: dict[str, int], symbols: list[str]) -> list[dict]:
     weights = {n: i for i, n in enumerate(manifest.entry.weights)}
     slots = {n: i for i, n in enumerate(manifest.entry.caches)}
+    symbol = {d: -(i + 1) for i, d in enumerate(symbols)}
+
+    def info(name: str, shape: list, dtype: str) -> str:
+        dims = ", ".join(str(symbol[d]) if isinstance(d, str) else str(int(d)) for d in shape) or "0"
+        return f'{{"{name}", DType::{DTYPES[dtype]}, {len(shape)}, {{{dims}}}}}'
+
     out = []
-    for name in ("prefill", "prefill_all", "decode"):
+    for name in PROGRAM_ORDER:
+        if name not in manifest.programs:
+            continue
         program = manifest.programs[name]
-        buffers = list(program.buffers)
-        index = {"w": weights, "a": {b: i for i, b in enumerate(buffers)}, "kv": slots}
+        buffers, inputs = list(program.buffers), _program_inputs(manifest, name)
+        index = {"in": {n: i for i, (n, _, _) in enumerate(inputs)}, "w": weights,
+                 "a": {b: i for i, b in enumerate(buffers)}, "kv": slots}
 
         def ref(text: str) -> str:
             kind, _, rest = text.partition(":")
-            if kind == "in":
-                return "{RefKind::Ids, 0}" if rest == "ids" else "{RefKind::Positions, 0}"
             return f"{{RefKind::{REF_KINDS[kind]}, {index[kind][rest]}}}"
 
         steps = []
@@ -108,14 +152,44 @@ def _programs(manifest: Manifest, kernel_index: dict[str, int]) -> list[dict]:
                 kind = RUNTIME_STEPS.get(step.kernel, "Kernel")
                 steps.append({"kind": kind, "kernel": kernel_index.get(step.kernel, -1) if kind == "Kernel" else -1,
                               "args": [ref(a) for a in step.args]})
-        activations = []
-        for b in buffers:
-            shape, dtype = program.buffers[b]
-            dims = ", ".join("-1" if d == "T" else str(int(d)) for d in shape) or "0"
-            activations.append(f'{{"{b}", DType::{DTYPES[dtype]}, {len(shape)}, {{{dims}}}}}')
-        out.append({"name": name, "buffers": activations, "steps": steps,
-                    "logits": buffers.index(program.outputs["logits"][2:])})
+        (output,) = program.outputs.values()  # logits, or an encoder's embeddings
+        out.append({"name": name, "enum": name.upper(), "buffers": [info(b, *program.buffers[b]) for b in buffers],
+                    "inputs": [info(*i) for i in inputs], "rows": program.ple_width() is not None,
+                    "steps": steps, "output": buffers.index(output[2:]), "unsupported": _unsupported(manifest, name)})
     return out
+
+
+def _media(manifest: Manifest) -> dict:
+    """The MediaInfo of internal.h: special tokens, mask rule, towers and the processor's numbers."""
+    from g4c.media import ProcessorConfig
+
+    none = {"present": False, "image": False, "audio": False, "bidirectional_vision": False,
+            "tokens": [-1] * 6, "pad": -1, "image_cfg": None, "audio_cfg": None, "seq": [0, 0, 0], "json": "{}"}
+    if not manifest.media:
+        return none
+    media = manifest.media
+    processor = ProcessorConfig.from_dict(media["processor"])
+    tokens = [media["tokens"].get(t) for t in ("image", "boi", "eoi", "audio", "boa", "eoa")]
+
+    def c_float(x: float) -> str:
+        return f"{float(x)!r}f"
+
+    image = processor.image
+    audio = processor.audio
+    return {"present": True, "image": "image" in media["towers"], "audio": "audio" in media["towers"],
+            "bidirectional_vision": bool(media["bidirectional_vision"]),
+            "tokens": [-1 if t is None else int(t) for t in tokens], "pad": int(media["pad_token_id"]),
+            "image_cfg": None if image is None else {
+                "ints": [image.patch_size, image.pooling_kernel_size, image.max_soft_tokens, int(image.do_resize),
+                         image.resample, int(image.do_rescale), int(image.do_normalize), int(image.do_convert_rgb)],
+                "rescale": repr(float(image.rescale_factor)),
+                "mean": [c_float(x) for x in image.image_mean], "std": [c_float(x) for x in image.image_std]},
+            "audio_cfg": None if audio is None else {
+                "ints": [audio.sampling_rate, audio.n_mels, audio.frame_length, audio.hop_length, audio.fft_length,
+                         audio.max_length],
+                "floats": [c_float(audio.min_frequency), c_float(audio.max_frequency), c_float(audio.mel_floor)]},
+            "seq": [processor.image_seq_length, processor.audio_seq_length, processor.audio_ms_per_token],
+            "json": json.dumps(media["processor"], sort_keys=True)}
 
 
 def _launch_tables(directory: Path, manifest: Manifest) -> dict:
@@ -166,6 +240,7 @@ def model_context(directory: Path, manifest: Manifest, max_binding: int = 0) -> 
         needs_f16 = any(np.dtype(layout[n][0]) == np.float16 for n in manifest.entry.weights)
     host, host_start = _host_table(directory, manifest)
     tables = _launch_tables(directory, manifest)
+    symbols = _symbols(manifest)
     ple_width = manifest.programs["decode"].ple_width() or 0
     slots = [{"name": s, "kv_heads": manifest.kv_slots[s].kv_heads, "head_dim": manifest.kv_slots[s].head_dim,
               "window": manifest.kv_slots[s].window if manifest.kv_slots[s].ring else 0} for s in manifest.entry.caches]
@@ -177,7 +252,10 @@ def model_context(directory: Path, manifest: Manifest, max_binding: int = 0) -> 
             "static_decode": manifest.static_decode, "eos": eos, "bos": manifest.config.get("bos_token_id", -1),
             "needs_f16": needs_f16, "files": files, "weights": weights,
             "weights_data_start": start, "host": host, "host_data_start": host_start, "ple_width": ple_width,
-            "slots": slots, "max_binding": max_binding, "programs": _programs(manifest, tables["kernel_index"]),
+            "slots": slots, "max_binding": max_binding,
+            "programs": _programs(manifest, tables["kernel_index"], symbols),
+            "program_order": [n.upper() for n in PROGRAM_ORDER], "symbols": symbols, "media": _media(manifest),
+            "hidden_size": model.hidden_size,
             "architecture": manifest.config.get("model_type", "gemma4"), "layers": model.num_hidden_layers,
             "sliding_window": model.sliding_window or 0, "weight_dtype": manifest.weight_dtype,
             "quant": manifest.quant or "none", "host_quant": manifest.host_quant or "none", **tables}

@@ -43,11 +43,13 @@ struct HostTableInfo {
   TensorInfo data, scales;
 };
 
-// -- wgpu programs (launch records written as code) --------------------------------------------------
-enum class RefKind : uint8_t { Ids, Positions, Weight, Activation, Cache };
+// -- programs (wgpu: launch records written as code) -----------------------------------------------------
+// A shape dimension: >= 0 a size; < 0 the symbol -(d + 1) of ModelInfo::symbols ("T": tokens or patches,
+// "S": an encoder's soft tokens, ...), bound by the inputs of a run.
+enum class RefKind : uint8_t { Input, Weight, Activation, Cache };
 struct BufferRef {
   RefKind kind;
-  int index;  // weight, activation or cache slot index
+  int index;  // program input, weight, activation or cache slot index
 };
 enum class StepKind : uint8_t { Kernel, Rows, Last, Reshape };
 struct Step {
@@ -56,11 +58,11 @@ struct Step {
   int nargs;
   const BufferRef *args;
 };
-struct ActivationInfo {
+struct ActivationInfo {  // an activation or a program input
   const char *name;
   DType dtype;
   int ndim;
-  int64_t shape[4];  // -1: the token count
+  int64_t shape[4];  // < 0: a symbol (see BufferRef)
 };
 using GridFn = int64_t (*)(const int64_t *words);
 struct LaunchInfo {
@@ -76,18 +78,38 @@ struct KernelInfo {
 };
 struct ProgramInfo {
   const char *name;
+  int ninputs;
+  const ActivationInfo *inputs;  // the runtime inputs in entry order (text programs: ids, positions)
+  bool rows;                     // takes the PLE rows of its ids after the inputs
   int nsteps;
   const Step *steps;
   int nbuffers;
   const ActivationInfo *buffers;
-  int logits;  // activation index of the logits
+  int output;  // activation index of the logits (an encoder: its embeddings)
 };
 struct ShaderInfo {
   const char *name;
   const char *wgsl;
 };
 
-enum Program { PREFILL = 0, PREFILL_ALL = 1, DECODE = 2 };
+enum Program { PREFILL = 0, PREFILL_ALL, DECODE, PREFILL_MEDIA, PREFILL_ALL_MEDIA, ENCODE_IMAGE, ENCODE_AUDIO, N_PROGRAMS };
+
+// a multimodal artifact's media settings (g4c/runtime/media.py MediaSpec; the processor's numbers the
+// runtime and the app's preprocessing need); present false: text only
+struct MediaInfo {
+  bool present, image, audio;  // the artifact has encode_image / encode_audio
+  bool bidirectional_vision;   // an image's soft tokens attend to their whole block
+  int32_t image_token, boi_token, eoi_token, audio_token, boa_token, eoa_token;  // -1: none
+  int32_t pad_token;           // what the PLE reads at soft positions
+  int patch_size, pooling_kernel_size, max_soft_tokens;  // image processor (0: no image section)
+  int do_resize, resample, do_rescale, do_normalize, do_convert_rgb;
+  double rescale_factor;
+  float image_mean[3], image_std[3];
+  int image_seq_length, audio_seq_length, audio_ms_per_token;
+  int sampling_rate, n_mels, frame_length, hop_length, fft_length, max_length;  // feature extractor (0: none)
+  float min_frequency, max_frequency, mel_floor;
+  const char *processor_json;  // the whole processor config as JSON ("{}": none)
+};
 
 struct ModelInfo {
   const char *g4c_version;
@@ -115,7 +137,12 @@ struct ModelInfo {
   int n_slots;
   const SlotInfo *slots;
   int64_t max_binding;  // wgpu: the largest storage binding the profile allows
-  const ProgramInfo *programs[3];
+  int hidden_size;     // the text width: floats per soft-token row
+  int n_symbols;
+  const char *const *symbols;  // the symbolic dims of inputs and activations
+  const ProgramInfo *programs[N_PROGRAMS];  // null: the artifact lacks it
+  const char *unsupported[N_PROGRAMS];      // non-null: the program exists but this runtime cannot feed it (why)
+  MediaInfo media;
   const KernelInfo *kernels;
   const LaunchInfo *launches;
   int n_shaders;
@@ -139,12 +166,13 @@ struct HostTensor {
 
 struct RunInputs {
   int program;
-  int count;                            // tokens
-  const void *ids, *positions;          // `count` ints of index_bits
+  std::vector<HostTensor> inputs;       // ProgramInfo::inputs, in order (integers of index_bits)
+  int count;                            // tokens: rows of the PLE rows
   const float *ple_rows;                // [count, width] or null
   std::vector<int64_t> cache_rows;      // rows of each cache the program sees
-  float *logits;                        // out: [rows, vocab]
+  float *logits;                        // out: the last `logits_floats` floats of the output
   size_t logits_floats;
+  bool whole;                           // the output must have exactly logits_floats floats (an encoder)
 };
 
 class Executor {

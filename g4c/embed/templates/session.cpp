@@ -201,6 +201,58 @@ static uint64_t file_size(const char *name) {
 
 using namespace g4c;
 
+namespace g4c {
+
+// a program's inputs as the executor takes them: integers converted to the artifact's index dtype (owned
+// here), floats borrowed from the caller or owned here
+class InputSet {
+ public:
+  void index(const std::vector<int64_t> &values, std::vector<int64_t> shape) {
+    const DType dtype = kModel.index_bits == 32 ? DType::I32 : DType::I64;
+    std::vector<uint8_t> bytes(values.size() * dtype_size(dtype));
+    if (dtype == DType::I32) {
+      for (size_t i = 0; i < values.size(); ++i) {
+        const int32_t v = static_cast<int32_t>(values[i]);
+        std::memcpy(bytes.data() + 4 * i, &v, 4);
+      }
+    } else if (!values.empty()) {
+      std::memcpy(bytes.data(), values.data(), bytes.size());
+    }
+    storage_.push_back(std::move(bytes));  // moving a vector keeps its buffer: earlier pointers stay valid
+    tensors.push_back({storage_.back().data(), dtype, std::move(shape), storage_.back().size()});
+  }
+  void floats(const float *data, std::vector<int64_t> shape) {
+    size_t n = 1;
+    for (int64_t d : shape) n *= static_cast<size_t>(d);
+    tensors.push_back({data, DType::F32, std::move(shape), n * 4});
+  }
+  // the tensors in the program's input order, each made by make(name) into this set
+  template <typename Make>
+  static std::vector<HostTensor> ordered(const ProgramInfo &p, InputSet &set, Make &&make) {
+    std::vector<HostTensor> out;
+    for (int i = 0; i < p.ninputs; ++i) {
+      set.tensors.clear();
+      make(std::string(p.inputs[i].name));
+      if (set.tensors.size() != 1)
+        throw Error(G4C_ERR_ARTIFACT, std::string("this runtime cannot make input ") + p.inputs[i].name + " of " + p.name);
+      out.push_back(set.tensors.front());
+    }
+    return out;
+  }
+  std::vector<HostTensor> tensors;
+
+ private:
+  std::vector<std::vector<uint8_t>> storage_;
+};
+
+std::vector<int64_t> arange(int64_t start, int64_t n) {
+  std::vector<int64_t> v(static_cast<size_t>(n));
+  std::iota(v.begin(), v.end(), start);
+  return v;
+}
+
+}  // namespace g4c
+
 struct g4c_session {
   g4c_options options;
   int max_context = 0, position = 0;
@@ -208,7 +260,6 @@ struct g4c_session {
   std::vector<AlignedBuffer> copies;  // weights whose file offset is not 64-byte aligned
   std::unique_ptr<Executor> executor;
   std::vector<std::array<int64_t, 3>> cache_shapes;
-  std::vector<int64_t> index_buffer;  // ids then positions, as index_bits ints
   std::vector<float> ple;
 
   void open(const std::string &dir) {
@@ -230,9 +281,11 @@ struct g4c_session {
     if (kModel.has_ple) host_file = std::make_unique<MappedFile>(join(dir, "host.safetensors"), file_size("host.safetensors"));
     executor = make_executor({dir, options.n_threads});
     executor->upload_weights(weights);
+    // an image block is never split across chunks: the rings hold the longest chunk it can make
+    const int ring_chunk = std::max(options.prefill_chunk, kModel.media.image ? kModel.media.max_soft_tokens : 0);
     for (int i = 0; i < kModel.n_slots; ++i) {
       const SlotInfo &s = kModel.slots[i];
-      cache_shapes.push_back({s.window ? s.window + options.prefill_chunk - 1 : max_context, s.kv_heads, s.head_dim});
+      cache_shapes.push_back({s.window ? s.window + ring_chunk - 1 : max_context, s.kv_heads, s.head_dim});
     }
     executor->allocate_caches(cache_shapes);
     reset();
@@ -254,41 +307,214 @@ struct g4c_session {
                                        " tokens exceeds the session's maximum (" + std::to_string(max_context) + ")");
   }
 
+  // the program, or why this artifact / runtime cannot run it
+  static const ProgramInfo &program_info(int program) {
+    static const char *const kWhat[] = {"prefill", "prefill", "decode", "media prefill", "media prefill",
+                                        "image encoder", "audio encoder"};
+    if (!kModel.programs[program])
+      throw Error(G4C_ERR_ARGUMENT, std::string(kModel.media.present ? "this artifact has no " : "this model is text-only: it has no ") +
+                                        kWhat[program]);
+    if (kModel.unsupported[program]) throw Error(G4C_ERR_ARTIFACT, kModel.unsupported[program]);
+    return *kModel.programs[program];
+  }
+
   // run one program on `n` ids after the cached ones; logits of the last row into `logits`
   void run(int program, const int32_t *ids, int n, float *logits) {
-    const int length = position + n;
-    const int width = kModel.index_bits / 8;
-    index_buffer.resize(2 * static_cast<size_t>(n));
-    auto *ids_out = reinterpret_cast<uint8_t *>(index_buffer.data());
-    auto *positions_out = ids_out + static_cast<size_t>(n) * width;
-    for (int i = 0; i < n; ++i) {
-      int64_t id = ids[i], pos = position + i;
-      if (width == 4) {
-        int32_t a = static_cast<int32_t>(id), b = static_cast<int32_t>(pos);
-        std::memcpy(ids_out + 4 * i, &a, 4);
-        std::memcpy(positions_out + 4 * i, &b, 4);
-      } else {
-        std::memcpy(ids_out + 8 * i, &id, 8);
-        std::memcpy(positions_out + 8 * i, &pos, 8);
-      }
-    }
-    RunInputs in{program, n, ids_out, positions_out, nullptr, {}, logits, static_cast<size_t>(kModel.vocab_size)};
-    if (kModel.has_ple) {
+    const ProgramInfo &p = program_info(program);
+    InputSet set;
+    auto inputs = InputSet::ordered(p, set, [&](const std::string &name) {
+      if (name == "ids") set.index(std::vector<int64_t>(ids, ids + n), {n});
+      if (name == "positions") set.index(arange(position, n), {n});
+    });
+    execute(program, std::move(inputs), ids, n, logits, kModel.vocab_size, false);
+    position += n;
+  }
+
+  // run a program: its inputs, the PLE rows of `ids` (programs that take them), every cache; the last
+  // `floats` floats of its output (`whole`: all of it, exactly that many) into `out`
+  void execute(int program, std::vector<HostTensor> inputs, const int32_t *ids, int n, float *out, size_t floats,
+               bool whole) {
+    const ProgramInfo &p = program_info(program);
+    RunInputs in{program, std::move(inputs), n, nullptr, {}, out, floats, whole};
+    if (kModel.has_ple && p.rows) {
       const HostTableInfo &t = kModel.host;
       const int64_t row = kModel.ple_width;
       ple.resize(static_cast<size_t>(n) * row);
       for (int i = 0; i < n; ++i) host_row(t, *host_file, kModel.host_data_start, ids[i], ple.data() + i * row);
       in.ple_rows = ple.data();
     }
-    const bool whole = program == DECODE && kModel.static_decode;  // fixed shapes: caches passed whole
+    const bool encoder = program == ENCODE_IMAGE || program == ENCODE_AUDIO;  // caches passed, not used
+    const bool fixed = program == DECODE && kModel.static_decode;  // fixed shapes: caches passed whole
+    const int64_t length = static_cast<int64_t>(position) + n;
     for (int i = 0; i < kModel.n_slots; ++i)
-      in.cache_rows.push_back(whole || kModel.slots[i].window ? cache_shapes[i][0] : length);
+      in.cache_rows.push_back(encoder || fixed || kModel.slots[i].window ? cache_shapes[i][0] : length);
     executor->run(in);
-    for (int i = 0; i < kModel.vocab_size; ++i)
-      if (!std::isfinite(logits[i]))
-        throw Error(G4C_ERR_DEVICE, std::string("the compiled model produced non-finite logits in ") +
-                                        kModel.programs[program] ->name + " (NaN/Inf weights, or a damaged artifact)");
-    position = length;
+    for (size_t i = 0; i < floats; ++i)
+      if (!std::isfinite(out[i]))
+        throw Error(G4C_ERR_DEVICE, std::string("the compiled model produced non-finite ") +
+                                        (encoder ? (program == ENCODE_IMAGE ? "image embeddings" : "audio embeddings")
+                                                 : "logits") +
+                                        " in " + p.name + " (NaN/Inf weights, or a damaged artifact)");
+  }
+
+  // -- images and audio (g4c/runtime/media.py) -----------------------------------------------------
+
+  // encode_image on one image: the inputs image_encoder_inputs makes, the pooling of g4c/media.py
+  // pool_index (from the positions, as transformers groups patches by them)
+  void encode_image(const float *pixel_values, const int32_t *xy, int n, float *rows_out, int max_rows, int *n_rows) {
+    const MediaInfo &m = kModel.media;
+    const ProgramInfo &p = program_info(ENCODE_IMAGE);
+    const int k = m.pooling_kernel_size, kk = k * k, max_patches = m.max_soft_tokens * kk;
+    if (n <= 0) throw Error(G4C_ERR_ARGUMENT, "g4c_encode_image: need at least one patch");
+    if (n > max_patches)
+      throw Error(G4C_ERR_ARGUMENT, "g4c_encode_image: " + std::to_string(n) + " patches, over this model's " +
+                                        std::to_string(max_patches) + " (max_soft_tokens " + std::to_string(m.max_soft_tokens) +
+                                        " × " + std::to_string(kk) + ")");
+    int width = 0, height = 0;
+    for (int i = 0; i < n; ++i) {
+      const int32_t x = xy[2 * i], y = xy[2 * i + 1];
+      if (x < 0 || y < 0 || x >= max_patches || y >= max_patches)
+        throw Error(G4C_ERR_ARGUMENT, "g4c_encode_image: patch " + std::to_string(i) + " has position (" + std::to_string(x) +
+                                          ", " + std::to_string(y) + ")" +
+                                          (x < 0 || y < 0 ? ": leave the processor's padding rows out" : ""));
+      width = std::max(width, x + 1);
+      height = std::max(height, y + 1);
+    }
+    if (width % k || height % k || static_cast<int64_t>(width) * height != n)
+      throw Error(G4C_ERR_ARGUMENT, "g4c_encode_image: the " + std::to_string(n) + " positions span " + std::to_string(width) +
+                                        "x" + std::to_string(height) + " patches; an image is a full grid of patches, " +
+                                        "each side a multiple of the pooling kernel (" + std::to_string(k) + ")");
+    const int soft = n / kk, grid = width / k;
+    std::vector<int64_t> pool(static_cast<size_t>(n), -1), positions(2 * static_cast<size_t>(n)), xs(n), ys(n);
+    for (int i = 0; i < n; ++i) {
+      const int32_t x = xy[2 * i], y = xy[2 * i + 1];
+      int64_t &slot = pool[static_cast<size_t>((x / k + grid * (y / k)) * kk + (y % k) * k + x % k)];
+      if (slot >= 0)
+        throw Error(G4C_ERR_ARGUMENT, "g4c_encode_image: patches " + std::to_string(slot) + " and " + std::to_string(i) +
+                                          " have the same position (" + std::to_string(x) + ", " + std::to_string(y) + ")");
+      slot = i;
+      positions[2 * i] = xs[i] = x;
+      positions[2 * i + 1] = ys[i] = y;
+    }
+    if (n_rows) *n_rows = soft;
+    if (soft > max_rows)
+      throw Error(G4C_ERR_ARGUMENT, "g4c_encode_image: the image has " + std::to_string(soft) +
+                                        " soft tokens, rows_out holds " + std::to_string(max_rows));
+    int64_t row = 0;  // floats per pixel_values row: the encoder's patches input [T, 3·p·p]
+    for (int i = 0; i < p.ninputs; ++i)
+      if (std::strcmp(p.inputs[i].name, "patches") == 0) row = p.inputs[i].shape[1];
+    if (row != 3LL * m.patch_size * m.patch_size)
+      throw Error(G4C_ERR_ARTIFACT, "the image encoder takes patches of " + std::to_string(row) + " floats, the processor's " +
+                                        std::to_string(m.patch_size) + "-pixel patches have " +
+                                        std::to_string(3 * m.patch_size * m.patch_size));
+    std::vector<float> patches(static_cast<size_t>(n) * row);
+    for (size_t i = 0; i < patches.size(); ++i) patches[i] = 2.0f * (pixel_values[i] - 0.5f);  // fp32, as transformers
+    InputSet set;
+    auto inputs = InputSet::ordered(p, set, [&](const std::string &name) {
+      if (name == "patches") set.floats(patches.data(), {n, row});
+      if (name == "patch_positions") set.index(positions, {n, 2});
+      if (name == "patch_x") set.index(xs, {n});
+      if (name == "patch_y") set.index(ys, {n});
+      if (name == "positions") set.index(arange(0, n), {n});
+      if (name == "reach") set.index(std::vector<int64_t>(static_cast<size_t>(n), n - 1), {n});
+      if (name == "pool") set.index(pool, {soft, kk});
+    });
+    execute(ENCODE_IMAGE, std::move(inputs), nullptr, n, rows_out, static_cast<size_t>(soft) * kModel.hidden_size, true);
+  }
+
+  // encode_audio on one clip's valid frames: audio_feature_inputs (two ranges carry the lengths after
+  // each stride-2 convolution)
+  void encode_audio(const float *features, int n, float *rows_out, int max_rows, int *n_rows) {
+    const MediaInfo &m = kModel.media;
+    const ProgramInfo &p = program_info(ENCODE_AUDIO);
+    if (n <= 0) throw Error(G4C_ERR_ARGUMENT, "g4c_encode_audio: need at least one frame");
+    auto conv_out = [](int64_t size) { return (size + 2 - 3) / 2 + 1; };  // kernel 3, stride 2, padding 1
+    const int64_t t1 = conv_out(n), soft = conv_out(t1);
+    if (n_rows) *n_rows = static_cast<int>(soft);
+    if (soft > m.audio_seq_length)
+      throw Error(G4C_ERR_ARGUMENT, "g4c_encode_audio: " + std::to_string(n) + " frames make " + std::to_string(soft) +
+                                        " soft tokens, over this model's " + std::to_string(m.audio_seq_length) + " per clip");
+    if (soft > max_rows)
+      throw Error(G4C_ERR_ARGUMENT, "g4c_encode_audio: the clip has " + std::to_string(soft) +
+                                        " soft tokens, rows_out holds " + std::to_string(max_rows));
+    int64_t mels = 0;
+    for (int i = 0; i < p.ninputs; ++i)
+      if (std::strcmp(p.inputs[i].name, "features") == 0) mels = p.inputs[i].shape[1];
+    InputSet set;
+    auto inputs = InputSet::ordered(p, set, [&](const std::string &name) {
+      if (name == "features") set.floats(features, {n, mels});
+      if (name == "conv0_frames") set.index(arange(0, t1), {t1});
+      if (name == "frames") set.index(arange(0, soft), {soft});
+    });
+    execute(ENCODE_AUDIO, std::move(inputs), nullptr, n, rows_out, static_cast<size_t>(soft) * kModel.hidden_size, true);
+  }
+
+  // a prompt with soft tokens (g4c/runtime/media.py build_prompt and MediaPrompt.chunks, from an expanded
+  // prompt): the pad token at soft positions, reach per token, chunks that never split an image block
+  void prefill_media(const int32_t *ids, int n, const float *soft_rows, const uint8_t *soft_mask, float *logits) {
+    const MediaInfo &m = kModel.media;
+    if (!m.present)
+      throw Error(G4C_ERR_ARGUMENT, "this model is text-only (its checkpoint has no vision or audio encoder): it takes no "
+                                    "images or audio");
+    const ProgramInfo &p = program_info(PREFILL_MEDIA);
+    check_tokens(ids, n);
+    const int hidden = kModel.hidden_size;
+    std::vector<uint8_t> mask(static_cast<size_t>(n));
+    std::vector<std::pair<int, int>> blocks;  // (start, length) of each run of image tokens
+    for (int i = 0; i < n; ++i) {
+      const bool image = m.image_token >= 0 && ids[i] == m.image_token, audio = m.audio_token >= 0 && ids[i] == m.audio_token;
+      if ((image && !m.image) || (audio && !m.audio))
+        throw Error(G4C_ERR_ARGUMENT, std::string("this artifact has no ") + (image ? "image" : "audio") +
+                                          " encoder: its prompts hold no " + (image ? "image" : "audio") + " tokens (id " +
+                                          std::to_string(ids[i]) + " at " + std::to_string(i) + ")");
+      mask[i] = image || audio;
+      if (soft_mask && (soft_mask[i] != 0) != (mask[i] != 0))
+        throw Error(G4C_ERR_ARGUMENT, "g4c_prefill_media: soft_mask[" + std::to_string(i) + "] is " +
+                                          std::to_string(soft_mask[i]) + " but ids[" + std::to_string(i) + "] (" +
+                                          std::to_string(ids[i]) + ") is " + (mask[i] ? "" : "not ") +
+                                          "an image/audio token");
+      if (image && (blocks.empty() || blocks.back().first + blocks.back().second != i)) blocks.push_back({i, 0});
+      if (image) ++blocks.back().second;
+    }
+    for (const auto &b : blocks)
+      if (b.second > m.max_soft_tokens)
+        throw Error(G4C_ERR_ARGUMENT, "g4c_prefill_media: " + std::to_string(b.second) + " image tokens in a row at " +
+                                          std::to_string(b.first) + ", over this model's " + std::to_string(m.max_soft_tokens) +
+                                          " per image (boi/eoi separate images)");
+    if (!soft_rows && std::find(mask.begin(), mask.end(), 1) != mask.end())
+      throw Error(G4C_ERR_ARGUMENT, "g4c_prefill_media: soft_rows is NULL but the prompt has image/audio tokens");
+    std::vector<int32_t> llm_ids(ids, ids + n);
+    std::vector<int64_t> reach = arange(0, n);
+    for (int i = 0; i < n; ++i)
+      if (mask[i]) llm_ids[i] = m.pad_token;  // transformers' llm_input_ids: the PLE reads the pad token there
+    if (m.bidirectional_vision)
+      for (const auto &b : blocks) std::fill(reach.begin() + b.first, reach.begin() + b.first + b.second, b.first + b.second - 1);
+    const int base = position, size = options.prefill_chunk;
+    for (int start = 0; start < n;) {
+      int end = std::min(start + size, n);
+      for (const auto &b : blocks) {  // the chunk would cut this block: end before it, or after it when it starts here
+        const int b0 = b.first, b1 = b.first + b.second;
+        if (b0 < end && end < b1) end = b0 > start ? b0 : b1;
+      }
+      const int count = end - start;
+      std::vector<float> soft(static_cast<size_t>(count) * hidden, 0.0f);  // the encoders' rows, 0 elsewhere
+      std::vector<int64_t> chunk_mask(mask.begin() + start, mask.begin() + end), chunk_reach(count);
+      for (int i = 0; i < count; ++i) {
+        if (mask[start + i]) std::memcpy(&soft[static_cast<size_t>(i) * hidden], soft_rows + static_cast<size_t>(start + i) * hidden, 4 * hidden);
+        chunk_reach[i] = reach[start + i] + base;
+      }
+      InputSet set;
+      auto inputs = InputSet::ordered(p, set, [&](const std::string &name) {
+        if (name == "ids") set.index(std::vector<int64_t>(llm_ids.begin() + start, llm_ids.begin() + end), {count});
+        if (name == "positions") set.index(arange(position, count), {count});
+        if (name == "soft") set.floats(soft.data(), {count, hidden});
+        if (name == "soft_mask") set.index(chunk_mask, {count});
+        if (name == "reach") set.index(chunk_reach, {count});
+      });
+      execute(PREFILL_MEDIA, std::move(inputs), llm_ids.data() + start, count, logits, kModel.vocab_size, false);
+      position += count;
+      start = end;
+    }
   }
 };
 
@@ -429,6 +655,77 @@ int g4c_sample(const g4c_sampler *sampler, const float *logits, int n, uint64_t 
         return;
       }
     }
+  });
+}
+
+int g4c_hidden_size(const g4c_session *s) { return s ? kModel.hidden_size : 0; }
+
+int g4c_get_media_info(const g4c_session *s, g4c_media_info *out) {
+  return guarded([&] {
+    require(s != nullptr && out != nullptr, "g4c_get_media_info: NULL argument");
+    const MediaInfo &m = kModel.media;
+    g4c_media_info info;
+    std::memset(&info, 0, sizeof info);
+    info.has_image = m.image;
+    info.has_audio = m.audio;
+    info.hidden_size = kModel.hidden_size;
+    info.bidirectional_vision = m.bidirectional_vision;
+    info.image_token_id = m.image_token;
+    info.boi_token_id = m.boi_token;
+    info.eoi_token_id = m.eoi_token;
+    info.audio_token_id = m.audio_token;
+    info.boa_token_id = m.boa_token;
+    info.eoa_token_id = m.eoa_token;
+    info.pad_token_id = m.pad_token;
+    info.patch_size = m.patch_size;
+    info.pooling_kernel_size = m.pooling_kernel_size;
+    info.max_soft_tokens = m.max_soft_tokens;
+    info.do_resize = m.do_resize;
+    info.resample = m.resample;
+    info.do_rescale = m.do_rescale;
+    info.do_normalize = m.do_normalize;
+    info.do_convert_rgb = m.do_convert_rgb;
+    info.rescale_factor = m.rescale_factor;
+    std::copy(m.image_mean, m.image_mean + 3, info.image_mean);
+    std::copy(m.image_std, m.image_std + 3, info.image_std);
+    info.sampling_rate = m.sampling_rate;
+    info.n_mels = m.n_mels;
+    info.frame_length = m.frame_length;
+    info.hop_length = m.hop_length;
+    info.fft_length = m.fft_length;
+    info.max_length = m.max_length;
+    info.min_frequency = m.min_frequency;
+    info.max_frequency = m.max_frequency;
+    info.mel_floor = m.mel_floor;
+    info.audio_seq_length = m.audio_seq_length;
+    *out = info;
+  });
+}
+
+const char *g4c_processor_config(const g4c_session *s) { return s ? kModel.media.processor_json : "{}"; }
+
+int g4c_encode_image(g4c_session *s, const float *pixel_values, const int32_t *patch_xy, int n_patches, float *rows_out,
+                     int max_rows, int *n_rows) {
+  if (n_rows) *n_rows = 0;
+  return guarded([&] {
+    require(s && pixel_values && patch_xy && rows_out && n_rows, "g4c_encode_image: NULL argument");
+    s->encode_image(pixel_values, patch_xy, n_patches, rows_out, max_rows, n_rows);
+  });
+}
+
+int g4c_encode_audio(g4c_session *s, const float *features, int n_frames, float *rows_out, int max_rows, int *n_rows) {
+  if (n_rows) *n_rows = 0;
+  return guarded([&] {
+    require(s && features && rows_out && n_rows, "g4c_encode_audio: NULL argument");
+    s->encode_audio(features, n_frames, rows_out, max_rows, n_rows);
+  });
+}
+
+int g4c_prefill_media(g4c_session *s, const int32_t *ids, int n_ids, const float *soft_rows, const uint8_t *soft_mask,
+                      float *logits) {
+  return guarded([&] {
+    require(s != nullptr && ids != nullptr && logits != nullptr, "g4c_prefill_media: NULL argument");
+    s->prefill_media(ids, n_ids, soft_rows, soft_mask, logits);
   });
 }
 

@@ -99,7 +99,8 @@ class VMExecutor : public Executor {
       } else {
         (*vm_)->GetFunction("vm_initialization").value()(kCPU, 0, kPooled);
       }
-      for (int p = 0; p < 3; ++p) programs_[p] = (*vm_)->GetFunction(kModel.programs[p]->name).value();
+      for (int p = 0; p < N_PROGRAMS; ++p)
+        if (kModel.programs[p]) programs_[p] = (*vm_)->GetFunction(kModel.programs[p]->name).value();
     } catch (const ffi::Error &e) {
       throw Error(G4C_ERR_DEVICE, "cannot load the compiled model " + path + ": " + e.message());
     }
@@ -142,29 +143,23 @@ class VMExecutor : public Executor {
   }
 
   void run(const RunInputs &in) override {
-    const DType index = kModel.index_bits == 32 ? DType::I32 : DType::I64;
-    const size_t index_bytes = static_cast<size_t>(in.count) * dtype_size(index);
-    std::vector<const void *> sources = {in.ids, in.positions};
-    std::vector<std::vector<int64_t>> shapes = {{in.count}, {in.count}};
-    std::vector<DType> dtypes = {index, index};
-    std::vector<size_t> sizes = {index_bytes, index_bytes};
+    std::vector<HostTensor> sources = in.inputs;
     if (in.ple_rows) {
       const int64_t width = kModel.ple_width;
-      sources.push_back(in.ple_rows);
-      shapes.push_back({in.count, width});
-      dtypes.push_back(DType::F32);
-      sizes.push_back(static_cast<size_t>(in.count * width) * 4);
+      sources.push_back({in.ple_rows, DType::F32, {in.count, width}, static_cast<size_t>(in.count * width) * 4});
     }
     const bool fixed = in.program == DECODE && kModel.static_decode;
+    if (inputs_.size() < sources.size()) inputs_.resize(sources.size());
     std::vector<ffi::Any> args;
-    for (size_t i = 0; i < sources.size(); ++i) args.push_back(input(i, fixed, sources[i], shapes[i], dtypes[i], sizes[i]));
+    for (size_t i = 0; i < sources.size(); ++i)
+      args.push_back(input(i, fixed, sources[i].data, sources[i].shape, sources[i].dtype, sources[i].nbytes));
     for (const auto &w : weights_) args.push_back(w);
     for (size_t i = 0; i < caches_.size(); ++i) args.push_back(cache_rows(i, in.cache_rows[i]));
     std::vector<ffi::AnyView> views(args.begin(), args.end());
     ffi::Any result;
     programs_[in.program]->CallPacked(views.data(), static_cast<int32_t>(views.size()), &result);
-    ffi::Tensor logits = first_tensor(result);
-    copy_logits(logits, in.logits, in.logits_floats);
+    ffi::Tensor output = first_tensor(result);
+    copy_output(output, in.logits, in.logits_floats, in.whole);
   }
 
  private:
@@ -233,9 +228,13 @@ class VMExecutor : public Executor {
     return result.cast<ffi::Array<ffi::Any>>()[0].cast<ffi::Tensor>();
   }
 
-  void copy_logits(const ffi::Tensor &logits, float *out, size_t floats) {
+  // the last `floats` floats of a program's output (`whole`: the output must be exactly that size)
+  void copy_output(const ffi::Tensor &logits, float *out, size_t floats, bool whole) {
     int64_t numel = 1;
     for (int64_t d : logits.shape()) numel *= d;
+    if (whole && static_cast<size_t>(numel) != floats)
+      throw Error(G4C_ERR_DEVICE, "the compiled encoder returned " + std::to_string(numel) + " floats, not the " +
+                                      std::to_string(floats) + " of its soft tokens");
     if (static_cast<size_t>(numel) < floats) throw Error(G4C_ERR_DEVICE, "the compiled model returned fewer logits than the vocabulary");
     if (!on_device_) {
       const DLTensor *t = logits.GetDLTensorPtr();
@@ -250,14 +249,15 @@ class VMExecutor : public Executor {
   }
 
   std::optional<ffi::Module> library_, vm_;
-  std::optional<ffi::Function> programs_[3];
+  std::optional<ffi::Function> programs_[N_PROGRAMS];
   std::optional<ffi::Function> alloc_, copy_, view_;
   DLDevice device_;
   bool on_device_ = false;
   std::vector<ffi::Tensor> weights_, caches_, fixed_;
   std::vector<std::vector<int64_t>> cache_shapes_;
   std::vector<HostBuffer> host_caches_, fixed_hosts_;
-  HostBuffer inputs_[3], zeros_, download_;
+  std::vector<HostBuffer> inputs_;  // one per input position, reused by every run
+  HostBuffer zeros_, download_;
 };
 
 }  // namespace

@@ -121,11 +121,10 @@ WGPUBackendType forced_backend() {
   return WGPUBackendType_Undefined;
 }
 
-// per (program, token count): the activation buffers, the ids/positions inputs, the views of all three
+// per (program, sizes of its symbolic dims): the activation buffers, the input buffers, their views
 struct ProgramBuffers {
   std::vector<Buffer> owned;
-  std::vector<View> activations;
-  View ids, positions;
+  std::vector<View> activations, inputs;
 };
 
 // one WebGPU instance per process, made by the first session and kept: releasing the last instance
@@ -356,6 +355,7 @@ class WgpuExecutor : public Executor {
   uint64_t uniform_arena_size() const {
     uint64_t largest = 16;
     for (const ProgramInfo *p : kModel.programs) {
+      if (!p) continue;
       uint64_t total = 0;
       for (int s = 0; s < p->nsteps; ++s) {
         if (p->steps[s].kind != StepKind::Kernel) continue;
@@ -367,27 +367,44 @@ class WgpuExecutor : public Executor {
     return largest;
   }
 
-  ProgramBuffers &program_buffers(int program, int count) {
-    auto key = std::make_pair(program, count);
+  // the sizes of the symbolic dims (T, S, ...) this run's inputs bind (-1: unbound)
+  static std::vector<int64_t> sizes_of(const RunInputs &in) {
+    const ProgramInfo &p = *kModel.programs[in.program];
+    std::vector<int64_t> sizes(kModel.n_symbols, -1);
+    for (int i = 0; i < p.ninputs; ++i)
+      for (int d = 0; d < p.inputs[i].ndim && d < static_cast<int>(in.inputs[i].shape.size()); ++d)
+        if (p.inputs[i].shape[d] < 0) sizes[-p.inputs[i].shape[d] - 1] = in.inputs[i].shape[d];
+    return sizes;
+  }
+
+  ProgramBuffers &program_buffers(const RunInputs &in) {
+    auto key = std::make_pair(in.program, sizes_of(in));
     auto found = buffers_.find(key);
     if (found != buffers_.end()) return found->second;
-    const ProgramInfo &p = *kModel.programs[program];
+    const std::vector<int64_t> &sizes = key.second;
+    const ProgramInfo &p = *kModel.programs[in.program];
     ProgramBuffers made;
     for (int i = 0; i < p.nbuffers; ++i) {
       const ActivationInfo &a = p.buffers[i];
       View v{nullptr, a.ndim, {0, 0, 0, 0}, dtype_size(a.dtype)};
-      for (int d = 0; d < a.ndim; ++d) v.shape[d] = a.shape[d] < 0 ? count : a.shape[d];
+      for (int d = 0; d < a.ndim; ++d) {
+        v.shape[d] = a.shape[d] < 0 ? sizes[-a.shape[d] - 1] : a.shape[d];
+        if (v.shape[d] < 0)
+          throw Error(G4C_ERR_DEVICE, std::string("no input of ") + p.name + " gives the size " + kModel.symbols[-a.shape[d] - 1]);
+      }
       made.owned.push_back(buffer(std::max<uint64_t>(4, v.nbytes()), kStorage));
       v.buffer = made.owned.back().get();
       made.activations.push_back(v);
     }
-    const uint64_t index_bytes = kModel.index_bits / 8;
-    for (View *v : {&made.ids, &made.positions}) {
-      made.owned.push_back(buffer(std::max<uint64_t>(4, count * index_bytes), kStorage));
-      *v = View{made.owned.back().get(), 1, {count, 0, 0, 0}, index_bytes};
+    for (const HostTensor &t : in.inputs) {
+      View v{nullptr, static_cast<int>(t.shape.size()), {0, 0, 0, 0}, dtype_size(t.dtype)};
+      std::copy(t.shape.begin(), t.shape.end(), v.shape);
+      made.owned.push_back(buffer(std::max<uint64_t>(4, align_up(t.nbytes, 4)), kStorage));
+      v.buffer = made.owned.back().get();
+      made.inputs.push_back(v);
     }
     check(std::string("allocating the buffers of ") + p.name);
-    return buffers_.emplace(key, std::move(made)).first->second;
+    return buffers_.emplace(std::move(key), std::move(made)).first->second;
   }
 
   // -- a run ---------------------------------------------------------------------------------------------
@@ -404,17 +421,19 @@ class WgpuExecutor : public Executor {
   };
 
   void record_and_read(const RunInputs &in) {
-    ProgramBuffers &buffers = program_buffers(in.program, in.count);
-    const size_t index_bytes = static_cast<size_t>(in.count) * (kModel.index_bits / 8);
-    wgpuQueueWriteBuffer(queue_.get(), buffers.ids.buffer, 0, in.ids, index_bytes);
-    wgpuQueueWriteBuffer(queue_.get(), buffers.positions.buffer, 0, in.positions, index_bytes);
+    ProgramBuffers &buffers = program_buffers(in);
+    for (size_t i = 0; i < in.inputs.size(); ++i)  // whole words: an odd-sized input is written padded
+      write_padded(buffers.inputs[i].buffer, in.inputs[i].data, in.inputs[i].nbytes);
     Recording r{in, buffers, buffers.activations, Encoder(wgpuDeviceCreateCommandEncoder(device_.get(), nullptr)), {}, {}, {}};
     const ProgramInfo &p = *kModel.programs[in.program];
     for (int s = 0; s < p.nsteps; ++s) step(r, p.steps[s]);
     end_pass(r);
     check("recording the kernels");
-    const View &logits = r.activations[p.logits];
+    const View &logits = r.activations[p.output];
     const uint64_t size = static_cast<uint64_t>(in.logits_floats) * 4;
+    if (in.whole && logits.numel() * 4 != size)
+      throw Error(G4C_ERR_DEVICE, "the compiled encoder returned " + std::to_string(logits.numel()) + " floats, not the " +
+                                      std::to_string(in.logits_floats) + " of its soft tokens");
     if (logits.numel() * 4 < size) throw Error(G4C_ERR_DEVICE, "the compiled model returned fewer logits than the vocabulary");
     Buffer &staging = staging_buffer(size);
     wgpuCommandEncoderCopyBufferToBuffer(r.encoder.get(), logits.buffer, logits.numel() * 4 - size, staging.get(), 0, size);
@@ -461,8 +480,7 @@ class WgpuExecutor : public Executor {
 
   View resolve(const Recording &r, const BufferRef &ref) const {
     switch (ref.kind) {
-      case RefKind::Ids: return r.buffers.ids;
-      case RefKind::Positions: return r.buffers.positions;
+      case RefKind::Input: return r.buffers.inputs[ref.index];
       case RefKind::Weight: return weight_views_[ref.index];
       case RefKind::Activation: return r.activations[ref.index];
       case RefKind::Cache: {  // bound as the rows the program needs
@@ -521,6 +539,17 @@ class WgpuExecutor : public Executor {
     if (!r.pass) return;
     wgpuComputePassEncoderEnd(r.pass.get());
     r.pass.reset();
+  }
+
+  // queue writes take multiples of 4 bytes
+  void write_padded(WGPUBuffer buffer, const void *data, size_t nbytes) {
+    if (nbytes % 4 == 0) {
+      if (nbytes) wgpuQueueWriteBuffer(queue_.get(), buffer, 0, data, nbytes);
+      return;
+    }
+    padded_.assign(align_up(nbytes, 4), 0);
+    std::memcpy(padded_.data(), data, nbytes);
+    wgpuQueueWriteBuffer(queue_.get(), buffer, 0, padded_.data(), padded_.size());
   }
 
   void submit(Encoder encoder) {
@@ -584,7 +613,8 @@ class WgpuExecutor : public Executor {
   std::vector<std::array<int64_t, 3>> cache_shapes_;
   Buffer uniforms_, staging_;
   uint64_t staging_size_ = 0;
-  std::map<std::pair<int, int>, ProgramBuffers> buffers_;
+  std::map<std::pair<int, std::vector<int64_t>>, ProgramBuffers> buffers_;
+  std::vector<uint8_t> padded_;
 };
 
 }  // namespace
