@@ -100,6 +100,19 @@ def test_chunks_never_split_an_image_block(mm_artifacts):
     assert np.abs(whole - chunked).max() <= 1e-5
 
 
+def test_preprocessed_images_are_taken_as_they_are(mm_artifacts, mm_checkpoints):
+    """`g4c.media.ImageInputs` made elsewhere (an app, a device without Pillow) give the same logits."""
+    from g4c import media
+
+    session = g4c.load(mm_artifacts["e"])
+    config = media.ProcessorConfig.from_dict(session.media.processor).image
+    ids, images = _prompt("e", 2), [SMALL, LARGE]
+    raw = session.prefill(ids, all_logits=True, images=images)
+    session.reset()
+    ready = session.prefill(ids, all_logits=True, images=[media.preprocess_image(i, config) for i in images])
+    np.testing.assert_array_equal(raw, ready)
+
+
 def test_text_prompt_after_an_image_prompt_is_plain_text(mm_artifacts, mm_checkpoints):
     """A multimodal artifact still runs text-only prompts through its text programs."""
     ids = [2, 17, 99, 5, 8, 1, 44]

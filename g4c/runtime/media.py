@@ -81,8 +81,9 @@ def build_prompt(spec: MediaSpec, tokens: Sequence[int], images: Sequence, audio
     cfg = m.ProcessorConfig.from_dict(spec.processor)
     tok = m.MediaTokens(**spec.tokens)
     _check_towers(spec, images, audio)
-    pictures = [m.preprocess_image(m.load_image(i) if isinstance(i, (str, Path)) else i, cfg.image) for i in images]
-    clips = [m.preprocess_audio(_waveform(a, cfg.audio), cfg.audio, cfg.audio_seq_length) for a in audio]
+    pictures = [_picture(i, cfg) for i in images]
+    clips = [c if isinstance(c, m.AudioInputs) else m.preprocess_audio(_waveform(c, cfg.audio), cfg.audio,
+                                                                         cfg.audio_seq_length) for c in audio]
     expanded = m.expand_prompt(tokens, [p.num_soft_tokens for p in pictures], [c.num_soft_tokens for c in clips],
                                tok)
     ids = expanded.ids.astype(np.int64)
@@ -108,6 +109,16 @@ def _check_towers(spec: MediaSpec, images: Sequence, audio: Sequence) -> None:
         if items and kind not in spec.towers:
             raise G4CError(f"this model has no {'vision' if kind == 'image' else 'audio'} encoder: it cannot take "
                            f"{'an image' if kind == 'image' else 'audio'}")
+
+
+def _picture(image, cfg):
+    """An image as `g4c.media.ImageInputs`: preprocessed here, or already (an app that preprocessed it
+    elsewhere, a device without Pillow)."""
+    from g4c import media as m
+
+    if isinstance(image, m.ImageInputs):
+        return image
+    return m.preprocess_image(m.load_image(image) if isinstance(image, (str, Path)) else image, cfg.image)
 
 
 def _waveform(clip, cfg) -> np.ndarray:

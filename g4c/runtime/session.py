@@ -42,8 +42,9 @@ class Session:
                 audio: Sequence = ()) -> np.ndarray:
         """Feed tokens after the cached ones; logits of the last token [vocab] (or [T, vocab]).
 
-        `images` (paths, PIL images or HxWx3 uint8 arrays) and `audio` (WAV paths or float waveforms at
-        the model's sampling rate) go with one placeholder id each in `tokens` (`g4c.runtime.media`);
+        `images` (paths, PIL images, HxWx3 uint8 arrays or `g4c.media.ImageInputs`) and `audio` (WAV
+        paths, float waveforms at the model's sampling rate or `g4c.media.AudioInputs`) go with one
+        placeholder id each in `tokens` (`g4c.runtime.media`);
         the prompt is then expanded, and `all_logits` has one row per expanded position."""
         if images or audio or self._has_placeholders(tokens):
             return self._prefill_media(tokens, all_logits, images, audio)
