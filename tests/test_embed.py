@@ -205,6 +205,7 @@ def test_damaged_artifacts_are_refused(embedded, tmp_path):
     assert done.stderr.count("\n") == 1  # one line
 
 
+@pytest.mark.slow  # ~27 s of compiles to check an absence; CI time
 def test_no_embed_and_seeded_artifacts_have_no_c_runtime(tmp_path):
     from g4c.cli import main
 

@@ -30,6 +30,7 @@ def records_of(db: Path) -> list[Record]:
     return [r for r in TuningDB(db).records() if not r.confirmed]
 
 
+@pytest.mark.slow  # ~90 s: every kernel's knob candidates timed with confirmations; CI time (the RPC-tracker test keeps measuring candidates in the default run)
 def test_tune_measures_candidates_and_resumes(tmp_path):
     db = tmp_path / "db"
     assert main(["tune", *MODEL, "--db", str(db), "--kernels", "attention", "--trials", "3"]) == 0
@@ -158,6 +159,7 @@ def test_metaschedule_session_is_recorded_and_its_trace_compiles_to_the_same_log
     assert np.abs(plain.decode(7) - other.decode(7)).max() <= 1e-5
 
 
+@pytest.mark.slow  # ~50 s: a tuning run killed and resumed; CI time (the RPC-tracker test keeps measuring candidates in the default run)
 def test_kill_9_keeps_finished_records_and_the_next_run_resumes(tmp_path):
     db = tmp_path / "db"
     command = [sys.executable, "-m", "g4c.cli", "tune", *MODEL, "--db", str(db), "--kernels", "attention"]
@@ -257,6 +259,7 @@ def test_tuning_through_an_rpc_tracker_spreads_candidates_over_its_devices(tmp_p
     assert all(r.times["decode"] > 0 for r in records)
 
 
+@pytest.mark.slow  # ~60 s: a qemu aarch64 server; CI time (the RPC-tracker test keeps measuring candidates in the default run)
 def test_tuning_an_arm_board_through_a_tracker(tmp_path, capsys):
     """--target arm: candidates are cross-compiled for aarch64 and timed on g4c's RPC server running in
     qemu-aarch64 (scripts/arm-emu.sh: emulated timings say nothing about speed; this checks the flow), and

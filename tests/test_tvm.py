@@ -94,7 +94,7 @@ def test_modified_truncated_or_foreign_artifacts_are_refused(artifacts, tmp_path
     with pytest.raises(ArtifactError, match="compiled by g4c 0.0.1"):
         load(art)
     (art / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
-    with pytest.raises(ArtifactError, match="format v1 is not the v4 this g4c reads: recompile it"):
+    with pytest.raises(ArtifactError, match="format v1 is not the v5 this g4c reads: recompile it"):
         load(art)
     (art / "kernels.so").unlink()
     manifest["g4c_version"] = json.loads((artifacts["dense"] / "manifest.json").read_text())["g4c_version"]
