@@ -37,16 +37,23 @@ def checkpoint(directory: Path) -> Path:
     """An E2B-tower `Gemma4ForConditionalGeneration` with random weights and its processor settings."""
     import torch
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
-    from transformers.models.gemma4 import (Gemma4AudioConfig, Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil,
-                                            Gemma4VisionConfig)
+    from transformers.models.gemma4 import Gemma4AudioConfig, Gemma4VisionConfig
 
     torch.manual_seed(0)
     config = Gemma4Config(text_config=TEXT, vision_config=Gemma4VisionConfig().to_dict(),
                           audio_config=Gemma4AudioConfig().to_dict(), **TOKENS)
     Gemma4ForConditionalGeneration(config).save_pretrained(directory)
-    Gemma4ImageProcessorPil(max_soft_tokens=280).save_pretrained(directory)
-    Gemma4AudioFeatureExtractor().save_pretrained(directory)
+    write_processor_config(directory)
     return directory
+
+
+def write_processor_config(directory: Path) -> None:
+    """Both processors' settings in one processor_config.json, as Gemma4Processor writes them."""
+    from transformers.models.gemma4 import Gemma4AudioFeatureExtractor, Gemma4ImageProcessorPil
+
+    sections = {"image_processor": json.loads(Gemma4ImageProcessorPil(max_soft_tokens=280).to_json_string()),
+                "feature_extractor": json.loads(Gemma4AudioFeatureExtractor().to_json_string())}
+    (directory / "processor_config.json").write_text(json.dumps(sections))
 
 
 def best(fn, rounds: int) -> tuple[float, object]:
@@ -139,6 +146,8 @@ def main() -> None:
     directory = work / "checkpoint"
     if not (directory / "config.json").is_file():
         checkpoint(directory)
+    elif not (directory / "processor_config.json").is_file():
+        write_processor_config(directory)
     loaded = load_model(str(directory))
     t0 = time.perf_counter()
     artifact = compile_model(loaded.cfg, loaded.weights, args.target, work / f"artifact-{args.target}", overwrite=True)
