@@ -64,6 +64,7 @@ def test_bandwidth_kernels_measure_something():
     assert gemv_bandwidth(megabytes=64, repeats=2) > 0.1
 
 
+@pytest.mark.slow  # ~28 s: compiles a preset first; CI time
 def test_cli_bench_json_on_a_preset_and_an_artifact(artifacts, capsys):
     assert main(["bench", "tiny-e", "--random-weights", "--prompt-len", "5", "--gen", "2", "--threads", "1",
                  "--json"]) == 0

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hf_reference import hf_config, load_reference, make_checkpoint, reference_logits
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -88,6 +89,7 @@ def tiny_configs(draw):
     return kwargs, draw(st.integers(2, 8)), draw(st.integers(0, 2**16))
 
 
+@pytest.mark.slow  # ~40 s of compiles; CI time (the pass fuzzer stays in the default suite)
 @settings(max_examples=2, derandomize=True, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(tiny_configs())

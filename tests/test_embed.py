@@ -225,6 +225,7 @@ needs_arm = pytest.mark.skipif(not all(shutil.which(t) for t in ARM_TOOLS) and n
 
 
 @needs_arm
+@pytest.mark.slow  # ~35 s under qemu; CI time (test_arm keeps an aarch64 run in the default suite)
 def test_aarch64_app_under_qemu_matches_the_python_runtime(checkpoints, references, embedded, tmp_path):
     """The example cross-built for aarch64 against an `arm` artifact, run under qemu-aarch64 (Raspberry
     Pi 5 core), equals the Python runtime run in the emulated aarch64 Python (scripts/arm-emu.sh)."""
@@ -320,6 +321,7 @@ def test_vulkan_c_example_matches_python_and_transformers(family, vulkan_embedde
 
 
 @needs_vulkan
+@pytest.mark.slow  # ~30 s; CI time (the llvm sanitizer test stays in the default suite)
 def test_vulkan_sanitizers_and_bad_input(vulkan_embedded, tmp_path):
     sanitized_lifecycle(vulkan_embedded["e"], tmp_path / "asan")
     app = build_app(vulkan_embedded["e"], CHECKS, tmp_path / "checks")

@@ -240,6 +240,7 @@ def test_compile_a_quantized_gguf(models, written, tmp_path):
     assert np.max(np.abs(np.load(tmp_path / "l.npy") - expected)) <= 1e-4
 
 
+@pytest.mark.slow  # ~25 s; CI time
 def test_k_quants_are_converted_with_the_added_error_stated(written, tmp_path, capsys):
     """K-quant (and Q4_1/Q5_0) tensors have no g4c kernels: compiled as float32 they keep their exact
     values; with --quant q4 they are rounded again, and the manifest and the compile summary state the
@@ -266,6 +267,7 @@ def test_k_quants_are_converted_with_the_added_error_stated(written, tmp_path, c
         assert ("largest added error" in said) == (quant == "q4")
 
 
+@pytest.mark.slow  # ~28 s; CI time (test_compile_a_quantized_gguf keeps a quantized GGUF compile by default)
 def test_a_quantized_ple_table_stays_as_stored(written, tmp_path):
     """A GGUF whose PLE table is Q8_0: compiled without --quant-ple, the host table holds the file's
     blocks (no fp32 copy, no requantization); --quant-ple none asks for fp32."""

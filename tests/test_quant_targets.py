@@ -252,7 +252,7 @@ def _assert_cuda_artifact(artifact: Path) -> dict:
 
 
 GPU_EXPERT_OPS = ["moe_gate_up", "moe_down", "moe_gate_up_grouped", "moe_down_grouped"]
-CUDA_CASES = [pytest.param("e", "q4", id="e-q4"), pytest.param("moe", "q8", id="moe-q8"),
+CUDA_CASES = [pytest.param("e", "q4", id="e-q4"), pytest.param("moe", "q8", id="moe-q8", marks=pytest.mark.slow),
               pytest.param("e", "q8", id="e-q8", marks=pytest.mark.slow),
               pytest.param("moe", "q4", id="moe-q4", marks=pytest.mark.slow)]
 

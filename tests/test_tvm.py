@@ -217,6 +217,7 @@ def test_static_decode_matches_and_reuses_its_input_tensors(artifacts, checkpoin
             fixed = tensors
 
 
+@pytest.mark.slow  # ~29 s: two compiles; CI time (the seeded quantized test covers the seed path)
 def test_weights_from_seed_artifact_matches_the_written_one(tmp_path):
     """--weights-from-seed writes no weight files; the runtime regenerates them (packed q/k/v, RoPE
     tables, the PLE table) bit-identically."""
