@@ -65,6 +65,11 @@ class _Lowering(AudioLowering):
     def ref(self, node: Node) -> str:
         return self.refs[id(node)]
 
+    @staticmethod
+    def is_weight(node: Node) -> bool:
+        """A weight operand: a param, or one made from params at compile time (packed, a table slice)."""
+        return node.op in ("param", "concat") or (node.op == "select" and node.inputs[0].op == "param")
+
     def weight(self, node: Node) -> str:
         if node.op == "param":
             return f"w:{node.attrs['name']}"
@@ -149,8 +154,8 @@ class _Lowering(AudioLowering):
     # -- ops ---------------------------------------------------------------------------------------
     def lower(self, graph: Graph) -> None:
         for node in graph.nodes:
-            if node.op in ("param", "concat") or (node.op == "select" and node.inputs[0].op == "param"):
-                continue  # weights, made at compile time (`weight`)
+            if self.is_weight(node):
+                continue  # made at compile time (`weight`)
             if node.op == "input":
                 self.refs[id(node)] = f"in:{node.attrs['name']}"
                 continue

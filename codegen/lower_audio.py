@@ -32,7 +32,7 @@ class AudioLowering:
 
     def operand(self, node: Node) -> str:
         """A node's reference: a weight (a param, or a weight made by a recipe), else its buffer."""
-        if node.op == "param" or node.op == "concat" or (node.op == "select" and node.inputs[0].op == "param"):
+        if self.is_weight(node):
             return self.weight(node)
         return self.ref(node)
 
